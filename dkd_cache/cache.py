@@ -1,0 +1,378 @@
+"""The cache: a Zarr v3 store of teacher logits per (view, sample). Format version 1.
+
+Layout (N = rows, V = views, C = chunk_rows; every tar shard owns whole chunks: its rows start at a multiple
+of C and are padded to one, so two writers never touch the same chunk or Zarr shard):
+
+    zarr.json                attrs["dkd_cache"]: CacheMeta.to_dict(), written first with state "writing"
+                             and rewritten with state "complete" last: the commit marker
+    samples/key     uint8   (N, L)     UTF-8 key, NUL-padded
+    samples/label   int32   (N,)       class, -1 on padding rows
+    samples/shard   int32   (N,)       index into manifest.shards, -1 on padding rows
+    samples/status  uint8   (N,)       0 padding, 1 ok, 2 skipped (reason in the shard's record)
+    samples/height, samples/width  int32 (N,)   original image size (0 until dumped)
+    views/box       uint16  (V, N, 4)  RandomResizedCrop box: top, left, height, width in source pixels
+    views/flip      uint8   (V, N)     1 = horizontally flipped
+    logits/target   float32 (V, N)     exact teacher logit of the labelled class
+    logits/lse      float32 (V, N, T)  exact logsumexp(z / T) for each configured temperature
+    logits/<codec>  ...     (V, N, …)  the codec's arrays (see logit_codecs.py)
+    _dkd/done/SSSSSS.json              one record per finished tar shard (skipped samples, counts);
+                                       written atomically after the shard's chunks
+Arrays of shape (V, N, …) are Zarr-sharded: one Zarr shard holds (V, C) rows, inner chunks are (1, C),
+so training reads one view of C rows at a time. Codecs: zstd then crc32c, so a damaged chunk fails to decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import platform
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from . import FORMAT_VERSION, __version__
+from .data import ShardIndex, keys_digest
+from .errors import CacheError, CacheLockedError, CacheMismatchError, ConfigError
+from .views import Recipe
+
+STATUS_PADDING, STATUS_OK, STATUS_SKIPPED = 0, 1, 2
+COMPRESSORS = (ZstdCodec(level=3), Crc32cCodec())
+
+
+# --------------------------------------------------------------------------------------------- metadata
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardEntry:
+    name: str
+    samples: int
+    row_start: int
+    row_stop: int  # padded to a multiple of chunk_rows
+    keys_sha256: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Manifest:
+    shards: tuple[ShardEntry, ...]
+    rows: int
+    samples: int
+    keys_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shards": [dataclasses.asdict(s) for s in self.shards], "rows": self.rows,
+                "samples": self.samples, "keys_sha256": self.keys_sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        return cls(shards=tuple(ShardEntry(**s) for s in d["shards"]), rows=int(d["rows"]),
+                   samples=int(d["samples"]), keys_sha256=d["keys_sha256"])
+
+    def shard_index(self, name: str) -> int:
+        for i, s in enumerate(self.shards):
+            if s.name == name:
+                return i
+        raise CacheMismatchError(f"shard {name!r} is not in the cache's manifest; the cache was dumped from other shards")
+
+
+def build_manifest(indexes: Sequence[ShardIndex], chunk_rows: int) -> Manifest:
+    shards, row = [], 0
+    for ix in indexes:
+        n = len(ix.keys)
+        stop = row + -(-n // chunk_rows) * chunk_rows
+        shards.append(ShardEntry(name=ix.name, samples=n, row_start=row, row_stop=stop, keys_sha256=ix.keys_sha256))
+        row = stop
+    all_keys = [k for ix in indexes for k in ix.keys]
+    return Manifest(shards=tuple(shards), rows=row, samples=len(all_keys), keys_sha256=keys_digest(all_keys))
+
+
+def library_versions() -> dict[str, str]:
+    import numcodecs
+    import PIL
+    import torch
+    import torchvision
+    from PIL import features
+
+    return {"dkd_cache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "pillow": PIL.__version__, "libjpeg": str(features.version("jpg")), "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CacheMeta:
+    format_version: int
+    teacher: dict[str, Any]  # TeacherInfo.to_dict(): arch, sha256, num_classes, source_format
+    recipe: Recipe
+    seed: int
+    views: int
+    codec: dict[str, Any]  # Codec.to_dict()
+    temperatures: tuple[float, ...]
+    chunk_rows: int
+    manifest: Manifest
+    versions: dict[str, str]
+    state: str = "writing"  # "writing" | "complete"
+    skipped: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.teacher["num_classes"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": self.format_version, "teacher": self.teacher, "recipe": self.recipe.to_dict(),
+                "seed": self.seed, "views": self.views, "codec": self.codec,
+                "temperatures": list(self.temperatures), "chunk_rows": self.chunk_rows,
+                "manifest": self.manifest.to_dict(), "versions": self.versions, "state": self.state,
+                "skipped": list(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CacheMeta":
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheMismatchError(f"cache format version {version} is not the supported {FORMAT_VERSION}; "
+                                     "re-dump the cache with this version of dkd-cache")
+        try:
+            return cls(format_version=version, teacher=dict(d["teacher"]), recipe=Recipe.from_dict(d["recipe"]),
+                       seed=int(d["seed"]), views=int(d["views"]), codec=dict(d["codec"]),
+                       temperatures=tuple(float(t) for t in d["temperatures"]), chunk_rows=int(d["chunk_rows"]),
+                       manifest=Manifest.from_dict(d["manifest"]), versions=dict(d["versions"]),
+                       state=str(d.get("state", "writing")), skipped=tuple(d.get("skipped", ())))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"cache metadata is damaged or incomplete ({type(e).__name__}: {e})") from e
+
+    def differences(self, other: "CacheMeta") -> list[str]:
+        """What would make `other`'s settings mix into this cache: each difference as 'field: ours != theirs'."""
+        out = []
+        a, b = self.to_dict(), other.to_dict()
+        for field in ("teacher", "recipe", "seed", "views", "codec", "temperatures", "chunk_rows"):
+            if a[field] != b[field]:
+                out.append(f"{field}: cache has {a[field]}, this run has {b[field]}")
+        ma, mb = self.manifest, other.manifest
+        if ma.keys_sha256 != mb.keys_sha256 or [s.name for s in ma.shards] != [s.name for s in mb.shards]:
+            out.append(f"shards: cache has {len(ma.shards)} shards / {ma.samples} samples "
+                       f"(keys {ma.keys_sha256[:12]}), this run has {len(mb.shards)} / {mb.samples} "
+                       f"(keys {mb.keys_sha256[:12]})")
+        return out
+
+
+# --------------------------------------------------------------------------------------------- store
+def _array_specs(meta: CacheMeta, key_len: int, codec_arrays: dict[str, tuple[tuple[int, ...], Any]]):
+    """name -> (shape, dtype, chunks, shards, fill) for every array of the schema."""
+    n, v, c = meta.manifest.rows, meta.views, meta.chunk_rows
+    specs = {
+        "samples/key": ((n, key_len), np.uint8, (c, key_len), None, 0),
+        "samples/label": ((n,), np.int32, (c,), None, -1),
+        "samples/shard": ((n,), np.int32, (c,), None, -1),
+        "samples/status": ((n,), np.uint8, (c,), None, 0),
+        "samples/height": ((n,), np.int32, (c,), None, 0),
+        "samples/width": ((n,), np.int32, (c,), None, 0),
+        "views/box": ((v, n, 4), np.uint16, (1, c, 4), (v, c, 4), 0),
+        "views/flip": ((v, n), np.uint8, (1, c), (v, c), 0),
+        "logits/target": ((v, n), np.float32, (1, c), (v, c), float("nan")),
+        "logits/lse": ((v, n, len(meta.temperatures)), np.float32, (1, c, len(meta.temperatures)),
+                       (v, c, len(meta.temperatures)), float("nan")),
+    }
+    for name, (tail, dtype) in codec_arrays.items():
+        fill = float("nan") if np.dtype(dtype).kind == "f" else 0
+        specs[f"logits/{name}"] = ((v, n, *tail), dtype, (1, c, *tail), (v, c, *tail), fill)
+    return specs
+
+
+@dataclasses.dataclass
+class Cache:
+    """An open cache: its metadata and arrays. Plain data plus small methods; no hidden state."""
+
+    path: Path
+    meta: CacheMeta
+    group: zarr.Group
+
+    def array(self, name: str) -> zarr.Array:
+        try:
+            return self.group[name]
+        except KeyError:
+            raise CacheError(f"{self.path}: array {name!r} is missing; the cache is damaged, re-dump it") from None
+
+    @property
+    def codec_arrays(self) -> list[str]:
+        return sorted(k for k in _group_members(self.group, "logits") if k not in ("target", "lse"))
+
+    # -- completion records
+    def done_path(self, shard: int) -> Path:
+        return self.path / "_dkd" / "done" / f"{shard:06d}.json"
+
+    def shard_record(self, shard: int) -> dict | None:
+        p = self.done_path(shard)
+        try:
+            return json.loads(p.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None  # a torn record means the shard is not done; it will be redone
+
+    def pending_shards(self) -> list[int]:
+        return [i for i in range(len(self.meta.manifest.shards)) if self.shard_record(i) is None]
+
+    # -- reads, a chunk-aligned block at a time
+    def read_rows(self, name: str, start: int, stop: int, view: int | None = None) -> np.ndarray:
+        arr = self.array(name)
+        check_chunks_present(self, name, start, stop)
+        try:
+            return arr[start:stop] if view is None else arr[view, start:stop]
+        except Exception as e:  # zarr raises codec-specific errors on a bad checksum or truncated chunk
+            raise CacheError(f"{self.path}: array {name!r} rows {start}..{stop - 1}"
+                             f"{'' if view is None else f' view {view}'} cannot be read ({type(e).__name__}: {e}); "
+                             "the chunk is damaged: re-dump the affected shard (delete its _dkd/done record "
+                             "and rerun dump-teacher)") from e
+
+
+def _group_members(group: zarr.Group, sub: str) -> list[str]:
+    try:
+        return [k for k, _ in group[sub].members()]
+    except KeyError:
+        return []
+
+
+def check_chunks_present(cache: Cache, name: str, start: int, stop: int) -> None:
+    """A missing chunk must never read back as its fill value: look for the chunk (or Zarr shard) files."""
+    c = cache.meta.chunk_rows
+    arr_dir = cache.path / name
+    sharded = name.startswith(("views/", "logits/"))
+    missing = []
+    for chunk in range(start // c, -(-stop // c)):
+        tail = "/0" * (len(cache.array(name).shape) - (2 if sharded else 1))
+        key = arr_dir / ("c/0/%d%s" % (chunk, tail) if sharded else "c/%d%s" % (chunk, tail))
+        if not key.exists():
+            missing.append(chunk)
+    if missing:
+        rows = [(m * c, m * c + c - 1) for m in missing[:3]]
+        raise CacheError(f"{cache.path}: array {name!r} is missing chunk(s) for rows {rows}; the cache is damaged or "
+                         "incomplete: rerun dump-teacher to complete it")
+
+
+def create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex],
+                 codec_arrays: dict[str, tuple[tuple[int, ...], Any]]) -> Cache:
+    """Create the store, all arrays, and the per-sample arrays (keys, labels, shard, status). One process only."""
+    path = Path(path)
+    keys = [k for ix in indexes for k in ix.keys]
+    key_len = max(16, -(-max(len(k.encode()) for k in keys) // 8) * 8)
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    for name, (shape, dtype, chunks, shards, fill) in _array_specs(meta, key_len, codec_arrays).items():
+        group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, fill_value=fill,
+                           compressors=COMPRESSORS, config={"write_empty_chunks": True})
+    n = meta.manifest.rows
+    key_arr = np.zeros((n, key_len), np.uint8)
+    label = np.full(n, -1, np.int32)
+    shard = np.full(n, -1, np.int32)
+    status = np.zeros(n, np.uint8)
+    for i, (entry, ix) in enumerate(zip(meta.manifest.shards, indexes)):
+        rows = slice(entry.row_start, entry.row_start + entry.samples)
+        for j, k in enumerate(ix.keys):
+            b = k.encode()
+            key_arr[entry.row_start + j, : len(b)] = np.frombuffer(b, np.uint8)
+        label[rows] = ix.labels
+        shard[rows] = i
+        status[rows] = STATUS_OK
+        for pos, _reason in ix.bad:
+            status[entry.row_start + pos] = STATUS_SKIPPED
+    group["samples/key"][:] = key_arr
+    group["samples/label"][:] = label
+    group["samples/shard"][:] = shard
+    group["samples/status"][:] = status
+    (path / "_dkd" / "done").mkdir(parents=True, exist_ok=True)
+    group.attrs["dkd_cache"] = meta.to_dict()  # written after the arrays exist; state "writing"
+    return Cache(path=path, meta=meta, group=group)
+
+
+def open_cache(path: str | Path, *, mode: str = "r") -> Cache:
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        if path.exists() and any(path.iterdir()):
+            raise CacheError(f"{path} exists but is not a dkd-cache store (no zarr.json); choose another path")
+        raise CacheError(f"{path}: no cache there (no zarr.json); run dkd-cache dump-teacher first")
+    try:
+        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        raw = group.attrs.get("dkd_cache")
+    except Exception as e:
+        raise CacheError(f"{path}: the cache's metadata (zarr.json) is damaged ({type(e).__name__}: {e}); "
+                         "re-dump the cache") from e
+    if not isinstance(raw, dict):
+        raise CacheError(f"{path} is a Zarr store but not a dkd-cache (no 'dkd_cache' attribute)")
+    return Cache(path=path, meta=CacheMeta.from_dict(raw), group=group)
+
+
+def write_meta(cache: Cache, meta: CacheMeta) -> Cache:
+    cache.group.attrs["dkd_cache"] = meta.to_dict()
+    return dataclasses.replace(cache, meta=meta)
+
+
+def write_shard(cache: Cache, shard: int, block: dict[str, np.ndarray], record: dict[str, Any]) -> None:
+    """Write one tar shard's rows for every array, then its completion record (atomically, last)."""
+    entry = cache.meta.manifest.shards[shard]
+    rows = slice(entry.row_start, entry.row_stop)
+    for name, values in block.items():
+        arr = cache.array(name)
+        if name.startswith("samples/"):
+            arr[rows] = values
+        else:
+            arr[:, rows] = values
+    target = cache.done_path(shard)
+    tmp = target.with_suffix(f".json.{os.getpid()}.partial")
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def finalize(cache: Cache) -> Cache:
+    """Mark the cache complete once every shard has its record: the last write of a dump."""
+    pending = cache.pending_shards()
+    if pending:
+        raise CacheError(f"{cache.path}: {len(pending)} shard(s) not dumped yet, first "
+                         f"{[cache.meta.manifest.shards[i].name for i in pending[:3]]}; rerun dump-teacher")
+    skipped = []
+    for i in range(len(cache.meta.manifest.shards)):
+        skipped.extend(cache.shard_record(i).get("skipped", []))
+    return write_meta(cache, dataclasses.replace(cache.meta, state="complete", skipped=tuple(skipped)))
+
+
+def require_complete(cache: Cache) -> None:
+    if cache.meta.state != "complete":
+        pending = cache.pending_shards()
+        raise CacheError(f"{cache.path} is incomplete ({len(pending)} of {len(cache.meta.manifest.shards)} shards "
+                         "not dumped); rerun the same dump-teacher command to finish it")
+
+
+def decode_keys(raw: np.ndarray) -> list[str]:
+    return [bytes(row).rstrip(b"\0").decode() for row in raw]
+
+
+def disk_bytes(path: str | Path, prefix: str = "") -> int:
+    root = Path(path) / prefix
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path, rank: int = 0) -> Iterator[None]:
+    """One dump at a time per cache: an flock per rank; a second dump of the same cache is refused at once."""
+    lock_dir = Path(path).parent / f".{Path(path).name}.locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_dir / f"rank{rank}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheLockedError(f"{path} is being written by another dump-teacher process (lock held); "
+                                   "wait for it to finish, or use another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def parse_chunk_rows(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"chunk_rows must be a positive integer, got {value!r}")
+    return value

@@ -1,0 +1,233 @@
+"""The `dkd-cache` command line: options are parsed here, all work is done by library functions."""
+
+from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import DKDCacheError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run the teacher once; distil many students from its cached logits (DKD).")
+
+
+class Device(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Amp(str, enum.Enum):
+    none = "none"
+    bf16 = "bf16"
+
+
+class LossKind(str, enum.Enum):
+    dkd = "dkd"
+    ce = "ce"
+
+
+class Rule(str, enum.Enum):
+    uniform = "uniform"
+    bucket = "bucket"
+
+
+class Writer(str, enum.Enum):
+    webdataset = "webdataset"
+    tar = "tar"
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except DKDCacheError as e:
+        _fail(e)
+
+
+def _flags(**kw):
+    return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in kw.items()}
+
+
+@app.command("make-shards")
+def make_shards_cmd(
+    out: Annotated[Path, typer.Argument(help="Folder to create: OUT/train/*.tar, OUT/val/*.tar, OUT/train.txt")],
+    classes: Annotated[int, typer.Option(help="Number of classes")] = 100,
+    train_per_class: Annotated[int, typer.Option(help="Training images per class")] = 30,
+    val_per_class: Annotated[int, typer.Option(help="Validation images per class")] = 10,
+    shard_size: Annotated[int, typer.Option(help="Samples per shard")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed writes byte-identical shards")] = 0,
+    writer: Annotated[Writer, typer.Option(help="webdataset's ShardWriter or plain tar")] = Writer.webdataset,
+) -> None:
+    """Write a synthetic ImageNet-style dataset (JPEG + .cls) as webdataset shards."""
+    from .synth import make_shards
+
+    summary = _run(make_shards, out, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
+                   shard_size=shard_size, seed=seed, writer=writer.value)
+    typer.echo(f"wrote {summary['train_samples']} train and {summary['val_samples']} val samples, "
+               f"{summary['classes']} classes, to {out}")
+
+
+@app.command("dump-teacher")
+def dump_teacher_cmd(
+    shards: Annotated[str, typer.Option(help="Shards: brace pattern, glob, folder or .txt list")],
+    weights: Annotated[Path, typer.Option(help="Teacher weights: torchvision .pth, .safetensors, mmpretrain or dkd-cache checkpoint")],
+    out: Annotated[Path, typer.Option(help="The cache to create or complete (a Zarr v3 folder)")],
+    config: Annotated[Optional[Path], typer.Option(help="Pipeline TOML ([recipe] and [dump] tables)")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Teacher architecture (any torchvision classifier)")] = None,
+    views: Annotated[Optional[int], typer.Option(help="Augmented views per sample (one per epoch)")] = None,
+    topk: Annotated[Optional[str], typer.Option(help="Shorthand codec: K for topk:K, 'all' for fp32")] = None,
+    codec: Annotated[Optional[str], typer.Option(help="Logit codec: topk:K, topk:K+qB (B=2,4,8), q8, fp16, fp32")] = None,
+    temperature: Annotated[Optional[list[float]], typer.Option(help="Temperature(s) whose log-partition is stored")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size of the network")] = None,
+    interpolation: Annotated[Optional[str], typer.Option(help="bilinear, bicubic or nearest")] = None,
+    antialias: Annotated[Optional[bool], typer.Option(help="Antialiased resize")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Views per teacher batch")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers for decoding and cropping")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the recorded views")] = None,
+    device: Annotated[Device, typer.Option(help="cpu or cuda")] = Device.cpu,
+    amp: Annotated[Optional[Amp], typer.Option(help="bf16 autocast (default: on for cuda, off for cpu)")] = None,
+    chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per Zarr chunk")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Skip bad samples, recording each and why in the cache")] = False,
+    allow_pipe: Annotated[bool, typer.Option(help="Allow 'pipe:' shard urls (they run shell commands)")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+) -> None:
+    """Run the teacher once per recorded view and store its logits in a Zarr v3 cache (resumable)."""
+    from .config import load_toml, merge
+    from .dump import DumpSettings, dump_teacher
+    from .views import Recipe
+
+    try:
+        file = load_toml(config)
+        recipe = merge(Recipe, file["recipe"], _flags(image_size=image_size, interpolation=interpolation,
+                                                       antialias=antialias), where=f"{config} [recipe]")
+        if topk is not None and codec is not None:
+            raise DKDCacheError("give --topk or --codec, not both")
+        codec_spec = codec if codec is not None else (None if topk is None else ("fp32" if topk == "all" else f"topk:{topk}"))
+        settings = merge(DumpSettings, file["dump"], _flags(
+            arch=arch, views=views, codec=codec_spec, temperatures=tuple(temperature) if temperature else None,
+            batch_size=batch_size, workers=workers, seed=seed, device=device, amp=amp, chunk_rows=chunk_rows,
+        ), where=f"{config} [dump]", fixed={"shards": shards, "weights": str(weights), "out": str(out),
+                                            "recipe": recipe, "skip_bad": skip_bad or file["dump"].get("skip_bad", False),
+                                            "allow_pipe": allow_pipe})
+        report = dump_teacher(settings, progress=progress)
+    except DKDCacheError as e:
+        _fail(e)
+    typer.echo(f"dumped {report.views_written} views of {report.samples} samples in {report.seconds:.1f} s "
+               f"({report.images_per_s:.1f} views/s); skipped {report.skipped}; "
+               f"cache {'complete' if report.complete else 'incomplete (other ranks still writing)'}: {report.path}")
+
+
+@app.command("train-student")
+def train_student_cmd(
+    shards: Annotated[str, typer.Option(help="Training shards (the same as the dump's)")],
+    out: Annotated[Path, typer.Option(help="Run directory: config.json, metrics.jsonl, checkpoint.pt")],
+    cache: Annotated[Optional[Path], typer.Option(help="The teacher cache (DKD from cached logits)")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Pipeline TOML ([train] table)")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Student architecture")] = None,
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch, split over ranks")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate at the config's lr_batch (scaled linearly)")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="TCKD weight")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="NCKD weight")] = None,
+    temperature: Annotated[Optional[float], typer.Option()] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(help="DKD ramps in over this many epochs")] = None,
+    loss: Annotated[Optional[LossKind], typer.Option(help="dkd, or ce for the no-teacher baseline")] = None,
+    live_teacher: Annotated[Optional[Path], typer.Option(help="Run this teacher online instead of the cache")] = None,
+    residual_rule: Annotated[Optional[Rule], typer.Option(help="Top-k codecs: how the tail mass is spread")] = None,
+    val_shards: Annotated[Optional[str], typer.Option(help="Validation shards, evaluated each epoch")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers")] = None,
+    amp: Annotated[Optional[Amp], typer.Option(help="bf16 autocast")] = None,
+    device: Annotated[Optional[Device], typer.Option()] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Only without a cache")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Also checkpoint every N steps")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N steps (quick checks)")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+) -> None:
+    """Train a student with DKD from the cache (or CE only, or with a live teacher); works under torchrun."""
+    from .config import load_toml, merge
+    from .train import TrainConfig, train_student
+
+    try:
+        file = load_toml(config)
+        cfg = merge(TrainConfig, file["train"], _flags(
+            arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, beta=beta, temperature=temperature,
+            warmup_epochs=warmup_epochs, loss=loss, live_teacher=str(live_teacher) if live_teacher else None,
+            residual_rule=residual_rule, val_shards=val_shards, workers=workers, amp=amp, device=device,
+            num_classes=num_classes, seed=seed, checkpoint_every=checkpoint_every, max_steps=max_steps,
+            cache=str(cache) if cache else None,
+        ), where=f"{config} [train]", fixed={"shards": shards, "out": str(out),
+                                             **({"recipe": file["recipe"]} if file["recipe"] else {})})
+        result = train_student(cfg, resume=resume, progress=progress)
+    except DKDCacheError as e:
+        _fail(e)
+    if result:
+        typer.echo(json.dumps({k: v for k, v in result.items() if k != "event"}))
+
+
+@app.command("inspect")
+def inspect_cmd(
+    cache: Annotated[Path, typer.Argument(help="A cache made by dump-teacher")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text")] = False,
+) -> None:
+    """Recipe, teacher, shards, completeness, size on disk and bytes per view."""
+    from .inspect import describe, render_text
+
+    info = _run(describe, cache)
+    typer.echo(json.dumps(info, indent=2) if as_json else render_text(info))
+
+
+@app.command("verify")
+def verify_cmd(
+    cache: Annotated[Path, typer.Option(help="The cache to check")],
+    shards: Annotated[str, typer.Option(help="The shards it was dumped from")],
+    weights: Annotated[Path, typer.Option(help="The teacher's weights")],
+    samples: Annotated[int, typer.Option(help="(view, sample) entries to re-render and compare")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the entry draw and the random student")] = 0,
+    student: Annotated[Optional[Path], typer.Option(help="A student checkpoint for the loss comparison")] = None,
+    train_steps: Annotated[int, typer.Option(help="Also train N steps live and from the cache, and compare")] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here")] = None,
+    logit_tol: Annotated[Optional[float], typer.Option(help="Max |stored - live| logit error allowed")] = None,
+    loss_tol: Annotated[Optional[float], typer.Option(help="Max relative DKD loss error allowed")] = None,
+    cosine_tol: Annotated[Optional[float], typer.Option(help="Min median gradient cosine allowed")] = None,
+    device: Annotated[Device, typer.Option()] = Device.cpu,
+) -> None:
+    """Re-render stored views, run the live teacher, and report how far the cache is from it (exit 1 if too far)."""
+    from .verify import VerifySettings, render_report, verify
+
+    try:
+        kw = {k: v for k, v in dict(logit_tol=logit_tol, loss_tol=loss_tol, cosine_tol=cosine_tol).items()
+              if v is not None}
+        settings = VerifySettings(cache=str(cache), shards=shards, weights=str(weights), samples=samples, seed=seed,
+                                  student=str(student) if student else None, train_steps=train_steps,
+                                  device=device.value, **kw)
+        report = verify(settings)
+    except DKDCacheError as e:
+        _fail(e)
+    typer.echo(render_report(report))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+    if not report["passed"]:
+        typer.echo("verify FAILED: " + "; ".join(report["failures"]), err=True)
+        raise typer.Exit(code=1)
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: Annotated[Path, typer.Argument(help="Folder for shards, teacher, cache and runs")],
+    config: Annotated[Path, typer.Option(help="Demo recipe")] = Path(__file__).resolve().parents[1] / "pipelines" / "demo.toml",
+) -> None:
+    """The whole pipeline on a synthetic dataset: shards, teacher, dump, three students, verify, a table."""
+    from .demo import run_demo
+
+    _run(run_demo, workdir, config)
+

@@ -1,0 +1,248 @@
+"""Shard streaming: expand shard specs, read tar members strictly, validate samples, index shards.
+
+Stream shapes, stage by stage:
+    shard url  --iter_raw_samples-->  {"__key__", "__shard__", ext: bytes | None}
+               --parse_sample------>  Sample(key, label, image bytes)
+Members are read as raw bytes and never unpickled; only image, .cls and .json members are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import io
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import braceexpand
+
+from .errors import BadSampleError, ConfigError, ShardError, ShardNotFoundError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+KEPT_EXTS = (*IMAGE_EXTS, "cls", "json")
+# Members that would be unpickled by careless readers: a sample holding one is refused, never loaded.
+PICKLE_EXTS = ("pyd", "pth", "pt", "pickle", "pkl", "npy", "npz")
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sample:
+    key: str
+    label: int
+    image: bytes
+    shard: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardIndex:
+    """What a pass over one shard's headers and labels finds: keys and labels in tar order, and bad samples."""
+
+    url: str
+    name: str
+    keys: tuple[str, ...]
+    labels: tuple[int, ...]
+    bad: tuple[tuple[int, str], ...] = ()  # (position in keys, reason)
+
+    @property
+    def keys_sha256(self) -> str:
+        return keys_digest(self.keys)
+
+
+def keys_digest(keys: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def shard_name(url: str) -> str:
+    """A shard's identity in the cache: its file name, so moving the shards to another folder is fine."""
+    return url.rstrip("/").rsplit("/", 1)[-1].split(" ")[-1]
+
+
+def expand_shards(spec: str | Sequence[str], *, allow_pipe: bool = False) -> list[str]:
+    """Brace patterns, globs, a directory, a .txt list of shards, or a sequence of any of those -> shard urls."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for s in specs:
+        urls.extend(_expand_one(str(s), allow_pipe))
+    if not urls:
+        raise ShardNotFoundError(f"shard spec {spec!r} matched no shards; give a brace pattern, glob, folder or .txt list")
+    names = [shard_name(u) for u in urls]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"shard names must be unique (they key the cache), repeated: {dupes[:5]}")
+    return urls
+
+
+def _expand_one(spec: str, allow_pipe: bool) -> list[str]:
+    if spec.startswith(REMOTE_PREFIXES):
+        if spec.startswith("pipe:") and not allow_pipe:
+            raise ConfigError(f"{spec!r}: 'pipe:' shard urls run a shell command; pass --allow-pipe to permit them")
+        return list(braceexpand.braceexpand(spec))
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz")))
+        if not found:
+            raise ShardNotFoundError(f"folder {spec} holds no .tar shards")
+        return found
+    if path.suffix == ".txt" and path.is_file():
+        out = []
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                out.extend(_expand_one(line if os.path.isabs(line) or line.startswith(REMOTE_PREFIXES)
+                                       else str(path.parent / line), allow_pipe))
+        return out
+    if "{" in spec:
+        urls = list(braceexpand.braceexpand(spec))
+    elif any(c in spec for c in "*?["):
+        urls = sorted(glob.glob(spec))
+        if not urls:
+            raise ShardNotFoundError(f"glob {spec!r} matched no files")
+    else:
+        urls = [spec]
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise ShardNotFoundError(f"{len(missing)} shard(s) not found, first: {missing[:3]}")
+    return urls
+
+
+def _open_tar(url: str) -> tarfile.TarFile:
+    if url.startswith(REMOTE_PREFIXES):
+        from webdataset.gopen import gopen  # handles pipe: and http(s) streams
+
+        return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
+    try:
+        return tarfile.open(url, mode="r:*")  # seekable: skipping a member's data is a seek, not a read
+    except FileNotFoundError as e:
+        raise ShardNotFoundError(f"shard {url} not found") from e
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"{url}: not a readable tar file ({e}); re-create or re-download the shard") from e
+
+
+def iter_raw_samples(url: str, *, want: Callable[[str], bool] = lambda ext: True) -> Iterator[dict]:
+    """Group a shard's members by key. Yields {"__key__", "__shard__", ext: bytes or None (not wanted)}.
+
+    Strict: a key that comes back after other keys, or an extension twice for one key, is a BadSampleError;
+    a truncated or corrupt tar is a ShardError naming the last good key.
+    """
+    tar = _open_tar(url)
+    seen: set[str] = set()
+    current: dict | None = None
+    last_key = None
+    try:
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                m = _MEMBER.match(name)
+                if m is None or Path(name).name.startswith("."):
+                    continue
+                key, ext = m.group(1), m.group(2).lower()
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        last_key = current["__key__"]
+                        yield current
+                    if key in seen:
+                        raise BadSampleError(shard_name(url), key, "duplicate key: its members appear twice in the shard")
+                    seen.add(key)
+                    current = {"__key__": key, "__shard__": url}
+                if ext in current:
+                    raise BadSampleError(shard_name(url), key, f"member .{ext} appears twice")
+                if ext in PICKLE_EXTS:
+                    current[ext] = None  # never read, never unpickled; parse_sample refuses the sample
+                elif want(ext):
+                    f = tar.extractfile(member)
+                    current[ext] = f.read() if f is not None else b""
+                else:
+                    current[ext] = None
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            if isinstance(e, BadSampleError):
+                raise
+            where = f"after sample {last_key!r}" if last_key else "at its start"
+            raise ShardError(f"{url}: tar is truncated or corrupt {where} ({type(e).__name__}: {e}); "
+                             "re-create or re-download the shard") from e
+        if current is not None:
+            yield current
+    finally:
+        tar.close()
+
+
+def parse_label(shard: str, key: str, raw: bytes | None, num_classes: int | None) -> int:
+    if raw is None:
+        raise BadSampleError(shard, key, "no .cls member (the integer class label)")
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        label = int(text)
+    except ValueError:
+        raise BadSampleError(shard, key, f".cls holds {text[:20]!r}, not an integer class") from None
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise BadSampleError(shard, key, f"label {label} is outside the teacher's classes 0..{(num_classes or 1) - 1}")
+    return label
+
+
+def parse_sample(raw: dict, num_classes: int | None = None) -> Sample:
+    """Raw member dict -> Sample; BadSampleError names shard, key and the problem."""
+    shard, key = shard_name(raw["__shard__"]), raw["__key__"]
+    pickled = [e for e in raw if e in PICKLE_EXTS]
+    if pickled:
+        raise BadSampleError(shard, key, f"holds pickled member(s) {pickled}, which are never unpickled")
+    images = [e for e in IMAGE_EXTS if e in raw]
+    if not images:
+        raise BadSampleError(shard, key, f"no image member (.{'/.'.join(IMAGE_EXTS)})")
+    if len(images) > 1:
+        raise BadSampleError(shard, key, f"several image members {images}")
+    label = parse_label(shard, key, raw.get("cls"), num_classes)
+    data = raw[images[0]]
+    if not data:
+        raise BadSampleError(shard, key, f".{images[0]} member is empty")
+    return Sample(key=key, label=label, image=data, shard=shard)
+
+
+def scan_shard(url: str, num_classes: int | None = None, skip_bad: bool = False) -> ShardIndex:
+    """Read one shard's keys and labels (image bytes are skipped, not read)."""
+    keys, labels, bad = [], [], []
+    for raw in iter_raw_samples(url, want=lambda ext: ext == "cls"):
+        key = raw["__key__"]
+        try:
+            pickled = [e for e in raw if e in PICKLE_EXTS]
+            if pickled:
+                raise BadSampleError(shard_name(url), key, f"holds pickled member(s) {pickled}, never unpickled")
+            if not any(e in raw for e in IMAGE_EXTS):
+                raise BadSampleError(shard_name(url), key, "no image member")
+            label = parse_label(shard_name(url), key, raw.get("cls"), num_classes)
+        except BadSampleError as e:
+            if not skip_bad:
+                raise
+            bad.append((len(keys), e.reason))
+            label = -1
+        keys.append(key)
+        labels.append(label)
+    if not keys:
+        raise ShardError(f"{url}: shard holds no samples; remove it from the shard list")
+    return ShardIndex(url=url, name=shard_name(url), keys=tuple(keys), labels=tuple(labels), bad=tuple(bad))
+
+
+def scan_shards(urls: Sequence[str], num_classes: int | None = None, skip_bad: bool = False,
+                threads: int = 8) -> list[ShardIndex]:
+    """Index all shards (in parallel threads: it is I/O); order follows `urls`."""
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        return list(pool.map(lambda u: scan_shard(u, num_classes, skip_bad), urls))
+
+
+def read_bytes(url: str) -> bytes:
+    with open(url, "rb") as f:
+        return f.read()
+
+
+__all__ = ["Sample", "ShardIndex", "expand_shards", "iter_raw_samples", "parse_sample", "scan_shard",
+           "scan_shards", "shard_name", "keys_digest", "io"]

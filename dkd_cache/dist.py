@@ -1,0 +1,57 @@
+"""torchrun integration: read the rank from the environment torchrun sets; nothing home-made."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str, timeout_s: float = 600.0) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a plain process is rank 0 of 1.
+
+    The timeout bounds every collective: when a peer dies the others fail within it instead of hanging.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    info = DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
+
+
+def broadcast_object(info: DistInfo, obj):
+    """Rank 0's object on every rank (used to share an error or a decision before any work starts)."""
+    if info.world <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,329 @@
+"""dump-teacher: run the teacher once per recorded view and write its logits into the cache.
+
+Stream shapes:
+    pending shard ids (this rank's share)
+      --worker: iter_raw_samples + parse_sample + draw_view + render-->  RenderedSample (V views of one sample)
+      --main: batch views ------------------------------------------>  uint8 (B, 3, S, S) + where each row goes
+      --teacher, encode ------------------------------------------->  per-shard buffers (V, rows, …)
+      --write_shard when a shard is whole ------------------------->  Zarr chunks, then the shard's done record
+Decoding and cropping run in DataLoader workers, overlapped with teacher compute in the main process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import FORMAT_VERSION
+from . import cache as cache_mod
+from . import dist as dist_mod
+from .data import expand_shards, iter_raw_samples, parse_sample, scan_shards, shard_name
+from .errors import BadSampleError, CacheMismatchError, ConfigError, DKDCacheError, ShardError
+from .logit_codecs import parse_codec
+from .progress import Progress
+from .teacher import load_teacher
+from .views import Recipe, decode, draw_view, normalize, parse_positive_int, render_decoded
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DumpSettings:
+    shards: str | Sequence[str]
+    weights: str
+    out: str
+    arch: str = "resnet34"
+    views: int = 10
+    codec: str = "topk:10"
+    temperatures: tuple[float, ...] = (1.0,)
+    recipe: Recipe = dataclasses.field(default_factory=Recipe)
+    batch_size: int = 128
+    workers: int = 2
+    seed: int = 0
+    device: str = "cpu"
+    skip_bad: bool = False
+    chunk_rows: int = 256
+    allow_pipe: bool = False
+    amp: str | None = None  # None: fp32 on CPU, bf16 on CUDA; "none" forces fp32; "bf16" forces bf16
+
+    def __post_init__(self) -> None:
+        for name in ("views", "batch_size", "chunk_rows"):
+            parse_positive_int(name, getattr(self, name))
+        if isinstance(self.workers, bool) or self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if not self.temperatures or any(not (t > 0 and math.isfinite(t)) for t in self.temperatures):
+            raise ConfigError(f"temperatures must be positive and finite, got {list(self.temperatures)}")
+        if self.amp not in (None, "none", "bf16"):
+            raise ConfigError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        if not self.device.startswith(("cpu", "cuda")):
+            raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DumpReport:
+    path: str
+    shards_done: int
+    samples: int
+    views_written: int
+    skipped: int
+    seconds: float
+    images_per_s: float
+    complete: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RenderedSample:
+    shard: int
+    pos: int  # position in the shard (row = shard's row_start + pos)
+    images: torch.Tensor | None  # uint8 (V, 3, S, S); None when skipped
+    boxes: np.ndarray  # (V, 4)
+    flips: np.ndarray  # (V,)
+    height: int
+    width: int
+    label: int
+    skipped: str | None = None
+
+
+def check_out_path(out: str, urls: Sequence[str]) -> None:
+    """Refuse an output that is an input shard or a folder holding input shards."""
+    out_p = Path(out).resolve()
+    for u in urls:
+        if u.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
+            continue
+        up = Path(u).resolve()
+        if out_p == up or out_p in up.parents:
+            raise ConfigError(f"--out {out} is or contains the input shard {u}; choose a path outside the shard folders")
+
+
+# ------------------------------------------------------------------------------------------- worker stage
+class _RenderStream(IterableDataset):
+    """Yields RenderedSample for each sample of this worker's shards (worker w takes shards w, w+W, …)."""
+
+    def __init__(self, jobs: list[tuple[int, str]], meta: cache_mod.CacheMeta, skip_bad: bool):
+        self.jobs, self.meta, self.skip_bad = jobs, meta, skip_bad
+
+    def __iter__(self) -> Iterator[RenderedSample | tuple[str, str]]:
+        info = get_worker_info()
+        jobs = self.jobs if info is None else self.jobs[info.id :: info.num_workers]
+        for shard, url in jobs:
+            try:
+                yield from render_shard(shard, url, self.meta, self.skip_bad)
+            except DKDCacheError as e:  # re-raised by the main process with the same message
+                yield ("error", f"{type(e).__name__}: {e}")
+                return
+
+
+def render_shard(shard: int, url: str, meta: cache_mod.CacheMeta, skip_bad: bool) -> Iterator[RenderedSample]:
+    entry = meta.manifest.shards[shard]
+    recipe, v = meta.recipe, meta.views
+    pos = 0
+    for raw in iter_raw_samples(url):
+        if pos >= entry.samples:
+            raise ShardError(f"{url}: holds more samples than when the cache was started; the shard changed")
+        empty = RenderedSample(shard=shard, pos=pos, images=None, boxes=np.zeros((v, 4), np.uint16),
+                               flips=np.zeros(v, np.uint8), height=0, width=0, label=-1)
+        try:
+            sample = parse_sample(raw, meta.num_classes)
+            try:
+                img = decode(sample.image)
+            except Exception as e:
+                raise BadSampleError(entry.name, sample.key, f"image cannot be decoded ({e})") from None
+            h, w = int(img.shape[1]), int(img.shape[2])
+            if max(h, w) > 65535:
+                raise BadSampleError(entry.name, sample.key, f"image side {max(h, w)} exceeds 65535 pixels")
+            boxes = np.zeros((v, 4), np.uint16)
+            flips = np.zeros(v, np.uint8)
+            images = torch.empty((v, 3, recipe.image_size, recipe.image_size), dtype=torch.uint8)
+            for view in range(v):
+                top, left, bh, bw, flip = draw_view(meta.seed, view, sample.key, h, w, recipe)
+                boxes[view] = (top, left, bh, bw)
+                flips[view] = flip
+                images[view] = render_decoded(img, (top, left, bh, bw), flip, recipe)
+            yield dataclasses.replace(empty, images=images, boxes=boxes, flips=flips, height=h, width=w,
+                                      label=sample.label)
+        except BadSampleError as e:
+            if not skip_bad:
+                raise
+            yield dataclasses.replace(empty, skipped=e.reason, label=-1)
+        pos += 1
+    if pos != entry.samples:
+        raise ShardError(f"{url}: holds {pos} samples, the cache's manifest says {entry.samples}; the shard changed")
+
+
+# ------------------------------------------------------------------------------------------- main stage
+class _ShardBuffer:
+    """Accumulates one tar shard's rows until every view of every sample has its logits."""
+
+    def __init__(self, cache: cache_mod.Cache, shard: int, codec_arrays: dict[str, tuple[tuple[int, ...], Any]]):
+        meta = cache.meta
+        entry = meta.manifest.shards[shard]
+        rows, v = entry.row_stop - entry.row_start, meta.views
+        start = entry.row_start
+        self.shard, self.entry, self.expected, self.filled = shard, entry, entry.samples, 0
+        self.block: dict[str, np.ndarray] = {
+            "samples/status": cache.read_rows("samples/status", start, entry.row_stop).copy(),
+            "samples/height": np.zeros(rows, np.int32),
+            "samples/width": np.zeros(rows, np.int32),
+            "views/box": np.zeros((v, rows, 4), np.uint16),
+            "views/flip": np.zeros((v, rows), np.uint8),
+            "logits/target": np.full((v, rows), np.nan, np.float32),
+            "logits/lse": np.full((v, rows, len(meta.temperatures)), np.nan, np.float32),
+        }
+        for name, (tail, dtype) in codec_arrays.items():
+            fill = np.nan if np.dtype(dtype).kind == "f" else 0
+            self.block[f"logits/{name}"] = np.full((v, rows, *tail), fill, dtype)
+        self.keys = cache_mod.decode_keys(cache.read_rows("samples/key", start, start + entry.samples))
+        self.skipped: list[dict[str, str]] = []
+        self.pending_views = 0
+
+    def add_sample(self, s: RenderedSample) -> None:
+        self.block["samples/height"][s.pos] = s.height
+        self.block["samples/width"][s.pos] = s.width
+        self.block["views/box"][:, s.pos] = s.boxes
+        self.block["views/flip"][:, s.pos] = s.flips
+        if s.skipped is not None:
+            self.block["samples/status"][s.pos] = cache_mod.STATUS_SKIPPED
+            self.skipped.append({"shard": self.entry.name, "key": self.keys[s.pos], "reason": s.skipped})
+            self.filled += 1
+
+    def add_logits(self, pos: np.ndarray, view: np.ndarray, encoded: dict[str, np.ndarray],
+                   target: np.ndarray, lse: np.ndarray) -> None:
+        self.block["logits/target"][view, pos] = target
+        self.block["logits/lse"][view, pos] = lse
+        for name, values in encoded.items():
+            self.block[f"logits/{name}"][view, pos] = values
+
+
+def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport:
+    s = settings
+    dinfo = dist_mod.init(s.device)
+    device = torch.device(f"cuda:{dinfo.local_rank}" if s.device == "cuda" else s.device)
+    t0 = time.perf_counter()
+    urls = expand_shards(s.shards, allow_pipe=s.allow_pipe)
+    check_out_path(s.out, urls)
+    model, tinfo = load_teacher(s.arch, s.weights, device=device)
+    codec = parse_codec(s.codec, tinfo.num_classes)
+    codec_arrays = codec.arrays(tinfo.num_classes)
+
+    with cache_mod.writer_lock(s.out, dinfo.rank):
+        # Rank 0 indexes the shards and creates (or checks) the store; the others wait, then open it.
+        error: DKDCacheError | None = None
+        if dinfo.is_main:
+            try:
+                indexes = scan_shards(urls, tinfo.num_classes, s.skip_bad, threads=max(2, s.workers * 2))
+                meta = cache_mod.CacheMeta(
+                    format_version=FORMAT_VERSION, teacher=tinfo.to_dict(), recipe=s.recipe, seed=s.seed,
+                    views=s.views, codec=codec.to_dict(), temperatures=tuple(float(t) for t in s.temperatures),
+                    chunk_rows=s.chunk_rows, manifest=cache_mod.build_manifest(indexes, s.chunk_rows),
+                    versions=cache_mod.library_versions())
+                if (Path(s.out) / "zarr.json").exists():
+                    existing = cache_mod.open_cache(s.out, mode="r+")
+                    diffs = existing.meta.differences(meta)
+                    if diffs:
+                        raise CacheMismatchError(f"{s.out} holds a cache made with other settings; refusing to mix "
+                                                 "them. Differences: " + "; ".join(diffs) + ". Use another --out.")
+                elif Path(s.out).exists() and any(Path(s.out).iterdir()):
+                    raise cache_mod.CacheError(f"{s.out} exists and is not a dkd-cache store; choose another --out")
+                else:
+                    cache_mod.create_cache(s.out, meta, indexes, codec_arrays)
+            except DKDCacheError as e:
+                error = e
+        message = dist_mod.broadcast_object(dinfo, None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if message is not None:
+            raise DKDCacheError(f"rank 0 failed: {message}")
+        cache = cache_mod.open_cache(s.out, mode="r+")
+        for stale in (Path(s.out) / "_dkd" / "done").glob("*.partial"):
+            stale.unlink(missing_ok=True)  # a record torn by a crash is not a record
+
+        pending = cache.pending_shards()
+        mine = pending[dinfo.rank :: dinfo.world]  # whole shards per rank: each rank writes only its own chunks
+        by_name = {shard_name(u): u for u in urls}
+        jobs = [(i, by_name[cache.meta.manifest.shards[i].name]) for i in mine]
+        n_samples = sum(cache.meta.manifest.shards[i].samples for i in mine)
+        views_written, skipped = _run(cache, model, codec, codec_arrays, jobs, s, device, n_samples,
+                                      progress and dinfo.is_main)
+
+        # Whoever finds every shard recorded marks the cache complete (idempotent if two ranks do it).
+        complete = not cache.pending_shards()
+        if complete:
+            cache = cache_mod.finalize(cache)
+    seconds = time.perf_counter() - t0
+    return DumpReport(path=str(s.out), shards_done=len(jobs), samples=n_samples, views_written=views_written,
+                      skipped=skipped, seconds=seconds, images_per_s=views_written / max(seconds, 1e-9),
+                      complete=complete)
+
+
+def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_samples, show) -> tuple[int, int]:
+    meta = cache.meta
+    if not jobs:
+        return 0, 0
+    loader = DataLoader(_RenderStream(jobs, meta, s.skip_bad), batch_size=None, num_workers=min(s.workers, len(jobs)),
+                        prefetch_factor=4 if s.workers else None, persistent_workers=False)
+    use_bf16 = s.amp == "bf16" or (s.amp is None and device.type == "cuda")
+    temps = torch.tensor(meta.temperatures, dtype=torch.float32, device=device)
+    buffers: dict[int, _ShardBuffer] = {}
+    queue: list[tuple[int, int, int, torch.Tensor, int]] = []  # (shard, pos, view, image, label)
+    views_written = skipped = 0
+
+    def flush_batch(items) -> None:
+        nonlocal views_written
+        x = normalize(torch.stack([it[3] for it in items]).to(device, non_blocking=True), meta.recipe)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(x)
+        logits = logits.float()
+        labels = torch.tensor([it[4] for it in items], device=device)
+        target = logits.gather(1, labels[:, None])[:, 0]
+        lse = torch.logsumexp(logits[:, None, :] / temps[None, :, None], dim=2)
+        encoded = codec.encode(logits)
+        target_np, lse_np = target.cpu().numpy(), lse.cpu().numpy()
+        shards = np.array([it[0] for it in items])
+        pos = np.array([it[1] for it in items])
+        view = np.array([it[2] for it in items])
+        for sh in np.unique(shards):
+            sel = shards == sh
+            buffers[int(sh)].add_logits(pos[sel], view[sel], {k: v[sel] for k, v in encoded.items()},
+                                        target_np[sel], lse_np[sel])
+            buffers[int(sh)].pending_views -= int(sel.sum())
+        views_written += len(items)
+
+    def write_finished() -> None:
+        nonlocal skipped
+        for sh in [sh for sh, b in buffers.items() if b.filled == b.expected and b.pending_views == 0]:
+            b = buffers.pop(sh)
+            cache_mod.write_shard(cache, sh, b.block, {"shard": b.entry.name, "samples": b.expected,
+                                                       "skipped": b.skipped, "views": meta.views})
+            skipped += len(b.skipped)
+
+    with Progress(total=n_samples * meta.views, label="dump-teacher", unit="view", enabled=show) as bar:
+        for item in loader:
+            if isinstance(item, tuple):
+                raise ShardError(item[1])
+            buf = buffers.get(item.shard)
+            if buf is None:
+                buf = buffers[item.shard] = _ShardBuffer(cache, item.shard, codec_arrays)
+            buf.add_sample(item)
+            if item.images is not None:
+                for view in range(meta.views):
+                    queue.append((item.shard, item.pos, view, item.images[view], item.label))
+                buf.pending_views += meta.views
+                buf.filled += 1
+            while len(queue) >= s.batch_size:
+                batch, queue[:] = queue[: s.batch_size], queue[s.batch_size :]
+                flush_batch(batch)
+                bar.advance(len(batch))
+                write_finished()
+        if queue:
+            flush_batch(queue)
+            bar.advance(len(queue))
+        write_finished()
+    if buffers:
+        raise ShardError(f"shards {sorted(buffers)} ended before all their samples arrived; rerun to complete them")
+    return views_written, skipped

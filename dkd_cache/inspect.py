@@ -1,0 +1,42 @@
+"""`dkd-cache inspect`: what a cache holds, how complete it is, what it costs on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import cache as cache_mod
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    cache = cache_mod.open_cache(path)
+    m = cache.meta
+    pending = cache.pending_shards()
+    total_views = m.manifest.samples * m.views
+    logit_bytes = cache_mod.disk_bytes(path, "logits") + cache_mod.disk_bytes(path, "views")
+    return {
+        "path": str(path), "format_version": m.format_version, "state": m.state,
+        "shards_done": len(m.manifest.shards) - len(pending), "shards": len(m.manifest.shards),
+        "samples": m.manifest.samples, "rows": m.manifest.rows, "views": m.views, "skipped": len(m.skipped),
+        "teacher": m.teacher, "codec": m.codec, "temperatures": list(m.temperatures), "seed": m.seed,
+        "recipe": m.recipe.to_dict(), "chunk_rows": m.chunk_rows, "versions": m.versions,
+        "bytes_on_disk": cache_mod.disk_bytes(path),
+        "bytes_per_view": logit_bytes / max(total_views, 1),
+        "shard_names": [s.name for s in m.manifest.shards[:3]] + (["..."] if len(m.manifest.shards) > 3 else []),
+    }
+
+
+def render_text(info: dict[str, Any]) -> str:
+    t = info["teacher"]
+    lines = [
+        f"cache         {info['path']}  (format {info['format_version']}, {info['state']})",
+        f"teacher       {t.get('arch')}  sha256 {str(t.get('sha256'))[:16]}…  {t.get('num_classes')} classes",
+        f"codec         {info['codec']}  temperatures {info['temperatures']}",
+        f"recipe        {info['recipe']}",
+        f"views         {info['views']} per sample, seed {info['seed']}",
+        f"shards        {info['shards_done']}/{info['shards']} done  ({', '.join(info['shard_names'])})",
+        f"samples       {info['samples']}  ({info['skipped']} skipped)",
+        f"on disk       {info['bytes_on_disk'] / 2**20:.2f} MiB, {info['bytes_per_view']:.1f} bytes per view",
+        "versions      " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,288 @@
+"""The training data path: a pure epoch plan, the worker stream joined to the cache, and a canonical order.
+
+Stream shapes:
+    plan_epoch(...)            -> per rank, per worker: [Task(shard, limit)]   (pure function of seed, epoch, sizes)
+    worker: iter_raw_samples   -> raw sample dicts, tar order
+            join_cache         -> (raw, row, cache entry)   key and label checked against the cache row
+            shuffle_buffer     -> same, shuffled by rng(seed, epoch, rank, worker)
+            skip(n)            -> resume: drop the first n without decoding
+            render             -> Item(worker, seq, image uint8 (3,S,S), label, entry)
+    main:   canonical_order    -> items in round-robin order of (seq, worker): independent of scheduling
+            batches            -> (images (B,3,S,S), labels (B,), entries {name: (B,…)})
+Every rank gets the same number of samples per epoch (padding repeats a rank's first samples; reported),
+so every rank runs the same number of steps and no collective ever waits for a rank that ran out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import heapq
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import cache as cache_mod
+from .data import iter_raw_samples, parse_sample, shard_name
+from .errors import BadSampleError, CacheMismatchError, DKDCacheError, ShardError
+from .views import Recipe, center_crop, decode, draw_view, render_decoded
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    shard: int  # index into the shard list
+    limit: int | None = None  # padding task: only the first `limit` usable samples
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RankPlan:
+    workers: tuple[tuple[Task, ...], ...]
+    counts: tuple[int, ...]  # samples per worker
+    padding: int  # samples repeated to even out the ranks
+
+
+def seeded_rng(*parts) -> np.random.Generator:
+    digest = hashlib.sha256("/".join(str(p) for p in ("dkd-cache", *parts)).encode()).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+
+
+def plan_epoch(sizes: Sequence[int], *, seed: int, epoch: int, world: int, rank: int, workers: int,
+               shuffle: bool = True) -> RankPlan:
+    """Shard order by rng(seed, epoch); shards to ranks greedily by load; pad ranks to the largest; tasks to workers.
+
+    `sizes` are usable samples per shard. Pure: every rank computes every rank's share and takes its own.
+    """
+    order = list(range(len(sizes)))
+    if shuffle:
+        order = [int(i) for i in seeded_rng("shards", seed, epoch).permutation(len(sizes))]
+    heap = [(0, r) for r in range(world)]
+    per_rank: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    for i in order:
+        if sizes[i] == 0:
+            continue
+        _, r = heapq.heappop(heap)
+        per_rank[r].append(i)
+        load[r] += sizes[i]
+        heapq.heappush(heap, (load[r], r))
+    target = max(load)
+    tasks = [Task(i) for i in per_rank[rank]]
+    need = target - load[rank]
+    padding = need
+    # Padding: the first samples of this rank's own shards (or, for a rank with none, of the largest shards).
+    sources = per_rank[rank] or sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    k = 0
+    while need > 0:
+        i = sources[k % len(sources)]
+        take = min(need, sizes[i])
+        tasks.append(Task(i, take))
+        need -= take
+        k += 1
+    # Tasks to workers, heaviest first, each to the least loaded worker.
+    workers = max(1, workers)
+    wl = [[] for _ in range(workers)]
+    wload = [0] * workers
+    for t in sorted(tasks, key=lambda t: -(t.limit if t.limit is not None else sizes[t.shard])):
+        w = min(range(workers), key=lambda j: (wload[j], j))
+        wl[w].append(t)
+        wload[w] += t.limit if t.limit is not None else sizes[t.shard]
+    return RankPlan(workers=tuple(tuple(x) for x in wl), counts=tuple(wload), padding=padding)
+
+
+def canonical_position(counts: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """The canonical order of (worker, seq): round robin over the workers that still have samples."""
+    seq = 0
+    while True:
+        live = [w for w, n in enumerate(counts) if n > seq]
+        if not live:
+            return
+        for w in live:
+            yield w, seq
+        seq += 1
+
+
+def skips_for(counts: Sequence[int], consumed: int) -> list[int]:
+    """How many of each worker's samples the first `consumed` canonical items include (resume)."""
+    skips = [0] * len(counts)
+    for i, (w, _seq) in enumerate(canonical_position(counts)):
+        if i >= consumed:
+            break
+        skips[w] += 1
+    return skips
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StreamSpec:
+    """Everything a worker needs; plain data so it pickles to spawned workers."""
+
+    urls: tuple[str, ...]  # by shard index
+    recipe: Recipe
+    seed: int
+    epoch: int
+    view: int
+    rank: int
+    cache_path: str | None  # None: no cache (CE mode); views drawn from (seed, epoch, key)
+    entry_arrays: tuple[str, ...] = ()  # cache arrays joined per sample, e.g. logits/target
+    num_classes: int | None = None
+    shuffle_buffer: int = 256
+    evaluation: bool = False  # centre crop, no shuffling, no cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    worker: int
+    seq: int
+    image: torch.Tensor | None  # uint8 (3, S, S); None for a sample dropped at decode (placeholder)
+    label: int
+    entry: dict[str, np.ndarray]
+
+
+class _WorkerStream(IterableDataset):
+    def __init__(self, spec: StreamSpec, plan: RankPlan, skips: Sequence[int]):
+        self.spec, self.plan, self.skips = spec, plan, list(skips)
+
+    def __iter__(self) -> Iterator[Item | tuple[str, str]]:
+        info = get_worker_info()
+        wid = 0 if info is None else info.id
+        worker_ids = range(len(self.plan.workers)) if info is None else [wid]
+        try:
+            for w in worker_ids:  # without DataLoader workers, the main process runs every worker's stream in turn
+                yield from worker_items(self.spec, self.plan.workers[w], w, self.skips[w])
+        except DKDCacheError as e:
+            yield ("error", f"{type(e).__name__}: {e}")
+
+
+def _cache_rows(cache: cache_mod.Cache, shard: int, spec: StreamSpec):
+    """The shard's cache rows for this epoch's view: a chunk-aligned block read per array."""
+    e = cache.meta.manifest.shards[shard]
+    keys = cache_mod.decode_keys(cache.read_rows("samples/key", e.row_start, e.row_start + e.samples))
+    labels = cache.read_rows("samples/label", e.row_start, e.row_stop)
+    status = cache.read_rows("samples/status", e.row_start, e.row_stop)
+    arrays = {name: cache.read_rows(name, e.row_start, e.row_stop, view=spec.view) for name in spec.entry_arrays}
+    return keys, labels, status, arrays
+
+
+def joined_samples(spec: StreamSpec, task: Task, cache: cache_mod.Cache | None):
+    """raw samples of one task joined to their cache rows: yields (raw, label, entry); skipped rows dropped."""
+    url = spec.urls[task.shard]
+    name = shard_name(url)
+    if cache is not None:
+        cshard = cache.meta.manifest.shard_index(name)
+        keys, labels, status, arrays = _cache_rows(cache, cshard, spec)
+    taken = 0
+    for pos, raw in enumerate(iter_raw_samples(url)):
+        if task.limit is not None and taken >= task.limit:
+            return
+        key = raw["__key__"]
+        if cache is None:
+            entry = {}
+            yield raw, None, entry
+            taken += 1
+            continue
+        if pos >= len(keys) or keys[pos] != key:
+            expected = keys[pos] if pos < len(keys) else "<end of shard>"
+            raise CacheMismatchError(f"{name}: sample {pos} is {key!r} but the cache has {expected!r} there; "
+                                     "the shards changed since the dump or belong to another cache")
+        if status[pos] == cache_mod.STATUS_SKIPPED:
+            continue  # recorded as skipped in the cache at dump time
+        entry = {n: a[pos] for n, a in arrays.items()}
+        yield raw, int(labels[pos]), entry
+        taken += 1
+
+
+def worker_items(spec: StreamSpec, tasks: Sequence[Task], worker: int, skip: int) -> Iterator[Item]:
+    cache = cache_mod.open_cache(spec.cache_path) if spec.cache_path else None
+
+    def joined() -> Iterator:  # shape: (raw, cache label or None, entry)
+        for task in tasks:
+            yield from joined_samples(spec, task, cache)
+
+    stream = joined()
+    if not spec.evaluation:
+        stream = shuffle_buffer(stream, spec.shuffle_buffer, seeded_rng("samples", spec.seed, spec.epoch, spec.rank,
+                                                                        worker))
+    for seq, (raw, cache_label, entry) in enumerate(stream):
+        if seq < skip:
+            continue
+        yield render_item(spec, raw, cache_label, entry, worker, seq)
+
+
+def render_item(spec: StreamSpec, raw: dict, cache_label: int | None, entry: dict, worker: int, seq: int) -> Item:
+    try:
+        sample = parse_sample(raw, spec.num_classes)
+    except BadSampleError:
+        raise
+    if cache_label is not None and sample.label != cache_label:
+        raise CacheMismatchError(f"{sample.shard}: sample {sample.key!r} has label {sample.label} in the shard but "
+                                 f"{cache_label} in the cache; the shards changed since the dump")
+    try:
+        img = decode(sample.image)
+    except Exception as e:
+        raise BadSampleError(sample.shard, sample.key, f"image cannot be decoded ({e})") from None
+    if spec.evaluation:
+        image = center_crop(sample.image, spec.recipe)
+    elif "views/box" in entry:
+        image = render_decoded(img, tuple(int(v) for v in entry["views/box"]), bool(entry["views/flip"]), spec.recipe)
+    else:
+        top, left, h, w, flip = draw_view(spec.seed, spec.epoch, sample.key, img.shape[1], img.shape[2], spec.recipe)
+        image = render_decoded(img, (top, left, h, w), flip, spec.recipe)
+    return Item(worker, seq, image, sample.label, entry)
+
+
+def shuffle_buffer(stream: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    buf: list = []
+    for item in stream:
+        buf.append(item)
+        if len(buf) >= size:
+            j = int(rng.integers(len(buf)))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    while buf:
+        j = int(rng.integers(len(buf)))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
+
+def make_loader(spec: StreamSpec, plan: RankPlan, skips: Sequence[int], workers: int) -> DataLoader:
+    return DataLoader(_WorkerStream(spec, plan, skips), batch_size=None, num_workers=workers if workers > 0 else 0,
+                      prefetch_factor=8 if workers > 0 else None, persistent_workers=False)
+
+
+def canonical_items(loader: DataLoader, plan: RankPlan, skips: Sequence[int]) -> Iterator[Item]:
+    """Items from the loader, re-ordered into the canonical order (a small reorder buffer)."""
+    pending: dict[tuple[int, int], Item] = {}
+    it = iter(loader)
+    for w, seq in canonical_position(plan.counts):
+        if seq < skips[w]:
+            continue
+        while (w, seq) not in pending:
+            try:
+                item = next(it)
+            except StopIteration:
+                raise ShardError(f"worker {w} ended before its sample {seq}; a shard holds fewer samples than "
+                                 "the plan counted (did the shards change?)") from None
+            if isinstance(item, tuple):
+                raise ShardError(item[1])
+            pending[(item.worker, item.seq)] = item
+        yield pending.pop((w, seq))
+
+
+def batches(items: Iterator[Item], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """(images uint8 (B,3,S,S), labels int64 (B,), entries {name: tensor (B,…)})."""
+    chunk: list[Item] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            yield collate(chunk)
+            chunk = []
+    if chunk:
+        yield collate(chunk)
+
+
+def collate(chunk: Sequence[Item]):
+    images = torch.stack([c.image for c in chunk])
+    labels = torch.tensor([c.label for c in chunk], dtype=torch.long)
+    entries = {k: torch.from_numpy(np.stack([c.entry[k] for c in chunk])) for k in chunk[0].entry}
+    return images, labels, entries

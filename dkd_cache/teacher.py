@@ -1,0 +1,436 @@
+"""The teacher: build a torchvision classifier by name and load its weights safely and strictly.
+
+Weights files accepted (the format is sniffed from the bytes, not the suffix):
+    torchvision   a plain state dict saved with ``torch.save(model.state_dict(), path)``
+    safetensors   a ``.safetensors`` file
+    dkd-cache     a checkpoint written by :func:`save_checkpoint`: ``{"model": state_dict, "config": ..., ...}``
+    mmpretrain    an mmpretrain / mmcls checkpoint ``{"meta": ..., "state_dict": {...}}``; ResNet-family keys
+                  (``backbone.conv1``, ``backbone.bn1``, ``backbone.layerI.J.*``, ``head.fc.*``) are renamed to
+                  torchvision's (``conv1``, ``bn1``, ``layerI.J.*``, ``fc.*``). Only mmpretrain's plain ``ResNet``
+                  (V1b, the default ``style='pytorch'``) matches torchvision's layout; ResNetV1c/V1d (deep stem,
+                  average-pool downsample) and other backbones keep their names and fail the strict load, naming keys.
+A ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix shared by every key is stripped.
+
+Safety: files are read only with ``torch.load(..., weights_only=True)``; a file holding any pickled object other than
+tensors, containers, strings and numbers (and numpy scalars, dtypes and arrays, which mmcv/mmengine checkpoints keep
+in their ``meta``) is refused with :class:`CheckpointError`, never loaded with ``weights_only=False``.
+
+Loading is strict: missing, unexpected and wrong-shaped keys are all named in one error. One exception: a missing
+``*.num_batches_tracked`` buffer is tolerated (the model keeps its own 0); BatchNorm reads it only in training with
+``momentum=None``, never in eval, so the teacher's logits do not depend on it.
+
+Preprocessing is not part of the weights: mmpretrain's ``data_preprocessor`` mean/std (0-255 scale) equal torchvision's
+ImageNet mean/std (0-1 scale), so the recipe's defaults fit both. torchvision's own googlenet / inception_v3 ImageNet
+weights expect ``transform_input=True``, which :func:`build_model` does not set (``weights=None`` turns it off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import io
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
+
+SOURCE_FORMATS = ("torchvision", "safetensors", "dkd-cache", "mmpretrain")
+MAX_LISTED = 20  # names listed per category in a load error
+HASH_BLOCK = 1 << 20
+# Prefixes that wrappers add to every key: DistributedDataParallel / DataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Checkpoint entries that hold the state dict, in order of preference.
+CONTAINER_KEYS = {"model": "dkd-cache", "state_dict": "mmpretrain"}
+# Where torchvision models keep their classifier, for archs that cannot be built on the meta device (RegNet).
+_CLASSIFIER_GUESSES = ("fc.weight", "classifier.weight", "head.weight", "heads.head.weight")
+
+_CONVERT_HINT = (
+    "If you trust the file's source, convert it once, in a trusted environment: "
+    "python -c \"import torch; ck = torch.load('<IN>', map_location='cpu', weights_only=False); "
+    "sd = ck.get('model', ck.get('state_dict', ck)) if isinstance(ck, dict) else ck.state_dict(); "
+    "torch.save({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, '<OUT>')\" "
+    "(or save model.state_dict() of the loaded model), then pass <OUT>"
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TeacherInfo:
+    """What identifies a teacher: stored in the cache and compared on reuse."""
+
+    arch: str
+    sha256: str  # of the weights file's bytes
+    num_classes: int
+    source_format: str  # one of SOURCE_FORMATS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ConfigError(f"teacher.arch must be a non-empty string, got {self.arch!r}")
+        if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ConfigError(f"teacher.sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, (int, np.integer)) or self.num_classes <= 0:
+            raise ConfigError(f"teacher.num_classes must be a positive integer, got {self.num_classes!r}")
+        if self.source_format not in SOURCE_FORMATS:
+            raise ConfigError(f"teacher.source_format must be one of {list(SOURCE_FORMATS)}, got {self.source_format!r}")
+        object.__setattr__(self, "num_classes", int(self.num_classes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TeacherInfo":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = set(d) - known, known - set(d)
+        if unknown or missing:
+            raise ConfigError(f"teacher info: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
+                              f"expected exactly {sorted(known)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+def classification_archs() -> list[str]:
+    """Names of torchvision's classification models (detection, segmentation, video, quantized excluded)."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _check_arch(arch: str) -> None:
+    names = classification_archs()
+    if arch not in names:
+        close = difflib.get_close_matches(str(arch), names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"unknown teacher arch {arch!r}: {hint}it must name a torchvision classification model, "
+                          f"e.g. {', '.join(n for n in ('resnet18', 'resnet34', 'resnet50', 'vit_b_16') if n in names)} "
+                          f"({len(names)} in all: torchvision.models.list_models(module=torchvision.models))")
+
+
+def _get_model(arch: str, num_classes: int) -> nn.Module:
+    with warnings.catch_warnings():
+        # googlenet / inception_v3 warn that their default init will change; the weights replace it anyway.
+        warnings.filterwarnings("ignore", message="The default weight initialization", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="The default weight initialization", category=UserWarning)
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised torchvision classifier; never downloads weights."""
+    _check_arch(arch)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return _get_model(arch, num_classes)
+
+
+@functools.lru_cache(maxsize=None)
+def _classifier_keys(arch: str) -> tuple[tuple[str, int], ...] | None:
+    """(state-dict key, axis) of every entry whose shape follows num_classes, found by building the model twice
+    on the meta device (no memory, no init cost); None where the arch cannot be built there."""
+    try:
+        with torch.device("meta"):
+            a = _get_model(arch, 1000).state_dict()
+            b = _get_model(arch, 1001).state_dict()
+    except Exception:  # RegNet copies data out of a tensor in __init__, which the meta device cannot do
+        return None
+    out = []
+    for k, t in a.items():
+        if t.shape != b[k].shape:
+            axes = [i for i, (x, y) in enumerate(zip(t.shape, b[k].shape)) if x != y]
+            out.append((k, axes[0]))
+    return tuple(out)
+
+
+def num_classes_from_state_dict(sd: Mapping[str, torch.Tensor], arch: str) -> int:
+    """The number of classes the weights' classifier has (``fc.weight`` rows for ResNets). Keys must already be in
+    torchvision naming (see :func:`normalize_keys`). ConfigError if the weights do not tell."""
+    _check_arch(arch)
+    keys = _classifier_keys(arch)
+    if keys is None:
+        candidates = [(k, 0) for k in _CLASSIFIER_GUESSES]
+        cls_idx = sorted((int(m.group(1)), k) for k in sd if (m := re.fullmatch(r"classifier\.(\d+)\.weight", k)))
+        candidates += [(k, 0) for _, k in reversed(cls_idx)]
+        candidates = [c for c in candidates if c[0] in sd][:1]
+    else:
+        candidates = [(k, ax) for k, ax in keys if k in sd]
+    found = {k: int(sd[k].shape[ax]) for k, ax in candidates if sd[k].dim() > ax}
+    if not found:
+        wanted = [k for k, _ in keys] if keys else list(_CLASSIFIER_GUESSES)
+        raise ConfigError(f"cannot tell how many classes the {arch} weights have: none of its classifier keys "
+                          f"{wanted} is in them (first keys: {list(sd)[:5]}); is the arch right?")
+    if len(set(found.values())) > 1:
+        raise ConfigError(f"the {arch} weights' classifier entries disagree on the number of classes: {found}")
+    return next(iter(found.values()))
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """numpy scalars, dtypes and arrays: plain data that mmcv / mmengine checkpoints keep in ``meta`` (e.g. a best
+    score as np.float64). Their reconstructors run no code from the file; objects inside object arrays still go
+    through torch's restricted unpickler. numpy 1.x pickles name ``numpy.core``, 2.x ``numpy._core``."""
+    try:
+        import numpy._core.multiarray as mod
+    except ImportError:  # numpy < 2
+        import numpy.core.multiarray as mod  # type: ignore[no-redef]
+    out: list[Any] = [np.ndarray, np.dtype]
+    for pkg in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out += [(mod.scalar, f"{pkg}.scalar"), (mod._reconstruct, f"{pkg}._reconstruct")]
+    out += [getattr(np.dtypes, n) for n in getattr(np.dtypes, "__all__", ()) if n.endswith("DType")]
+    return out
+
+
+def _read_bytes(path: str | os.PathLike) -> bytes:
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{p}: weights file not found") from e
+    except IsADirectoryError as e:
+        raise CheckpointError(f"{p}: is a directory, not a weights file") from e
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read the weights file: {e}") from e
+
+
+def _looks_safetensors(data: bytes) -> bool:
+    if len(data) < 10:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 8 + n <= len(data) and data[8:9] == b"{"
+
+
+def _unpickling_refusal(path: Path, e: Exception, data: bytes) -> CheckpointError:
+    msg = str(e)
+    if "Weights only load failed" not in msg:
+        return CheckpointError(f"{path}: cannot read: not a complete PyTorch weights file, truncated or corrupt? ({msg})")
+    if "Unsupported operand" in msg:
+        return CheckpointError(f"{path}: cannot read: the pickled data is corrupt (an unknown pickle opcode)")
+    names: list[str] = []
+    try:
+        names = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))))
+    except Exception:  # legacy (non-zip) format: torch's message names the first refused global
+        pass
+    if not names:
+        names = [m.group(1) for m in re.finditer(r"(?:GLOBAL|got <class) '?([\w.]+)", msg)][:1]
+    what = f" ({', '.join(names)})" if names else ""
+    out = path.with_name(f"{path.stem}.state_dict.pth")
+    hint = _CONVERT_HINT.replace("<IN>", str(path)).replace("<OUT>", str(out))
+    return CheckpointError(
+        f"{path}: refused: the file contains pickled objects other than tensors{what}, which could run code when "
+        f"loaded; for safety only tensors, containers, strings and numbers are read. {hint}")
+
+
+def _load_object(path: Path, data: bytes) -> tuple[Any, str]:
+    """(loaded object, 'safetensors' | 'torch') from the file's bytes."""
+    is_zip, is_pickle = data[:4] == b"PK\x03\x04", data[:1] == b"\x80"
+    if not is_zip and not is_pickle and (_looks_safetensors(data) or path.suffix == ".safetensors"):
+        import safetensors.torch
+
+        try:
+            return safetensors.torch.load(data), "safetensors"
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read as safetensors, truncated or corrupt? ({e})") from e
+    if not data:
+        raise CheckpointError(f"{path}: the file is empty")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), "torch"
+    except pickle.UnpicklingError as e:
+        raise _unpickling_refusal(path, e, data) from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read: not a complete PyTorch or safetensors weights file, "
+                              f"truncated or corrupt? ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A whole checkpoint (e.g. one written by :func:`save_checkpoint`: model, optimizer, config...), read with
+    weights_only=True. CheckpointNotFoundError if missing, CheckpointError if unsafe, corrupt or not a dict."""
+    p = Path(path)
+    obj, kind = _load_object(p, _read_bytes(p))
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p}: holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _extract_state_dict(path: Path, obj: Any) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(state dict, container key or None) out of whatever the file held."""
+    if _is_tensor_dict(obj):
+        return dict(obj), None
+    if isinstance(obj, Mapping):
+        for key in CONTAINER_KEYS:
+            if key in obj and _is_tensor_dict(obj[key]):
+                return dict(obj[key]), key
+        tops = list(obj)[:10]
+        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:5]
+        raise CheckpointError(
+            f"{path}: no state dict found: expected a dict of tensors, or a checkpoint whose 'model' or 'state_dict' "
+            f"entry is one; top-level keys {tops}{' ...' if len(obj) > 10 else ''} (non-tensor entries: {bad})")
+    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+
+
+def normalize_keys(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Strip wrapper prefixes shared by every key, then rename mmpretrain ResNet keys to torchvision's.
+    Returns (state dict, whether mmpretrain naming was found)."""
+    out = dict(sd)
+    stripped = True
+    while stripped and out:
+        stripped = False
+        for pre in WRAPPER_PREFIXES:
+            if all(k.startswith(pre) for k in out):
+                out = {k[len(pre):]: v for k, v in out.items()}
+                stripped = True
+    if not any(k.startswith("backbone.") for k in out):
+        return out, False
+    renamed: dict[str, torch.Tensor] = {}
+    for k, v in out.items():
+        if k.startswith("backbone."):
+            new = k[len("backbone."):]
+        elif k.startswith("head.fc."):
+            new = "fc." + k[len("head.fc."):]
+        else:
+            new = k  # neck / other head layouts: left as is, the strict load names them
+        if new in renamed:
+            raise CheckpointError(f"two keys map to {new!r} when renaming mmpretrain keys to torchvision's")
+        renamed[new] = v
+    return renamed, True
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, str]:
+    """(state dict in torchvision naming, source_format, sha256 of exactly the bytes parsed).
+    The file is read once into memory so that the digest describes the weights loaded."""
+    p = Path(path)
+    data = _read_bytes(p)
+    digest = hashlib.sha256(data).hexdigest()
+    obj, kind = _load_object(p, data)
+    del data
+    sd, container = _extract_state_dict(p, obj)
+    sd, mm = normalize_keys(sd)
+    if kind == "safetensors":
+        fmt = "safetensors"
+    elif mm or container == "state_dict":
+        fmt = "mmpretrain"
+    elif container == "model":
+        fmt = "dkd-cache"
+    else:
+        fmt = "torchvision"
+    return sd, fmt, digest
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file, in torchvision naming (see the module docstring for formats)."""
+    return read_weights(path)[0]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(HASH_BLOCK):
+                h.update(block)
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{path}: file not found") from e
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    more = f" ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"{len(items)} {title}: {shown}{more}"
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path_for_messages: str | os.PathLike) -> None:
+    """Copy the weights into the model, strictly: every mismatch is named in one CheckpointError.
+    A missing ``*.num_batches_tracked`` is tolerated (see the module docstring)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.endswith(".num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} (file {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+             for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = [_listing(t, x) for t, x in (("missing keys", missing), ("unexpected keys", unexpected),
+                                              ("keys with the wrong shape", wrong)) if x]
+        hint = ""
+        if len(missing) > len(expected) // 2:
+            hint = (f" Most of the model's keys are missing: do the weights belong to another arch, or carry a "
+                    f"prefix? (first keys in the file: {list(state_dict)[:5]})")
+        raise CheckpointError(f"{path_for_messages}: the weights do not fit {type(model).__name__}: "
+                              + "; ".join(parts) + "." + hint)
+    result = model.load_state_dict(state_dict, strict=False)
+    assert not result.unexpected_keys and all(k.endswith(".num_batches_tracked") for k in result.missing_keys)
+
+
+def load_teacher(arch: str, weights_path: str | os.PathLike, device: str | torch.device = "cpu",
+                 channels_last: bool = True) -> tuple[nn.Module, TeacherInfo]:
+    """The teacher in eval mode with gradients off, on ``device``, and its identity."""
+    _check_arch(arch)
+    sd, fmt, digest = read_weights(weights_path)
+    try:
+        num_classes = num_classes_from_state_dict(sd, arch)
+    except ConfigError:
+        # Name every mismatch (a wrong arch, mmpretrain V1d...) rather than only the missing classifier.
+        load_weights(_get_model(arch, 1000), sd, weights_path)
+        raise
+    model = build_model(arch, num_classes)
+    load_weights(model, sd, weights_path)
+    del sd
+    model.eval().requires_grad_(False).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, TeacherInfo(arch=arch, sha256=digest, num_classes=num_classes, source_format=fmt)
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(path: str | os.PathLike, **entries: Any) -> None:
+    """Write ``entries`` as one dict with torch.save, atomically (temp file in the same folder, fsync, rename).
+    Entries must be readable back with weights_only=True (tensors, dicts, lists, tuples, str, numbers, None,
+    torch dtypes/devices); anything else raises TypeError and leaves no file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(entries, f)
+            f.flush()
+            os.fsync(f.fileno())
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
+        if unsafe:
+            raise TypeError(f"{p}: checkpoint entries hold objects that weights_only loading refuses: {unsafe}; "
+                            "store plain containers, numbers, strings and tensors")
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dfd = os.open(p.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)

@@ -1,0 +1,347 @@
+"""train-student: DKD from the cache (the teacher is never built), or CE only, or DKD with a live teacher.
+
+One loop for the three modes, top to bottom. Under torchrun every rank runs the same number of steps
+per epoch (see loader.plan_epoch); checkpoints are written atomically each epoch (and every
+`checkpoint_every` steps), and --resume continues so that the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from . import cache as cache_mod
+from . import dist as dist_mod
+from .data import expand_shards, scan_shards, shard_name
+from .errors import CacheMismatchError, CheckpointError, ConfigError, DKDCacheError
+from .loader import RankPlan, StreamSpec, Task, batches, canonical_items, make_loader, plan_epoch, skips_for
+from .logit_codecs import codec_from_dict
+from .loss import dkd_loss, dkd_loss_topk, total_loss
+from .progress import Progress
+from .teacher import build_model, load_teacher, save_checkpoint
+from .views import Recipe, normalize, parse_positive_int
+
+LOSSES = ("dkd", "ce")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    shards: str | tuple[str, ...]
+    out: str
+    cache: str | None = None
+    val_shards: str | None = None
+    arch: str = "resnet18"
+    num_classes: int | None = None  # from the cache; needed only without one
+    loss: str = "dkd"
+    live_teacher: str | None = None
+    teacher_arch: str = "resnet34"
+    epochs: int = 100
+    batch_size: int = 512  # global, split evenly over ranks
+    lr: float = 0.2  # at lr_batch; scaled linearly with the global batch
+    lr_batch: int = 512
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_milestones: tuple[int, ...] = (30, 60, 90)
+    lr_gamma: float = 0.1
+    ce_weight: float = 1.0
+    alpha: float = 1.0
+    beta: float = 0.5
+    temperature: float = 1.0
+    warmup_epochs: float = 1.0
+    residual_rule: str = "uniform"
+    workers: int = 2
+    amp: str = "none"
+    channels_last: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    shuffle_buffer: int = 256
+    checkpoint_every: int = 0  # steps; 0: only at epoch ends
+    recipe: dict[str, Any] | None = None  # used without a cache; with one, the cache's recipe is used
+    allow_pipe: bool = False
+    max_steps: int = 0  # stop after this many steps in total (0: no limit); for tests and quick checks
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "lr_batch", "shuffle_buffer"):
+            parse_positive_int(name, getattr(self, name))
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss == "dkd" and not self.cache and not self.live_teacher:
+            raise ConfigError("loss 'dkd' needs --cache (or --live-teacher WEIGHTS); use --loss ce for no teacher")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ConfigError("lr must be > 0; momentum, weight_decay and warmup_epochs >= 0")
+        if self.residual_rule not in ("uniform", "bucket"):
+            raise ConfigError(f"residual_rule must be 'uniform' or 'bucket', got {self.residual_rule!r}")
+        if self.amp not in ("none", "bf16"):
+            raise ConfigError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        if self.workers < 0 or self.checkpoint_every < 0 or self.max_steps < 0:
+            raise ConfigError("workers, checkpoint_every and max_steps must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    base = cfg.lr * cfg.batch_size / cfg.lr_batch
+    return base * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: bool, dinfo) -> dict | None:
+    """Refuse a run directory holding another run; on resume, load the checkpoint (config must match)."""
+    out = Path(cfg.out)
+    cfg_path, ckpt_path = out / "config.json", out / "checkpoint.pt"
+    if not resume:
+        if cfg_path.exists():
+            raise ConfigError(f"{out} already holds a run (config.json); pass --resume to continue it or choose another --out")
+        return None
+    if not ckpt_path.exists():
+        return None  # nothing saved yet: start from scratch (a resume of a run killed before its first checkpoint)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{ckpt_path} cannot be loaded ({type(e).__name__}: {e}); the checkpoint is damaged. "
+                              "Delete it to restart the run, or restore it from a backup") from e
+    saved = dict(ckpt.get("config", {}))
+    now = cfg.to_dict()
+    differs = [k for k in now if k not in ("epochs", "workers", "max_steps") and saved.get(k) != now[k]]
+    if differs:
+        raise ConfigError(f"{out}: --resume with other settings than the saved run: {differs}")
+    return ckpt
+
+
+def _check_cache_matches(cache: cache_mod.Cache, urls: list[str], dinfo) -> list[int]:
+    """Shards and cache belong together: same names, same keys (by digest). Returns per-shard usable sizes."""
+    cache_mod.require_complete(cache)
+    m = cache.meta.manifest
+    names = [shard_name(u) for u in urls]
+    missing = [n for n in names if n not in {s.name for s in m.shards}]
+    if missing:
+        raise CacheMismatchError(f"{len(missing)} shard(s) are not in the cache's manifest, first {missing[:3]}; "
+                                 "the cache was dumped from other shards")
+    error = None
+    if dinfo.is_main:
+        indexes = scan_shards(urls)
+        for ix in indexes:
+            entry = m.shards[m.shard_index(ix.name)]
+            if ix.keys_sha256 != entry.keys_sha256 or len(ix.keys) != entry.samples:
+                error = (f"shard {ix.name} holds {len(ix.keys)} samples (keys {ix.keys_sha256[:12]}), the cache "
+                         f"{entry.samples} (keys {entry.keys_sha256[:12]}); the shard changed since the dump")
+                break
+    error = dist_mod.broadcast_object(dinfo, error)
+    if error:
+        raise CacheMismatchError(error)
+    status = cache.read_rows("samples/status", 0, m.rows)
+    sizes = []
+    for n in names:
+        e = m.shards[m.shard_index(n)]
+        sizes.append(int((status[e.row_start:e.row_stop] == cache_mod.STATUS_OK).sum()))
+    return sizes
+
+
+def train_student(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    dinfo = dist_mod.init(cfg.device)
+    device = torch.device(f"cuda:{dinfo.local_rank}" if cfg.device == "cuda" else cfg.device)
+    if cfg.batch_size % dinfo.world:
+        raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {dinfo.world} ranks")
+    local_batch = cfg.batch_size // dinfo.world
+    urls = expand_shards(cfg.shards, allow_pipe=cfg.allow_pipe)
+    out = Path(cfg.out)
+    if cfg.cache and Path(cfg.cache).resolve() in (out.resolve(), *out.resolve().parents):
+        raise ConfigError(f"--out {out} lies inside the cache {cfg.cache}; choose another run directory")
+
+    # ---- data and recipe: from the cache when there is one, so nothing is typed twice
+    cache = cache_mod.open_cache(cfg.cache) if cfg.cache else None
+    if cache is not None:
+        sizes = _check_cache_matches(cache, urls, dinfo)
+        recipe, num_classes, views = cache.meta.recipe, cache.meta.num_classes, cache.meta.views
+        if cfg.num_classes is not None and cfg.num_classes != num_classes:
+            raise ConfigError(f"num_classes {cfg.num_classes} contradicts the cache's {num_classes}")
+        if cfg.recipe is not None and Recipe.from_dict(cfg.recipe) != recipe:
+            raise ConfigError("the config's [recipe] contradicts the cache's recipe; the cache's recipe is used "
+                              "for training: remove [recipe] or re-dump with it")
+        codec = codec_from_dict(cache.meta.codec)
+        full_codec = codec.decodes_full
+        if cfg.loss == "dkd" and not cfg.live_teacher and not full_codec and \
+                cfg.temperature not in cache.meta.temperatures:
+            raise ConfigError(f"temperature {cfg.temperature} was not dumped (cache has {list(cache.meta.temperatures)}); "
+                              "the top-k codec needs the exact log-partition at that temperature")
+        if cfg.epochs > views and dinfo.is_main:
+            warnings.warn(f"{cfg.epochs} epochs over {views} cached views: view e mod {views} is reused, "
+                          "so views repeat", stacklevel=2)
+        entry_arrays = ("views/box", "views/flip")
+        if cfg.loss == "dkd" and not cfg.live_teacher:
+            entry_arrays += ("logits/target", "logits/lse", *(f"logits/{n}" for n in cache.codec_arrays))
+    else:
+        recipe = Recipe.from_dict(cfg.recipe or {})
+        indexes = scan_shards(urls, cfg.num_classes)
+        sizes = [len(ix.keys) - len(ix.bad) for ix in indexes]
+        num_classes, views, entry_arrays, codec = cfg.num_classes, None, (), None
+        if num_classes is None:
+            raise ConfigError("without a cache, give num_classes (in the config or --num-classes)")
+
+    # ---- models: the teacher exists only in live mode
+    torch.manual_seed(cfg.seed)  # the student's initial weights: same seed, same start, on every rank
+    model = build_model(cfg.arch, num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    teacher = None
+    if cfg.loss == "dkd" and cfg.live_teacher:
+        teacher, tinfo = load_teacher(cfg.teacher_arch, cfg.live_teacher, device=device)
+        if tinfo.num_classes != num_classes:
+            raise ConfigError(f"live teacher has {tinfo.num_classes} classes, the data {num_classes}")
+        if cache is not None and tinfo.sha256 != cache.meta.teacher["sha256"] and dinfo.is_main:
+            warnings.warn("the live teacher's weights differ from the cache's teacher", stacklevel=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    ddp_model = DistributedDataParallel(model) if dinfo.world > 1 else model
+
+    # ---- resume: weights, optimizer, position
+    ckpt = _prepare_run_dir(cfg, resume, dinfo)
+    start_epoch, start_consumed, global_step = 0, 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, start_consumed, global_step = int(ckpt["epoch"]), int(ckpt["consumed"]), int(ckpt["step"])
+    if dinfo.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    metrics_path = out / "metrics.jsonl"
+
+    def log(record: dict) -> None:
+        if dinfo.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(epoch: int, consumed: int) -> None:
+        if dinfo.is_main:
+            save_checkpoint(out / "checkpoint.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
+                            epoch=epoch, consumed=consumed, step=global_step, config=cfg.to_dict(),
+                            num_classes=num_classes, arch=cfg.arch, recipe=recipe.to_dict(),
+                            torch_rng=torch.get_rng_state())
+        dist_mod.barrier(dinfo)
+
+    use_bf16 = cfg.amp == "bf16"
+    last_metrics: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(cfg, epoch)
+        plan = plan_epoch(sizes, seed=cfg.seed, epoch=epoch, world=dinfo.world, rank=dinfo.rank,
+                          workers=max(1, cfg.workers))
+        n_local = sum(plan.counts)
+        steps = -(-n_local // local_batch)
+        consumed = start_consumed if epoch == start_epoch else 0
+        skips = skips_for(plan.counts, consumed)
+        spec = StreamSpec(urls=tuple(urls), recipe=recipe, seed=cfg.seed, epoch=epoch,
+                          view=epoch % views if views else epoch, rank=dinfo.rank, cache_path=cfg.cache,
+                          entry_arrays=entry_arrays, num_classes=num_classes, shuffle_buffer=cfg.shuffle_buffer)
+        loader = make_loader(spec, plan, skips, cfg.workers)
+        model.train()
+        seen = 0
+        t0 = time.perf_counter()
+        with Progress(total=n_local - consumed, label=f"epoch {epoch}", enabled=progress and dinfo.is_main) as bar:
+            for images, labels, entries in batches(canonical_items(loader, plan, skips), local_batch):
+                x = normalize(images.to(device, non_blocking=True), recipe, cfg.channels_last)
+                labels = labels.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = ddp_model(x)
+                logits = logits.float()
+                ce = F.cross_entropy(logits, labels)
+                kd = torch.zeros((), device=device)
+                if teacher is not None:
+                    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        t_logits = teacher(x)
+                    kd = dkd_loss(logits, t_logits.float().clone(), labels, cfg.alpha, cfg.beta, cfg.temperature)
+                elif cfg.loss == "dkd":
+                    kd = cached_dkd(logits, labels, entries, codec, cache.meta, cfg, device)
+                # DKD's warm-up (official code): the KD term ramps as min(epoch / warmup, 1), epochs counted from 1
+                loss = total_loss(ce, kd, epoch + 1, cfg.warmup_epochs, cfg.ce_weight) if cfg.loss == "dkd" else ce
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                global_step += 1
+                consumed += images.shape[0]
+                seen += images.shape[0]
+                if not torch.isfinite(loss):
+                    raise DKDCacheError(f"loss became {loss.item()} at epoch {epoch} step {global_step}; "
+                                        "lower the learning rate or check the cache with dkd-cache verify")
+                last_metrics = {"epoch": epoch, "step": global_step, "loss": loss.item(), "ce": ce.item(),
+                                "dkd": kd.item(), "lr": optimizer.param_groups[0]["lr"]}
+                log({"event": "step", **last_metrics})
+                bar.advance(images.shape[0], info=f"loss {loss.item():.3f}")
+                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
+                    save(epoch, consumed)
+                if cfg.max_steps and global_step >= cfg.max_steps:
+                    break
+        seconds = time.perf_counter() - t0
+        epoch_record = {"event": "epoch", "epoch": epoch, "steps": steps, "samples": seen * dinfo.world,
+                        "padding": plan.padding, "images_per_s": seen * dinfo.world / max(seconds, 1e-9),
+                        "seconds": seconds}
+        if cfg.val_shards:
+            epoch_record.update(evaluate(model, cfg, recipe, num_classes, device, dinfo))
+        log(epoch_record)
+        last_metrics.update(epoch_record)
+        if consumed >= n_local:
+            save(epoch + 1, 0)
+        else:  # stopped by max_steps inside the epoch: the checkpoint records the position within it
+            save(epoch, consumed)
+        if cfg.max_steps and global_step >= cfg.max_steps:
+            break
+    result = {**last_metrics, "wall_seconds": time.perf_counter() - t_start, "run_dir": str(out)}
+    dist_mod.shutdown(dinfo)
+    return result
+
+
+def cached_dkd(logits, labels, entries, codec, meta, cfg: TrainConfig, device) -> torch.Tensor:
+    """DKD from a batch of cache entries: exact full-logit DKD where the codec keeps every logit, else top-k."""
+    arrays = {name.split("/", 1)[1]: t.to(device, non_blocking=True) for name, t in entries.items()
+              if name.startswith("logits/") and name not in ("logits/target", "logits/lse")}
+    decoded = codec.decode(arrays, meta.num_classes)
+    if decoded.full is not None:
+        return dkd_loss(logits, decoded.full, labels, cfg.alpha, cfg.beta, cfg.temperature)
+    t_index = list(meta.temperatures).index(cfg.temperature)
+    lse = entries["logits/lse"].to(device)[:, t_index]
+    target_logit = entries["logits/target"].to(device)
+    return dkd_loss_topk(logits, decoded.topk_idx, decoded.topk_val, target_logit, lse, labels, cfg.alpha, cfg.beta,
+                         cfg.temperature, rule=cfg.residual_rule)
+
+
+@torch.no_grad()
+def evaluate(model, cfg: TrainConfig, recipe: Recipe, num_classes: int, device, dinfo) -> dict[str, float]:
+    """Top-1/top-5 on the val shards (resize 256/224 of the size, centre crop); ranks split shards, sums reduced."""
+    urls = expand_shards(cfg.val_shards, allow_pipe=cfg.allow_pipe)
+    mine = urls[dinfo.rank :: dinfo.world]
+    model.eval()
+    correct1 = correct5 = total = 0
+    if mine:
+        spec = StreamSpec(urls=tuple(mine), recipe=recipe, seed=cfg.seed, epoch=0, view=0, rank=dinfo.rank,
+                          cache_path=None, num_classes=num_classes, evaluation=True)
+        counts = [len(ix.keys) for ix in scan_shards(mine)]
+        plan = RankPlan(workers=(tuple(Task(i) for i in range(len(mine))),), counts=(sum(counts),), padding=0)
+        for images, labels, _ in batches(canonical_items(make_loader(spec, plan, [0], min(cfg.workers, 1)), plan, [0]),
+                                         256):
+            x = normalize(images.to(device), recipe, cfg.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                logits = model(x).float()
+            top5 = logits.topk(min(5, num_classes), dim=1).indices.cpu()
+            correct1 += int((top5[:, 0] == labels).sum())
+            correct5 += int((top5 == labels[:, None]).any(dim=1).sum())
+            total += labels.shape[0]
+    sums = torch.tensor([correct1, correct5, total], dtype=torch.float64)
+    if dinfo.world > 1:
+        torch.distributed.all_reduce(sums)
+    model.train()
+    c1, c5, n = sums.tolist()
+    return {"val_top1": c1 / max(n, 1), "val_top5": c5 / max(n, 1), "val_samples": int(n)}
+
+

@@ -1,0 +1,168 @@
+"""Recorded augmentation: draw a view's crop box and flip reproducibly, and render it.
+
+A view is (box, flip): box = (top, left, height, width) in source pixels, flip = horizontal flip.
+It is drawn from a generator seeded by SHA-256 of (seed, view, key), so it depends on nothing but
+those three values: not on worker count, rank count, shard order or any global RNG state.
+
+`render` is the one function that turns (image bytes, box, flip, recipe) into the network's input;
+dump, training and verify all call it, so the student sees bit for bit the tensor the teacher saw.
+It returns uint8 (3, S, S); `normalize` turns a batch of those into float32 on the compute device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from .errors import ConfigError
+
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+                  "nearest": InterpolationMode.NEAREST}
+# Refuse images whose header declares more pixels than this (decompression bombs); ImageNet's largest is ~ 50 Mpx.
+MAX_PIXELS = 178_956_970
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """The augmentation and preprocessing recipe; stored in the cache and read back by every stage."""
+
+    image_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        parse_positive_int("image_size", self.image_size)
+        lo, hi = self.scale
+        if not (0 < lo <= hi <= 1):
+            raise ConfigError(f"recipe.scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise ConfigError(f"recipe.ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+        if not (0 <= self.hflip <= 1):
+            raise ConfigError(f"recipe.hflip is a probability in [0, 1], got {self.hflip}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"recipe.interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"recipe.mean and recipe.std need 3 values, std > 0; got {self.mean}, {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown recipe keys {sorted(unknown)}; known keys: {sorted(known)}")
+        kw = {k: tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else v for k, v in d.items()}
+        return cls(**kw)
+
+
+def parse_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def view_rng(seed: int, view: int, key: str) -> np.random.Generator:
+    """A generator that depends only on (seed, view, key), via SHA-256: stable across processes and machines."""
+    digest = hashlib.sha256(f"dkd-cache/view/{seed}/{view}/{key}".encode()).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+
+
+def draw_view(seed: int, view: int, key: str, height: int, width: int, recipe: Recipe) -> tuple[int, int, int, int, bool]:
+    """Draw (top, left, h, w, flip) with torchvision's RandomResizedCrop algorithm, fallback included."""
+    rng = view_rng(seed, view, key)
+    area = height * width
+    log_ratio = (math.log(recipe.ratio[0]), math.log(recipe.ratio[1]))
+    box = None
+    for _ in range(10):
+        target_area = area * rng.uniform(recipe.scale[0], recipe.scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            box = (top, left, h, w)
+            break
+    if box is None:  # fallback: central crop at the nearest allowed aspect ratio
+        in_ratio = width / height
+        if in_ratio < recipe.ratio[0]:
+            w, h = width, int(round(width / recipe.ratio[0]))
+        elif in_ratio > recipe.ratio[1]:
+            h, w = height, int(round(height * recipe.ratio[1]))
+        else:
+            w, h = width, height
+        box = ((height - h) // 2, (width - w) // 2, h, w)
+    flip = bool(rng.random() < recipe.hflip)
+    return (*box, flip)
+
+
+def image_size_of(data: bytes) -> tuple[int, int]:
+    """(height, width) from the image header only; refuses decompression bombs before decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"image declares {width}x{height} pixels, more than the {MAX_PIXELS} allowed")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image declares an empty size {width}x{height}")
+    return height, width
+
+
+def decode(data: bytes) -> torch.Tensor:
+    """Decode image bytes to uint8 RGB (3, H, W). Checks the header size first (bomb guard)."""
+    height, width = image_size_of(data)
+    img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if img.shape[1:] != (height, width):
+        raise ValueError(f"decoded size {tuple(img.shape[1:])} differs from the header's {(height, width)}")
+    return img
+
+
+def render_decoded(img: torch.Tensor, box: tuple[int, int, int, int], flip: bool, recipe: Recipe) -> torch.Tensor:
+    """Crop, resize to the recipe's size, flip: uint8 (3, S, S)."""
+    top, left, h, w = (int(x) for x in box)
+    out = F.resized_crop(img, top, left, h, w, [recipe.image_size, recipe.image_size],
+                         interpolation=INTERPOLATIONS[recipe.interpolation], antialias=recipe.antialias)
+    if flip:
+        out = F.horizontal_flip(out)
+    return out.contiguous()
+
+
+def render(data: bytes, box: tuple[int, int, int, int], flip: bool, recipe: Recipe) -> torch.Tensor:
+    """(image bytes, box, flip, recipe) -> uint8 (3, S, S): the single rendering path of every stage."""
+    return render_decoded(decode(data), box, flip, recipe)
+
+
+def center_crop(data: bytes, recipe: Recipe) -> torch.Tensor:
+    """Evaluation view: resize the short side to S * 256/224, centre-crop S. uint8 (3, S, S)."""
+    img = decode(data)
+    size = recipe.image_size
+    img = F.resize(img, [int(round(size * 256 / 224))], interpolation=INTERPOLATIONS[recipe.interpolation],
+                   antialias=recipe.antialias)
+    return F.center_crop(img, [size, size]).contiguous()
+
+
+def normalize(batch: torch.Tensor, recipe: Recipe, channels_last: bool = True) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float32 normalised, on batch's device; the same arithmetic in every stage."""
+    mean = torch.tensor(recipe.mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(recipe.std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    x = (batch.to(torch.float32) / 255.0 - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
