@@ -17,6 +17,7 @@ of C and are padded to one, so two writers never touch the same chunk or Zarr sh
     logits/<codec>  ...     (V, N, …)  the codec's arrays (see logit_codecs.py)
     _dkd/done/SSSSSS.json              one record per finished tar shard (skipped samples, counts);
                                        written atomically after the shard's chunks
+Fill values are sentinels real data never holds (NaN, -1, 65535 for boxes, 255 for flips); padding rows hold 0.
 Arrays of shape (V, N, …) are Zarr-sharded: one Zarr shard holds (V, C) rows, inner chunks are (1, C),
 so training reads one view of C rows at a time. Codecs: zstd then crc32c, so a damaged chunk fails to decode.
 """
@@ -159,6 +160,13 @@ class CacheMeta:
 
 
 # --------------------------------------------------------------------------------------------- store
+def sentinel(dtype) -> float | int:
+    """Fill value of per-view arrays: a value real data never holds, so a chunk is never 'empty' (Zarr would
+    not write it) and a missing inner chunk reads back as something detectable, never as zeros."""
+    kind = np.dtype(dtype).kind
+    return float("nan") if kind == "f" else (-1 if kind == "i" else 0)
+
+
 def _array_specs(meta: CacheMeta, key_len: int, codec_arrays: dict[str, tuple[tuple[int, ...], Any]]):
     """name -> (shape, dtype, chunks, shards, fill) for every array of the schema."""
     n, v, c = meta.manifest.rows, meta.views, meta.chunk_rows
@@ -169,14 +177,14 @@ def _array_specs(meta: CacheMeta, key_len: int, codec_arrays: dict[str, tuple[tu
         "samples/status": ((n,), np.uint8, (c,), None, 0),
         "samples/height": ((n,), np.int32, (c,), None, 0),
         "samples/width": ((n,), np.int32, (c,), None, 0),
-        "views/box": ((v, n, 4), np.uint16, (1, c, 4), (v, c, 4), 0),
-        "views/flip": ((v, n), np.uint8, (1, c), (v, c), 0),
+        "views/box": ((v, n, 4), np.uint16, (1, c, 4), (v, c, 4), 65535),
+        "views/flip": ((v, n), np.uint8, (1, c), (v, c), 255),
         "logits/target": ((v, n), np.float32, (1, c), (v, c), float("nan")),
         "logits/lse": ((v, n, len(meta.temperatures)), np.float32, (1, c, len(meta.temperatures)),
                        (v, c, len(meta.temperatures)), float("nan")),
     }
     for name, (tail, dtype) in codec_arrays.items():
-        fill = float("nan") if np.dtype(dtype).kind == "f" else 0
+        fill = sentinel(dtype)
         specs[f"logits/{name}"] = ((v, n, *tail), dtype, (1, c, *tail), (v, c, *tail), fill)
     return specs
 
@@ -226,6 +234,27 @@ class Cache:
                              f"{'' if view is None else f' view {view}'} cannot be read ({type(e).__name__}: {e}); "
                              "the chunk is damaged: re-dump the affected shard (delete its _dkd/done record "
                              "and rerun dump-teacher)") from e
+
+
+def check_filled(cache: "Cache", name: str, values: np.ndarray, ok: np.ndarray, row_start: int,
+                 view: int | None = None) -> None:
+    """Rows the dump wrote must not hold the array's fill sentinel (a lost inner chunk reads back as it)."""
+    if name == "views/box":
+        bad = (values == 65535).all(axis=-1)
+    elif name == "views/flip":
+        bad = values == 255
+    elif values.dtype.kind == "f":
+        bad = ~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
+    elif values.dtype.kind == "i":
+        bad = (values.reshape(values.shape[0], -1) == -1).any(axis=1)
+    else:
+        return
+    bad = bad & ok
+    if bad.any():
+        rows = (np.flatnonzero(bad)[:5] + row_start).tolist()
+        raise CacheError(f"{cache.path}: array {name!r}{'' if view is None else f' view {view}'} holds no data for "
+                         f"rows {rows} (missing chunk or non-finite teacher output); the cache is damaged: "
+                         "re-dump the affected shard")
 
 
 def _group_members(group: zarr.Group, sub: str) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import io
 import os
 import re
 import tarfile
@@ -239,10 +238,6 @@ def scan_shards(urls: Sequence[str], num_classes: int | None = None, skip_bad: b
         return list(pool.map(lambda u: scan_shard(u, num_classes, skip_bad), urls))
 
 
-def read_bytes(url: str) -> bytes:
-    with open(url, "rb") as f:
-        return f.read()
-
-
-__all__ = ["Sample", "ShardIndex", "expand_shards", "iter_raw_samples", "parse_sample", "scan_shard",
-           "scan_shards", "shard_name", "keys_digest", "io"]
+def keep_as_is(item):
+    """DataLoader collate for items that are already whole (torch would turn our dataclasses into lists)."""
+    return item

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import FORMAT_VERSION
 from . import cache as cache_mod
 from . import dist as dist_mod
-from .data import expand_shards, iter_raw_samples, parse_sample, scan_shards, shard_name
+from .data import keep_as_is, expand_shards, iter_raw_samples, parse_sample, scan_shards, shard_name
 from .errors import BadSampleError, CacheMismatchError, ConfigError, DKDCacheError, ShardError
 from .logit_codecs import parse_codec
 from .progress import Progress
@@ -172,12 +172,11 @@ class _ShardBuffer:
             "samples/width": np.zeros(rows, np.int32),
             "views/box": np.zeros((v, rows, 4), np.uint16),
             "views/flip": np.zeros((v, rows), np.uint8),
-            "logits/target": np.full((v, rows), np.nan, np.float32),
-            "logits/lse": np.full((v, rows, len(meta.temperatures)), np.nan, np.float32),
+            "logits/target": np.zeros((v, rows), np.float32),
+            "logits/lse": np.zeros((v, rows, len(meta.temperatures)), np.float32),
         }
         for name, (tail, dtype) in codec_arrays.items():
-            fill = np.nan if np.dtype(dtype).kind == "f" else 0
-            self.block[f"logits/{name}"] = np.full((v, rows, *tail), fill, dtype)
+            self.block[f"logits/{name}"] = np.zeros((v, rows, *tail), dtype)
         self.keys = cache_mod.decode_keys(cache.read_rows("samples/key", start, start + entry.samples))
         self.skipped: list[dict[str, str]] = []
         self.pending_views = 0
@@ -266,7 +265,7 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
     if not jobs:
         return 0, 0
     loader = DataLoader(_RenderStream(jobs, meta, s.skip_bad), batch_size=None, num_workers=min(s.workers, len(jobs)),
-                        prefetch_factor=4 if s.workers else None, persistent_workers=False)
+                        prefetch_factor=4 if s.workers else None, persistent_workers=False, collate_fn=keep_as_is)
     use_bf16 = s.amp == "bf16" or (s.amp is None and device.type == "cuda")
     temps = torch.tensor(meta.temperatures, dtype=torch.float32, device=device)
     buffers: dict[int, _ShardBuffer] = {}

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import cache as cache_mod
-from .data import iter_raw_samples, parse_sample, shard_name
+from .data import keep_as_is, iter_raw_samples, parse_sample, shard_name
 from .errors import BadSampleError, CacheMismatchError, DKDCacheError, ShardError
 from .views import Recipe, center_crop, decode, draw_view, render_decoded
 
@@ -161,6 +161,9 @@ def _cache_rows(cache: cache_mod.Cache, shard: int, spec: StreamSpec):
     labels = cache.read_rows("samples/label", e.row_start, e.row_stop)
     status = cache.read_rows("samples/status", e.row_start, e.row_stop)
     arrays = {name: cache.read_rows(name, e.row_start, e.row_stop, view=spec.view) for name in spec.entry_arrays}
+    ok = status == cache_mod.STATUS_OK
+    for name, values in arrays.items():
+        cache_mod.check_filled(cache, name, values, ok, e.row_start, spec.view)
     return keys, labels, status, arrays
 
 
@@ -247,7 +250,7 @@ def shuffle_buffer(stream: Iterator, size: int, rng: np.random.Generator) -> Ite
 
 def make_loader(spec: StreamSpec, plan: RankPlan, skips: Sequence[int], workers: int) -> DataLoader:
     return DataLoader(_WorkerStream(spec, plan, skips), batch_size=None, num_workers=workers if workers > 0 else 0,
-                      prefetch_factor=8 if workers > 0 else None, persistent_workers=False)
+                      prefetch_factor=8 if workers > 0 else None, persistent_workers=False, collate_fn=keep_as_is)
 
 
 def canonical_items(loader: DataLoader, plan: RankPlan, skips: Sequence[int]) -> Iterator[Item]:

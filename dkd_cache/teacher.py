@@ -48,6 +48,7 @@ from torch import nn
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
 
 SOURCE_FORMATS = ("torchvision", "safetensors", "dkd-cache", "mmpretrain")
+EXAMPLE_ARCHS = ("resnet18", "resnet34", "resnet50", "vit_b_16")
 MAX_LISTED = 20  # names listed per category in a load error
 HASH_BLOCK = 1 << 20
 # Prefixes that wrappers add to every key: DistributedDataParallel / DataParallel, torch.compile.
@@ -80,10 +81,12 @@ class TeacherInfo:
             raise ConfigError(f"teacher.arch must be a non-empty string, got {self.arch!r}")
         if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
             raise ConfigError(f"teacher.sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, (int, np.integer)) or self.num_classes <= 0:
+        n = self.num_classes
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
             raise ConfigError(f"teacher.num_classes must be a positive integer, got {self.num_classes!r}")
         if self.source_format not in SOURCE_FORMATS:
-            raise ConfigError(f"teacher.source_format must be one of {list(SOURCE_FORMATS)}, got {self.source_format!r}")
+            raise ConfigError(f"teacher.source_format must be one of {list(SOURCE_FORMATS)}, "
+                              f"got {self.source_format!r}")
         object.__setattr__(self, "num_classes", int(self.num_classes))
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,7 +116,7 @@ def _check_arch(arch: str) -> None:
         close = difflib.get_close_matches(str(arch), names, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ConfigError(f"unknown teacher arch {arch!r}: {hint}it must name a torchvision classification model, "
-                          f"e.g. {', '.join(n for n in ('resnet18', 'resnet34', 'resnet50', 'vit_b_16') if n in names)} "
+                          f"e.g. {', '.join(n for n in EXAMPLE_ARCHS if n in names)} "
                           f"({len(names)} in all: torchvision.models.list_models(module=torchvision.models))")
 
 
@@ -213,7 +216,8 @@ def _looks_safetensors(data: bytes) -> bool:
 def _unpickling_refusal(path: Path, e: Exception, data: bytes) -> CheckpointError:
     msg = str(e)
     if "Weights only load failed" not in msg:
-        return CheckpointError(f"{path}: cannot read: not a complete PyTorch weights file, truncated or corrupt? ({msg})")
+        return CheckpointError(f"{path}: cannot read: not a complete PyTorch weights file, "
+                               f"truncated or corrupt? ({msg})")
     if "Unsupported operand" in msg:
         return CheckpointError(f"{path}: cannot read: the pickled data is corrupt (an unknown pickle opcode)")
     names: list[str] = []
@@ -357,7 +361,8 @@ def _listing(title: str, items: list[str]) -> str:
     return f"{len(items)} {title}: {shown}{more}"
 
 
-def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path_for_messages: str | os.PathLike) -> None:
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                 path_for_messages: str | os.PathLike) -> None:
     """Copy the weights into the model, strictly: every mismatch is named in one CheckpointError.
     A missing ``*.num_batches_tracked`` is tolerated (see the module docstring)."""
     expected = model.state_dict()
