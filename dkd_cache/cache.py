@@ -30,6 +30,8 @@ import fcntl
 import json
 import os
 import platform
+import shutil
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -283,8 +285,13 @@ def check_chunks_present(cache: Cache, name: str, start: int, stop: int) -> None
 
 def create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex],
                  codec_arrays: dict[str, tuple[tuple[int, ...], Any]]) -> Cache:
-    """Create the store, all arrays, and the per-sample arrays (keys, labels, shard, status). One process only."""
+    """Create the store, all arrays, and the per-sample arrays (keys, labels, shard, status). One process only.
+
+    Built in a hidden sibling folder and renamed into place when whole: a crash during creation leaves no
+    half-made cache at `path`, only a `.NAME.partial-*` folder that the next dump removes.
+    """
     path = Path(path)
+    final, path = path, path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
     keys = [k for ix in indexes for k in ix.keys]
     key_len = max(16, -(-max(len(k.encode()) for k in keys) // 8) * 8)
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
@@ -312,7 +319,15 @@ def create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex
     group["samples/status"][:] = status
     (path / "_dkd" / "done").mkdir(parents=True, exist_ok=True)
     group.attrs["dkd_cache"] = meta.to_dict()  # written after the arrays exist; state "writing"
-    return Cache(path=path, meta=meta, group=group)
+    os.rename(path, final)
+    return open_cache(final, mode="r+")
+
+
+def remove_stale_partials(path: str | Path) -> None:
+    """Remove creation folders left by a crash (call while holding the writer lock)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def open_cache(path: str | Path, *, mode: str = "r") -> Cache:

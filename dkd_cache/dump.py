@@ -215,6 +215,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
         error: DKDCacheError | None = None
         if dinfo.is_main:
             try:
+                cache_mod.remove_stale_partials(s.out)
                 indexes = scan_shards(urls, tinfo.num_classes, s.skip_bad, threads=max(2, s.workers * 2))
                 meta = cache_mod.CacheMeta(
                     format_version=FORMAT_VERSION, teacher=tinfo.to_dict(), recipe=s.recipe, seed=s.seed,
@@ -269,7 +270,6 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
     use_bf16 = s.amp == "bf16" or (s.amp is None and device.type == "cuda")
     temps = torch.tensor(meta.temperatures, dtype=torch.float32, device=device)
     buffers: dict[int, _ShardBuffer] = {}
-    queue: list[tuple[int, int, int, torch.Tensor, int]] = []  # (shard, pos, view, image, label)
     views_written = skipped = 0
 
     def flush_batch(items) -> None:
@@ -301,6 +301,10 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
                                                        "skipped": b.skipped, "views": meta.views})
             skipped += len(b.skipped)
 
+    # Teacher batches hold views of one shard only, in (sample, view) order, cut every batch_size views: the
+    # batches are a function of the shard alone, so the logits (which can differ in the last bit with batch
+    # composition) are the same whatever the worker count, rank count or crash-and-resume history.
+    queues: dict[int, list] = {}  # shard -> [(shard, pos, view, image, label)]
     with Progress(total=n_samples * meta.views, label="dump-teacher", unit="view", enabled=show) as bar:
         for item in loader:
             if isinstance(item, tuple):
@@ -309,20 +313,17 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
             if buf is None:
                 buf = buffers[item.shard] = _ShardBuffer(cache, item.shard, codec_arrays)
             buf.add_sample(item)
+            queue = queues.setdefault(item.shard, [])
             if item.images is not None:
                 for view in range(meta.views):
                     queue.append((item.shard, item.pos, view, item.images[view], item.label))
                 buf.pending_views += meta.views
                 buf.filled += 1
-            while len(queue) >= s.batch_size:
+            while len(queue) >= s.batch_size or (queue and buf.filled == buf.expected):
                 batch, queue[:] = queue[: s.batch_size], queue[s.batch_size :]
                 flush_batch(batch)
                 bar.advance(len(batch))
-                write_finished()
-        if queue:
-            flush_batch(queue)
-            bar.advance(len(queue))
-        write_finished()
+            write_finished()
     if buffers:
         raise ShardError(f"shards {sorted(buffers)} ended before all their samples arrived; rerun to complete them")
     return views_written, skipped

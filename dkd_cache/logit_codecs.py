@@ -97,10 +97,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
                          f"got {packed.dtype} {tuple(packed.shape)}")
     if bits == 8:
         return packed
-    per = 8 // bits
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    vals = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return vals.reshape(packed.shape[0], -1)[:, :n]
+    mask = (1 << bits) - 1
+    # one vectorised op per position within a byte (at most 4), not per row
+    vals = torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=-1)
+    return vals.reshape(packed.shape[0], packed.shape[1] * (8 // bits))[:, :n]
 
 
 # --------------------------------------------------------------------------------------------- helpers

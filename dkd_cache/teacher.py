@@ -31,6 +31,7 @@ import difflib
 import functools
 import hashlib
 import io
+import argparse
 import os
 import pickle
 import re
@@ -191,6 +192,9 @@ def _numpy_safe_globals() -> list[Any]:
     for pkg in ("numpy.core.multiarray", "numpy._core.multiarray"):
         out += [(mod.scalar, f"{pkg}.scalar"), (mod._reconstruct, f"{pkg}._reconstruct")]
     out += [getattr(np.dtypes, n) for n in getattr(np.dtypes, "__all__", ()) if n.endswith("DType")]
+    # torchvision's references/classification/train.py saves its argparse.Namespace as "args": a plain
+    # attribute bag (restored by __dict__ update, no code from the file runs), so its checkpoints load as they are.
+    out.append(argparse.Namespace)
     return out
 
 

@@ -1,0 +1,49 @@
+"""Small helpers for tests: hand-made tar shards and cache comparison."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import zarr
+from PIL import Image
+
+
+def jpeg(seed: int = 0, size=(40, 50)) -> bytes:
+    arr = (np.random.default_rng(seed).random((*size, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar with members (name, bytes) in the given order, like `tar cf` of a folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def sample_members(key: str, label, seed: int = 0, image: bytes | None = None) -> list[tuple[str, bytes]]:
+    out = [(f"{key}.jpg", jpeg(seed) if image is None else image)]
+    if label is not None:
+        out.append((f"{key}.cls", str(label).encode()))
+    return out
+
+
+def assert_caches_equal(a: Path, b: Path) -> None:
+    """Every array of two caches equal, value for value (NaN == NaN), and the same metadata bar timestamps."""
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    names = sorted(f"{g}/{k}" for g in ("samples", "views", "logits") for k, _ in ga[g].members())
+    assert names == sorted(f"{g}/{k}" for g in ("samples", "views", "logits") for k, _ in gb[g].members())
+    for name in names:
+        x, y = ga[name][...], gb[name][...]
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"{name} differs"
+    ma, mb = dict(ga.attrs["dkd_cache"]), dict(gb.attrs["dkd_cache"])
+    assert ma == mb

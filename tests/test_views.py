@@ -1,0 +1,82 @@
+"""Recorded views: drawn from (seed, view, key) alone, torchvision's algorithm, and rendered bit for bit."""
+
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from dkd_cache.errors import ConfigError
+from dkd_cache.views import Recipe, draw_view, image_size_of, render
+
+
+def test_draw_is_a_pure_function_of_seed_view_key():
+    r = Recipe()
+    a = draw_view(0, 3, "n01440764_10026", 375, 500, r)
+    assert a == draw_view(0, 3, "n01440764_10026", 375, 500, r)
+    assert a != draw_view(1, 3, "n01440764_10026", 375, 500, r)
+    assert a != draw_view(0, 4, "n01440764_10026", 375, 500, r)
+    # global RNG state has no influence
+    torch.manual_seed(123)
+    np.random.seed(123)
+    assert a == draw_view(0, 3, "n01440764_10026", 375, 500, r)
+
+
+def test_boxes_follow_randomresizedcrop_bounds():
+    r = Recipe()
+    areas, ratios, flips = [], [], []
+    for i in range(2000):
+        top, left, h, w, flip = draw_view(0, 0, f"k{i}", 300, 400, r)
+        assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 400 and h > 0 and w > 0
+        areas.append(h * w / (300 * 400))
+        ratios.append(w / h)
+        flips.append(flip)
+    assert min(areas) >= 0.07 and max(areas) <= 1.0
+    assert min(ratios) >= 0.74 and max(ratios) <= 1.35
+    assert 0.45 < np.mean(flips) < 0.55
+
+
+def test_fallback_is_a_central_crop_for_extreme_aspect():
+    # a 10x1000 strip: no sampled box fits, so the fallback (centre crop at the max ratio) is taken
+    r = Recipe(scale=(0.9, 1.0))
+    top, left, h, w, _ = draw_view(0, 0, "strip", 10, 1000, r)
+    assert (top, h) == (0, 10) and w == round(10 * 4 / 3) and left == (1000 - w) // 2
+
+
+def test_render_matches_torchvision_functional(tmp_path):
+    from PIL import Image
+    import io
+
+    img = (np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    out = render(buf.getvalue(), (5, 7, 40, 50), True, Recipe(image_size=32))
+    ref = v2.functional.resized_crop(torch.from_numpy(img).permute(2, 0, 1), 5, 7, 40, 50, [32, 32], antialias=True)
+    assert torch.equal(out, v2.functional.horizontal_flip(ref))
+    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+
+
+def test_recipe_validation_and_roundtrip():
+    r = Recipe(image_size=64, interpolation="bicubic")
+    assert Recipe.from_dict(r.to_dict()) == r
+    with pytest.raises(ConfigError):
+        Recipe(image_size=0)
+    with pytest.raises(ConfigError):
+        Recipe(interpolation="lanczos9")
+    with pytest.raises(ConfigError):
+        Recipe.from_dict({"image_size": 32, "colour": 1})
+
+
+def test_image_bomb_is_refused_from_the_header():
+    import struct
+    import zlib
+
+    # a PNG header declaring 100000 x 100000 pixels, with almost no data
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    with pytest.raises(Exception) as e:
+        image_size_of(png)
+    assert "pixels" in str(e.value).lower() or "decompression" in type(e.value).__name__.lower()
