@@ -52,6 +52,14 @@ def broadcast_object(info: DistInfo, obj):
     return box[0]
 
 
+def all_gather_int(info: DistInfo, value: int) -> list[int]:
+    if info.world <= 1:
+        return [int(value)]
+    out = [None] * info.world
+    dist.all_gather_object(out, int(value))
+    return [int(v) for v in out]
+
+
 def shutdown(info: DistInfo) -> None:
     if info.world > 1 and dist.is_initialized():
         dist.destroy_process_group()

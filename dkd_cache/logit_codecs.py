@@ -134,7 +134,8 @@ def _quantise(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def _dequantise(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return lo.float().unsqueeze(1) + codes.float() * scale.float().unsqueeze(1)
+    # float() makes a fresh tensor, so the affine map can run in place (two passes instead of three allocations)
+    return codes.float().mul_(scale.float().unsqueeze(1)).add_(lo.float().unsqueeze(1))
 
 
 def _quant_bound(lo: np.ndarray, scale: np.ndarray, hi: np.ndarray) -> np.ndarray:

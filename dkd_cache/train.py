@@ -239,6 +239,8 @@ def train_student(cfg: TrainConfig, *, resume: bool = False, progress: bool = Tr
         plan = plan_epoch(sizes, seed=cfg.seed, epoch=epoch, world=dinfo.world, rank=dinfo.rank,
                           workers=max(1, cfg.workers))
         n_local = sum(plan.counts)
+        padding = sum(plan_epoch(sizes, seed=cfg.seed, epoch=epoch, world=dinfo.world, rank=r, workers=1).padding
+                      for r in range(dinfo.world))  # repeated samples over all ranks (reported, not hidden)
         steps = -(-n_local // local_batch)
         consumed = start_consumed if epoch == start_epoch else 0
         skips = skips_for(plan.counts, consumed)
@@ -247,7 +249,7 @@ def train_student(cfg: TrainConfig, *, resume: bool = False, progress: bool = Tr
                           entry_arrays=entry_arrays, num_classes=num_classes, shuffle_buffer=cfg.shuffle_buffer)
         loader = make_loader(spec, plan, skips, cfg.workers)
         model.train()
-        seen = 0
+        seen = steps_done = 0
         t0 = time.perf_counter()
         with Progress(total=n_local - consumed, label=f"epoch {epoch}", enabled=progress and dinfo.is_main) as bar:
             for images, labels, entries in batches(canonical_items(loader, plan, skips), local_batch):
@@ -270,6 +272,7 @@ def train_student(cfg: TrainConfig, *, resume: bool = False, progress: bool = Tr
                 loss.backward()
                 optimizer.step()
                 global_step += 1
+                steps_done += 1
                 consumed += images.shape[0]
                 seen += images.shape[0]
                 if not torch.isfinite(loss):
@@ -284,8 +287,10 @@ def train_student(cfg: TrainConfig, *, resume: bool = False, progress: bool = Tr
                 if cfg.max_steps and global_step >= cfg.max_steps:
                     break
         seconds = time.perf_counter() - t0
-        epoch_record = {"event": "epoch", "epoch": epoch, "steps": steps, "samples": seen * dinfo.world,
-                        "padding": plan.padding, "images_per_s": seen * dinfo.world / max(seconds, 1e-9),
+        # Every rank's step count, gathered: the record shows they ran the same number of steps.
+        rank_steps = dist_mod.all_gather_int(dinfo, steps_done)
+        epoch_record = {"event": "epoch", "epoch": epoch, "steps": steps, "rank_steps": rank_steps, "samples": seen * dinfo.world,
+                        "padding": padding, "images_per_s": seen * dinfo.world / max(seconds, 1e-9),
                         "seconds": seconds}
         if cfg.val_shards:
             epoch_record.update(evaluate(model, cfg, recipe, num_classes, device, dinfo))

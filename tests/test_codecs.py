@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -147,7 +148,6 @@ def test_to_dict_from_dict_roundtrip(spec):
     codec = parse_codec(spec, C)
     d = codec.to_dict()
     assert codec_from_dict(d) == codec == type(codec).from_dict(d)
-    import json
     assert codec_from_dict(json.loads(json.dumps(d))) == codec
 
 
