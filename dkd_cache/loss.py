@@ -216,7 +216,7 @@ def dkd_loss_topk(student_logits: torch.Tensor, topk_idx: torch.Tensor, topk_val
     if rule == "uniform":
         with torch.no_grad():
             m_safe = m.clamp(min=1).float()
-            tail_level = torch.where(has_tail, l_r_rel - torch.log(m_safe + 1), torch.full_like(l_r_rel, _NEG_INF))
+            tail_level = torch.where(has_tail, l_r_rel - torch.log(m_safe), torch.full_like(l_r_rel, _NEG_INF))
             lp_hat = tail_level.view(-1, 1).expand(batch, classes).clone()
             lp_hat.scatter_(1, topk_idx, lp_hat_k)
             lp_hat.masked_fill_(tmask, _NEG_INF)
