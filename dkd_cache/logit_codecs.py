@@ -19,8 +19,9 @@ code = round((x - lo) / scale) (nearest level), decoded value lo + code * scale.
 scale 0 and decodes exactly. m = max(abs(lo), abs(max x)); the 8 eps32 m term (eps32 = 2^-23) covers float32 rounding.
 The tail of `topk:K+qB` is the C-K classes outside the top-k in increasing class order; codes are packed
 little-endian, 8/B per byte (the first value in the lowest bits), each row padded with zero bits to a whole byte.
-Top-k values are sorted descending. Logits must be finite, and within float16 range (|x| <= 65504) for codecs
-that store float16.
+`decode` trusts the class count it is given (the cache's metadata): it checks every array's shape against it, but
+C and C+1 can share a packed row length. Top-k values are sorted descending. Logits must be finite, and within
+float16 range (|x| <= 65504) for codecs that store float16.
 """
 
 from __future__ import annotations

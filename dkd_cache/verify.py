@@ -1,0 +1,928 @@
+"""`dkd-cache verify`: the trust anchor. Is this cache what this teacher computes on these shards' recorded views?
+
+What is checked, in order (every failed check is named in the report with its figure and tolerance):
+
+1. Integrity. The cache is complete and every tar shard has its done record (with the manifest's sample count);
+   the shards given are the manifest's (same names, same keys by SHA-256 digest, same labels per sample); the
+   teacher weights' SHA-256 is the one recorded at dump time; the per-sample arrays agree with the manifest (shard
+   index, padding, sizes); every array is read whole, chunk by chunk, and holds finite, non-sentinel values on every
+   status-OK row (a damaged chunk fails its checksum: reported naming the array, never a crash); top-k classes are
+   distinct and in range, and p_t = exp(z_t/T - lse) <= 1. Library versions that differ from the dump's are
+   warnings: what they change is measured below, as logit error.
+2. Logit fidelity. `samples` (view, sample) entries are drawn over the whole cache (systematic sampling over the
+   status-OK rows in manifest order, so every shard gets its share; a random view per row; deterministic in `seed`).
+   Each is re-rendered with views.render from its stored box and flip and the cache's recipe, and run through the
+   live teacher in float32 (eval, inference_mode, TF32 off on CUDA, the dump's normalize). Compared, as median, p99
+   and max: the stored target logit, lse(z/T) per temperature and p_t against the live ones; the stored logits
+   (top-k values, or every logit for codecs that decode full) against the live logits, within the codec's stated
+   error bound (logit_codecs.Codec.error_bound) plus logit_tol; the stored top-k class set against the live one,
+   tie-tolerant: a stored set passes if no class outside it has a live logit more than logit_tol above the smallest
+   live logit inside it. The stored box is also re-drawn from (seed, view, key) with the recipe (views.draw_view);
+   a different box is a failure under the dump's numpy version, a warning under another one.
+3. Loss fidelity. Student logits for the same inputs (the given student checkpoint, else a ResNet-18 initialised
+   with torch.manual_seed(seed), in eval mode). At every cached temperature, DKD (alpha, beta) is computed three ways:
+   from the stored entries exactly as train.cached_dkd does (both residual rules for top-k codecs, the full-logit
+   form for codecs that decode full); from an *ideal* cache, the live logits put through the same codec with the
+   live target logit and lse; and exact DKD on the live logits. Stored against ideal is the check (relative batch-
+   mean loss error <= loss_tol, median per-sample cosine of the gradients w.r.t. the student logits >= cosine_tol):
+   it isolates what the cache got wrong from what the codec leaves out by design. Stored against live exact is
+   reported as the codec's approximation of DKD (for fp32 the two comparisons are the same).
+4. Training parity (train_steps > 0). The same student is trained twice for train_steps SGD steps (CE + DKD at the
+   first cached temperature, rule "uniform") on batches of the drawn entries: once from the cache's entries, once
+   from the ideal cache (for fp32: the live teacher's logits, i.e. train.py's live mode). Reported: both loss
+   curves, the max relative loss difference, and the final parameter distance relative to how far training moved
+   the weights; both must be <= parity_tol. For a lossy codec the run with exact live DKD is reported too.
+
+Default tolerances, and why:
+    logit_tol  1e-3  absolute, on top of the codec's stated bound (0 for fp32; |z| 2^-11 for float16 values; half
+                     a quantisation step for q8 / tails). A re-computation of the same fp32 teacher on the same
+                     inputs differs from the dump's by float rounding only (batch composition changes the kernels'
+                     summation order: ~1e-6 relative, ~1e-5 absolute for logits of magnitude 10-100), so 1e-3 leaves
+                     two orders of margin; a wrong view, interpolation, teacher or chunk moves logits by 1e-1..10.
+                     lse@T scales it by max(1, 1/T), p_t by 2 max(1, 1/T) (first-order propagation).
+                     A cache dumped with bf16 autocast (dump-teacher's default on CUDA) differs by ~1e-2 relative
+                     and does not pass: raise logit_tol to accept it, knowing what it holds.
+    loss_tol   1e-2  relative DKD error, stored against ideal cache. A correct cache of any codec (topk:10 of 10 or
+                     of 100 classes included) lands near 1e-6; a top-k class swap at a near-tie moves one sample's
+                     loss by a few percent, the batch mean by < 1e-3.
+    cosine_tol 0.99  minimum median per-sample gradient cosine, stored against ideal (correct: ~1 - 1e-9). The
+                     median ignores the odd near-tie sample.
+    parity_tol 1e-4  relative, the brief's "float tolerance" for training from the cache against the live run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import cache as cache_mod
+from .data import IMAGE_EXTS, expand_shards, iter_raw_samples, keys_digest, parse_sample, scan_shard, shard_name
+from .errors import BadSampleError, CheckpointError, ConfigError, DKDCacheError, ShardError
+from .logit_codecs import Codec, FloatCodec, codec_from_dict
+from .loss import dkd_loss, dkd_loss_topk
+from .teacher import build_model, load_teacher, read_checkpoint
+from .views import draw_view, image_size_of, normalize, render
+
+BLOCK_BYTES = 64 << 20  # at most this much of one array is held at a time during the scan
+WORST = 5  # entries listed per report for the largest errors
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VerifySettings:
+    """What to verify and how strictly. Tolerance defaults are explained in the module docstring."""
+
+    cache: str
+    shards: str | Sequence[str]
+    weights: str
+    samples: int = 64
+    seed: int = 0
+    student: str | None = None
+    train_steps: int = 0
+    device: str = "cpu"
+    logit_tol: float = 1e-3
+    loss_tol: float = 1e-2
+    cosine_tol: float = 0.99
+    parity_tol: float = 1e-4
+    alpha: float = 1.0
+    beta: float = 0.5
+    batch_size: int = 32  # teacher / student forward batch
+    train_batch: int = 16
+    train_lr: float = 0.01
+    allow_pipe: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "batch_size", "train_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("seed", "train_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
+        for name in ("logit_tol", "loss_tol", "parity_tol", "alpha", "beta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+        c = self.cosine_tol
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not -1 <= c <= 1:
+            raise ConfigError(f"cosine_tol must lie in [-1, 1], got {c!r}")
+        if isinstance(self.train_lr, bool) or not isinstance(self.train_lr, (int, float)) \
+                or not (math.isfinite(self.train_lr) and self.train_lr > 0):
+            raise ConfigError(f"train_lr must be > 0, got {self.train_lr!r}")
+        if not isinstance(self.device, str) or not self.device.startswith(("cpu", "cuda")):
+            raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
+        for name in ("cache", "weights"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name} must be a path, got {getattr(self, name)!r}")
+
+
+# --------------------------------------------------------------------------------------------- report helpers
+class _Report:
+    """Collects checks, warnings and figures; `checks` rows are (name, ok, figure, tolerance, detail)."""
+
+    def __init__(self) -> None:
+        self.checks: list[dict[str, Any]] = []
+        self.warnings: list[str] = []
+        self.data: dict[str, Any] = {}
+
+    def check(self, name: str, ok: bool, figure: Any = None, tolerance: Any = None, detail: str = "") -> bool:
+        self.checks.append({"name": name, "ok": bool(ok), "figure": _jsonable(figure),
+                            "tolerance": _jsonable(tolerance), "detail": detail})
+        return bool(ok)
+
+    def failures(self) -> list[str]:
+        out = []
+        for c in self.checks:
+            if c["ok"]:
+                continue
+            msg = c["name"]
+            if c["figure"] is not None:
+                msg += f": {_fmt(c['figure'])}"
+                if c["tolerance"] is not None:
+                    msg += f" (tolerance {_fmt(c['tolerance'])})"
+            if c["detail"]:
+                msg += f" - {c['detail']}"
+            out.append(msg)
+        return out
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}" if (x == 0 or 1e-3 <= abs(x) < 1e4) else f"{x:.2e}"
+    return str(x)
+
+
+def _stats(x: np.ndarray | Sequence[float]) -> dict[str, float | int | None]:
+    a = np.asarray(x, dtype=np.float64).ravel()
+    if a.size == 0:
+        return {"n": 0, "median": None, "p99": None, "max": None}
+    return {"n": int(a.size), "median": float(np.median(a)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max())}
+
+
+# --------------------------------------------------------------------------------------------- integrity
+def _read_per_sample(cache: cache_mod.Cache, name: str, rep: _Report) -> tuple[np.ndarray | None, np.ndarray]:
+    """A whole per-sample array, read chunk-block by chunk-block; (values or None, damaged-row mask)."""
+    m = cache.meta
+    n, c = m.manifest.rows, m.chunk_rows
+    try:
+        arr = cache.array(name)
+    except cache_mod.CacheError as e:
+        rep.check(f"array {name}", False, detail=str(e))
+        return None, np.ones(n, bool)
+    out = np.zeros(arr.shape, arr.dtype)
+    damaged = np.zeros(n, bool)
+    errors: list[str] = []
+    step = c * max(1, BLOCK_BYTES // max(1, c * int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        try:
+            out[start:stop] = cache.read_rows(name, start, stop)
+        except cache_mod.CacheError:
+            for s in range(start, stop, c):  # find the damaged chunks one by one
+                try:
+                    out[s:s + c] = cache.read_rows(name, s, min(stop, s + c))
+                except cache_mod.CacheError as e:
+                    damaged[s:s + c] = True
+                    errors.append(str(e))
+    if errors:
+        rep.check(f"array {name} readable", False, f"{len(errors)} damaged", 0, detail=errors[0])
+    return out, damaged
+
+
+def _check_shards(cache: cache_mod.Cache, settings: VerifySettings, labels: np.ndarray | None,
+                  rep: _Report) -> dict[str, str]:
+    """Shards given against the manifest: names, key digests, sample counts, labels. Returns name -> url of the
+    shards that may be used to re-render entries (present; keys may still differ: entries are checked by key)."""
+    m = cache.meta.manifest
+    urls = expand_shards(settings.shards, allow_pipe=settings.allow_pipe)
+    by_name = {shard_name(u): u for u in urls}
+    names = [s.name for s in m.shards]
+    missing = [n for n in names if n not in by_name]
+    extra = [n for n in by_name if n not in set(names)]
+    rep.check("shards: every manifest shard given", not missing, len(missing), 0,
+              detail=f"not given: {missing[:3]}" if missing else "")
+    rep.check("shards: no shard outside the manifest", not extra, len(extra), 0,
+              detail=f"not in the cache: {extra[:3]}" if extra else "")
+
+    def scan(entry):
+        try:
+            return scan_shard(by_name[entry.name], cache.meta.num_classes, skip_bad=True), None
+        except DKDCacheError as e:
+            return None, f"{type(e).__name__}: {e}"
+
+    present = [e for e in m.shards if e.name in by_name]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        scanned = list(pool.map(scan, present))
+    unreadable, key_diff, label_diff = [], [], []
+    keys_in_order: list[str] = []
+    for entry, (ix, err) in zip(present, scanned):
+        if ix is None:
+            unreadable.append(f"{entry.name} ({err})")
+            continue
+        keys_in_order.extend(ix.keys)
+        if ix.keys_sha256 != entry.keys_sha256 or len(ix.keys) != entry.samples:
+            key_diff.append(f"{entry.name}: {len(ix.keys)} samples, keys {ix.keys_sha256[:12]} "
+                            f"(cache: {entry.samples}, keys {entry.keys_sha256[:12]})")
+            continue
+        if labels is not None:
+            cached = labels[entry.row_start:entry.row_start + entry.samples]
+            diff = np.flatnonzero(np.asarray(ix.labels) != cached)
+            if diff.size:
+                label_diff.append(f"{entry.name}: {diff.size} label(s) differ, first {ix.keys[diff[0]]!r} "
+                                  f"shard {ix.labels[diff[0]]} cache {cached[diff[0]]}")
+    rep.check("shards: readable", not unreadable, len(unreadable), 0,
+              detail="; ".join(unreadable[:2]))
+    rep.check("shards: keys match the manifest (SHA-256 per shard)", not key_diff,
+              f"{len(key_diff)}/{len(present)}", 0, detail="; ".join(key_diff[:2]))
+    if not missing and not unreadable and not key_diff:
+        rep.check("shards: keys match the manifest (whole)", keys_digest(keys_in_order) == m.keys_sha256,
+                  detail="the manifest's overall key digest differs")
+    rep.check("shards: labels match the cache", not label_diff, len(label_diff), 0,
+              detail="; ".join(label_diff[:2]))
+    return {n: by_name[n] for n in names if n in by_name}
+
+
+def _check_layout(cache: cache_mod.Cache, per: dict[str, np.ndarray | None], rep: _Report) -> None:
+    """Per-sample arrays against the manifest: shard index, padding rows, sizes of dumped rows."""
+    m = cache.meta.manifest
+    status, shard, height, width = (per.get(k) for k in ("status", "shard", "height", "width"))
+    if status is None or shard is None:
+        return
+    expect_shard = np.full(m.rows, -1, np.int64)
+    for i, e in enumerate(m.shards):
+        expect_shard[e.row_start:e.row_start + e.samples] = i
+    bad = []
+    if not np.array_equal(shard, expect_shard):
+        bad.append(f"samples/shard differs from the manifest on {int((shard != expect_shard).sum())} rows")
+    pad = expect_shard < 0
+    if (status[pad] != cache_mod.STATUS_PADDING).any() or (status[~pad] == cache_mod.STATUS_PADDING).any():
+        bad.append("samples/status marks padding rows wrongly")
+    if not np.isin(status, (cache_mod.STATUS_PADDING, cache_mod.STATUS_OK,
+                                                   cache_mod.STATUS_SKIPPED)).all():
+        bad.append("samples/status holds unknown values")
+    ok = status == cache_mod.STATUS_OK
+    if height is not None and width is not None and ((height[ok] <= 0) | (width[ok] <= 0)).any():
+        bad.append(f"{int(((height[ok] <= 0) | (width[ok] <= 0)).sum())} OK rows have no image size "
+                   "(never dumped)")
+    n_skipped = int((status == cache_mod.STATUS_SKIPPED).sum())
+    if n_skipped != len(cache.meta.skipped) and cache.meta.state == "complete":
+        bad.append(f"{n_skipped} rows are marked skipped, the metadata lists {len(cache.meta.skipped)}")
+    rep.check("layout: per-sample arrays agree with the manifest", not bad, detail="; ".join(bad))
+
+
+def _view_arrays(cache: cache_mod.Cache, codec: Codec) -> list[str]:
+    return ["views/box", "views/flip", "logits/target", "logits/lse",
+            *(f"logits/{n}" for n in codec.arrays(cache.meta.num_classes))]
+
+
+def _scan_views(cache: cache_mod.Cache, codec: Codec, ok: np.ndarray, done: np.ndarray,
+                entries: dict[str, np.ndarray], rep: _Report) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Read every per-view array whole, chunk by chunk (all views of a chunk at once where they fit in
+    BLOCK_BYTES), check it on the status-OK rows, and pick out the drawn entries' stored values.
+
+    ok: status-OK rows (checked for values); done: rows of shards with a done record (read; the others' chunks
+    may not exist yet). entries: {"row": (n,), "view": (n,)}. Returns ({array name: values (n, ...)}, usable mask (n,))."""
+    m = cache.meta
+    n_rows, c, v, classes = m.manifest.rows, m.chunk_rows, m.views, m.num_classes
+    temps = np.asarray(m.temperatures, np.float64)
+    names = _view_arrays(cache, codec)
+    arrays = {}
+    for name in names:
+        try:
+            arrays[name] = cache.array(name)
+        except cache_mod.CacheError as e:
+            rep.check(f"array {name}", False, detail=str(e))
+    e_row, e_view = entries["row"], entries["view"]
+    n = e_row.size
+    out = {name: np.zeros((n, *a.shape[2:]), a.dtype) for name, a in arrays.items()}
+    usable = np.ones(n, bool)
+    if len(arrays) < len(names):
+        usable[:] = False
+    damaged: dict[str, list[str]] = {}
+    invalid: dict[str, int] = {}
+    consistency = {"idx_range": 0, "idx_distinct": 0, "p_t": 0}
+    order = np.argsort(e_row, kind="stable")
+    for start in range(0, n_rows, c):
+        stop = min(n_rows, start + c)
+        ok_c = ok[start:stop]
+        if not done[start]:
+            continue
+        lo, hi = np.searchsorted(e_row[order], [start, stop])
+        in_chunk = order[lo:hi]
+        kept: dict[str, np.ndarray | None] = {}  # target and lse of this chunk, for the p_t check
+        for name, arr in arrays.items():
+            per_view = (stop - start) * int(np.prod(arr.shape[2:], dtype=np.int64)) * arr.dtype.itemsize
+            g = int(max(1, min(v, BLOCK_BYTES // max(1, per_view))))
+            if name in ("logits/target", "logits/lse"):
+                g = v
+            for v0 in range(0, v, g):
+                v1 = min(v, v0 + g)
+                sel = in_chunk[(e_view[in_chunk] >= v0) & (e_view[in_chunk] < v1)]
+                try:
+                    vals = cache.read_rows(name, start, stop, view=slice(v0, v1))
+                except cache_mod.CacheError as e:
+                    damaged.setdefault(name, []).append(str(e))
+                    usable[sel] = False
+                    kept[name] = None
+                    continue
+                for j in range(v1 - v0):
+                    try:
+                        cache_mod.check_filled(cache, name, vals[j], ok_c, start, view=v0 + j)
+                    except cache_mod.CacheError:
+                        bad_rows = _unfilled(name, vals[j]) & ok_c
+                        invalid[name] = invalid.get(name, 0) + int(bad_rows.sum())
+                        hit = in_chunk[(e_view[in_chunk] == v0 + j) & bad_rows[e_row[in_chunk] - start]]
+                        usable[hit] = False
+                if sel.size:
+                    out[name][sel] = vals[e_view[sel] - v0, e_row[sel] - start]
+                if name == "logits/topk_idx":
+                    x = vals[:, ok_c].astype(np.int64)
+                    consistency["idx_range"] += int(((x < 0) | (x >= classes)).any(axis=-1).sum())
+                    srt = np.sort(x, axis=-1)
+                    consistency["idx_distinct"] += int((srt[..., 1:] == srt[..., :-1]).any(axis=-1).sum())
+                if name in ("logits/target", "logits/lse"):
+                    kept[name] = vals
+        # p_t = exp(z_t / T - lse(z / T)) <= 1 on OK rows (NaN rows are counted above as unfilled)
+        tgt, lse = kept.get("logits/target"), kept.get("logits/lse")
+        if tgt is not None and lse is not None:
+            with np.errstate(invalid="ignore"):
+                lpt = tgt[:, ok_c, None].astype(np.float64) / temps - lse[:, ok_c].astype(np.float64)
+                slack = 1e-4 + 1e-6 * np.abs(lse[:, ok_c].astype(np.float64))  # float32 rounding of large logits
+            consistency["p_t"] += int((lpt > slack).any(axis=-1).sum())
+    for name, errs in damaged.items():
+        rep.check(f"array {name} readable", False, f"{len(errs)} damaged", 0, detail=errs[0])
+    for name in arrays:
+        if name not in damaged:
+            rep.check(f"array {name} readable", True, 0, 0)
+    rep.check("values finite and filled on status-OK rows", not invalid,
+              sum(invalid.values()), 0, detail=", ".join(f"{k}: {n} entries" for k, n in invalid.items()))
+    if "logits/topk_idx" in arrays:
+        rep.check("top-k classes in range and distinct", not (consistency["idx_range"] or consistency["idx_distinct"]),
+                  consistency["idx_range"] + consistency["idx_distinct"], 0,
+                  detail=f"{consistency['idx_range']} out of range, {consistency['idx_distinct']} repeated")
+    rep.check("stored p_t <= 1 (target logit vs lse)", consistency["p_t"] == 0, consistency["p_t"], 0)
+    return out, usable
+
+
+def _unfilled(name: str, values: np.ndarray) -> np.ndarray:
+    """Rows holding the fill sentinel / non-finite values (the rule of cache.check_filled)."""
+    if name == "views/box":
+        return (values == 65535).all(axis=-1)
+    if name == "views/flip":
+        return values == 255
+    if values.dtype.kind == "f":
+        return ~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
+    if values.dtype.kind == "i":
+        return (values.reshape(values.shape[0], -1) == -1).any(axis=1)
+    return np.zeros(values.shape[0], bool)
+
+
+# --------------------------------------------------------------------------------------------- entries
+def draw_entries(ok_rows: np.ndarray, views: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n distinct (row, view) entries over the given rows (manifest order): systematic sampling, so every shard
+    gets its proportional share; each row's views are rotated by a random offset. Deterministic in seed."""
+    rng = np.random.default_rng(seed)
+    total = ok_rows.size * views
+    n = min(n, total)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pos = np.floor((np.arange(n) + rng.random()) * (total / n)).astype(np.int64)
+    pos = np.minimum(pos, total - 1)
+    r, j = pos // views, pos % views
+    offsets = rng.integers(0, views, size=ok_rows.size)
+    return ok_rows[r].astype(np.int64), ((j + offsets[r]) % views).astype(np.int64)
+
+
+def _load_images(cache: cache_mod.Cache, urls: dict[str, str], rows: np.ndarray, keys: list[str],
+                 labels: np.ndarray, heights: np.ndarray, widths: np.ndarray,
+                 rep: _Report) -> dict[int, bytes]:
+    """Image bytes of the drawn rows from their shards, checked against the cache's key, label and size."""
+    m = cache.meta.manifest
+    starts = np.array([e.row_start for e in m.shards])
+    want: dict[int, set[int]] = {}
+    for row in np.unique(rows):
+        i = int(np.searchsorted(starts, row, side="right")) - 1
+        want.setdefault(i, set()).add(int(row) - m.shards[i].row_start)
+    images: dict[int, bytes] = {}
+    problems: list[str] = []
+    keep = (*IMAGE_EXTS, "cls")
+    for i, positions in sorted(want.items()):
+        e = m.shards[i]
+        url = urls.get(e.name)
+        if url is None:
+            continue  # reported as a missing shard
+        last = max(positions)
+        try:
+            for pos, raw in enumerate(iter_raw_samples(url, want=lambda ext: ext in keep)):
+                if pos > last:
+                    break
+                if pos not in positions:
+                    continue
+                row = e.row_start + pos
+                if raw["__key__"] != keys[row]:
+                    problems.append(f"{e.name} position {pos}: key {raw['__key__']!r}, cache {keys[row]!r}")
+                    continue
+                try:
+                    sample = parse_sample(raw, cache.meta.num_classes)
+                    h, w = image_size_of(sample.image)
+                except (BadSampleError, ValueError, OSError) as err:
+                    problems.append(f"{e.name} {keys[row]!r}: {err}")
+                    continue
+                if sample.label != labels[row]:
+                    problems.append(f"{e.name} {keys[row]!r}: label {sample.label}, cache {labels[row]}")
+                    continue
+                if (h, w) != (heights[row], widths[row]):
+                    problems.append(f"{e.name} {keys[row]!r}: image {h}x{w}, cache {heights[row]}x{widths[row]}")
+                    continue
+                images[row] = sample.image
+        except ShardError as err:
+            problems.append(str(err))
+    missing = [int(r) for r in np.unique(rows) if int(r) not in images]
+    rep.check("drawn samples found in the shards (key, label, size)", not missing,
+              f"{len(missing)}/{len(np.unique(rows))} unmatched", 0, detail="; ".join(problems[:3]))
+    return images
+
+
+# --------------------------------------------------------------------------------------------- models
+def _forward(model: torch.nn.Module, images: torch.Tensor, recipe, device: torch.device, batch: int) -> torch.Tensor:
+    outs = []
+    with torch.inference_mode():
+        for s in range(0, images.shape[0], batch):
+            x = normalize(images[s:s + batch].to(device), recipe)
+            outs.append(model(x).float().cpu())
+    return torch.cat(outs).clone()
+
+
+def _load_student(settings: VerifySettings, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, str]:
+    if settings.student:
+        ckpt = read_checkpoint(settings.student)
+        arch = ckpt.get("arch")
+        if not isinstance(arch, str):
+            raise ConfigError(f"{settings.student}: no 'arch' entry; give a checkpoint written by train-student")
+        model, info = load_teacher(arch, settings.student, device=device)
+        if info.num_classes != num_classes:
+            raise ConfigError(f"student {settings.student} has {info.num_classes} classes, the cache {num_classes}")
+        return model, f"{arch} from {settings.student}"
+    torch.manual_seed(settings.seed)
+    model = build_model("resnet18", num_classes).eval().requires_grad_(False).to(device)
+    return model.to(memory_format=torch.channels_last), f"resnet18, random init (torch.manual_seed({settings.seed}))"
+
+
+class _NoTF32:
+    """fp32 means fp32: TF32 convolutions / matmuls off on CUDA for the duration."""
+
+    def __enter__(self):
+        self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+# --------------------------------------------------------------------------------------------- fidelity
+def _lse(z: torch.Tensor, temps: Sequence[float]) -> torch.Tensor:
+    """(B, T) float32 logsumexp(z / T), the dump's arithmetic."""
+    t = torch.tensor(list(temps), dtype=torch.float32)
+    return torch.logsumexp(z[:, None, :] / t[None, :, None], dim=2)
+
+
+def _logit_fidelity(codec: Codec, meta, z: torch.Tensor, y: torch.Tensor, stored: dict[str, np.ndarray],
+                    tol: float, rep: _Report, labels_of: list[str]) -> dict[str, Any]:
+    classes, temps = meta.num_classes, meta.temperatures
+    z64 = z.double()
+    out: dict[str, Any] = {}
+    t_s = torch.from_numpy(stored["logits/target"]).double()
+    t_l = z64.gather(1, y[:, None])[:, 0]
+    err_t = (t_s - t_l).abs().numpy()
+    out["target_logit"] = _stats(err_t)
+    rep.check("logits: target logit |stored - live| max", bool(err_t.max() <= tol), float(err_t.max()), tol)
+    lse_s = torch.from_numpy(stored["logits/lse"]).double()
+    lse_l = _lse(z, temps).double()
+    for ti, temp in enumerate(temps):
+        scale = max(1.0, 1.0 / temp)
+        e = (lse_s[:, ti] - lse_l[:, ti]).abs().numpy()
+        out[f"lse T={temp:g}"] = _stats(e)
+        rep.check(f"logits: lse(z/T) T={temp:g} |stored - live| max", bool(e.max() <= tol * scale), float(e.max()),
+                  tol * scale)
+        p_s = torch.exp(t_s / temp - lse_s[:, ti])
+        p_l = torch.exp(t_l / temp - lse_l[:, ti])
+        e = (p_s - p_l).abs().numpy()
+        out[f"p_t T={temp:g}"] = _stats(e)
+        rep.check(f"logits: teacher p_t T={temp:g} |stored - live| max", bool(e.max() <= 2 * tol * scale),
+                  float(e.max()), 2 * tol * scale)
+
+    arrays = {name.split("/", 1)[1]: torch.from_numpy(v) for name, v in stored.items()
+              if name.startswith("logits/") and name not in ("logits/target", "logits/lse")}
+    dec = codec.decode(arrays, classes)
+    bound = codec.error_bound(z)  # (B, C) float64, inf where the codec stores nothing
+    fp16 = FloatCodec(dtype="fp16").error_bound(z)
+    idx = None
+    if "topk_idx" in arrays:
+        idx = arrays["topk_idx"].long()
+        k = idx.shape[1]
+        # the stored set may differ from the live top-k at a near-tie: bound its values as float16, the rest as tail
+        live_top = torch.zeros_like(z, dtype=torch.bool).scatter_(1, z.topk(k, dim=1).indices, True)
+        tail_level = bound.masked_fill(live_top, -math.inf).amax(dim=1, keepdim=True) if k < classes else None
+        bound = (tail_level.expand_as(bound).clone() if tail_level is not None
+                 else torch.full_like(bound, math.inf))
+        bound.scatter_(1, idx, fp16.gather(1, idx))
+    if dec.full is not None:
+        err = (dec.full.double() - z64).abs()
+        excess = err - bound
+        out["stored_logits"] = {**_stats(err.amax(dim=1).numpy()), "what": "every logit (row max)"}
+    else:
+        err = (dec.topk_val.double() - z64.gather(1, idx)).abs()
+        excess = err - bound.gather(1, idx)
+        out["stored_logits"] = {**_stats(err.amax(dim=1).numpy()), "what": f"top-{idx.shape[1]} values (row max)"}
+    row_excess = excess.amax(dim=1).numpy()
+    out["stored_logits"]["max_excess_over_codec_bound"] = float(row_excess.max())
+    rep.check(f"logits: stored {codec.name} logits within the codec bound + logit_tol (max excess)",
+              bool(row_excess.max() <= tol), float(row_excess.max()), tol)
+    worst = np.argsort(-np.maximum(err_t, row_excess))[:WORST]
+    out["worst"] = [{"entry": labels_of[i], "target_err": float(err_t[i]), "logit_excess": float(row_excess[i])}
+                    for i in worst]
+
+    if idx is not None and idx.shape[1] < classes:
+        inside = torch.zeros_like(z, dtype=torch.bool).scatter_(1, idx, True)
+        min_in = z64.masked_fill(~inside, math.inf).amin(dim=1)
+        max_out = z64.masked_fill(inside, -math.inf).amax(dim=1)
+        gap = (max_out - min_in).numpy()  # > 0: some class outside the stored set is larger than one inside
+        live_sets = torch.zeros_like(z, dtype=torch.bool).scatter_(1, z.topk(idx.shape[1], dim=1).indices, True)
+        exact = int((live_sets == inside).all(dim=1).sum())
+        violations = int((gap > tol).sum())
+        out["topk_set"] = {"k": int(idx.shape[1]), "exact": exact, "tie_tolerated": int(gap.size - exact - violations),
+                           "violations": violations, "max_boundary_gap": float(gap.max())}
+        rep.check("logits: stored top-k class sets = live top-k (tie-tolerant)", violations == 0,
+                  f"{violations}/{gap.size}", 0,
+                  detail=f"largest live logit outside the set exceeds one inside by {gap.max():.3g}"
+                  if violations else "")
+    return out
+
+
+def _cached_loss_fn(codec: Codec, meta, arrays: dict[str, torch.Tensor], target_logit: torch.Tensor,
+                    lse: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
+    """loss_fn(student_logits, temperature, rule, rows) from cache-style entries, as train.cached_dkd does."""
+    dec = codec.decode(arrays, meta.num_classes)
+
+    def fn(s: torch.Tensor, temp: float, rule: str, rows=slice(None)) -> torch.Tensor:
+        if dec.full is not None:
+            return dkd_loss(s, dec.full[rows], y[rows], alpha, beta, temp)
+        ti = list(meta.temperatures).index(temp)
+        return dkd_loss_topk(s, dec.topk_idx[rows], dec.topk_val[rows], target_logit[rows], lse[rows, ti], y[rows],
+                             alpha, beta, temp, rule=rule)
+    return fn
+
+
+def _loss_and_grad(fn, s: torch.Tensor) -> tuple[float, torch.Tensor]:
+    s = s.detach().clone().requires_grad_(True)
+    loss = fn(s)
+    (g,) = torch.autograd.grad(loss, s)
+    return float(loss.detach()), g.double()
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    cos = (a * b).sum(dim=1) / (na * nb).clamp(min=1e-300)
+    cos = torch.where((na == 0) & (nb == 0), torch.ones_like(cos), cos)
+    return cos.numpy()
+
+
+def _compare(fn_a, fn_b, s: torch.Tensor) -> dict[str, float]:
+    la, ga = _loss_and_grad(fn_a, s)
+    lb, gb = _loss_and_grad(fn_b, s)
+    cos = _cosines(ga, gb)
+    return {"loss": la, "reference_loss": lb, "rel_err": abs(la - lb) / max(abs(lb), 1e-12),
+            "cos_median": float(np.median(cos)), "cos_p5": float(np.percentile(cos, 5)), "cos_min": float(cos.min())}
+
+
+def _rules(codec: Codec) -> tuple[str, ...]:
+    return ("exact",) if codec.decodes_full else ("uniform", "bucket")
+
+
+def _loss_fidelity(codec, meta, s, y, stored_fn, ideal_fn, z, settings: VerifySettings, rep: _Report) -> dict:
+    out: dict[str, Any] = {}
+    a, b = settings.alpha, settings.beta
+    for temp in meta.temperatures:
+        live = lambda x, temp=temp: dkd_loss(x, z, y, a, b, temp)  # noqa: E731
+        for rule in _rules(codec):
+            r = rule if rule != "exact" else "uniform"
+            st = lambda x, temp=temp, r=r: stored_fn(x, temp, r)  # noqa: E731
+            ide = lambda x, temp=temp, r=r: ideal_fn(x, temp, r)  # noqa: E731
+            vs_ideal = _compare(st, ide, s)
+            vs_live = _compare(st, live, s)
+            out[f"T={temp:g} {rule}"] = {"vs_ideal_cache": vs_ideal, "vs_live_exact": vs_live}
+            rep.check(f"loss: DKD T={temp:g} {rule} relative error vs ideal cache", vs_ideal["rel_err"] <= settings.loss_tol,
+                      vs_ideal["rel_err"], settings.loss_tol)
+            rep.check(f"loss: DKD T={temp:g} {rule} median gradient cosine vs ideal cache",
+                      vs_ideal["cos_median"] >= settings.cosine_tol, vs_ideal["cos_median"], settings.cosine_tol)
+    return out
+
+
+def _train_run(student: torch.nn.Module, images: torch.Tensor, y: torch.Tensor, recipe, kd_fn,
+               settings: VerifySettings, device: torch.device) -> tuple[list[float], torch.Tensor]:
+    model = copy.deepcopy(student).train().requires_grad_(True)
+    opt = torch.optim.SGD(model.parameters(), lr=settings.train_lr, momentum=0.9)
+    n, b = images.shape[0], min(settings.train_batch, images.shape[0])
+    losses = []
+    for step in range(settings.train_steps):
+        rows = torch.arange(step * b, step * b + b) % n
+        x = normalize(images[rows].to(device), recipe)
+        logits = model(x).float()
+        yb = y[rows].to(device)
+        loss = F.cross_entropy(logits, yb) + kd_fn(logits, rows)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses, torch.cat([p.detach().double().cpu().ravel() for p in model.parameters()])
+
+
+def _train_parity(codec, meta, student, images, y, z, stored_fn, ideal_fn, settings: VerifySettings,
+                  device: torch.device, rep: _Report) -> dict[str, Any]:
+    temp, rule = meta.temperatures[0], "uniform"
+    a, b = settings.alpha, settings.beta
+
+    def on(fn):
+        return lambda logits, rows: fn(logits, rows)
+
+    live_kd = on(lambda lg, rows: dkd_loss(lg, z[rows].to(lg.device), y[rows].to(lg.device), a, b, temp))
+    dev = lambda fn: (lambda lg, rows: fn(lg.cpu(), temp, rule, rows).to(lg.device))  # noqa: E731
+    theta0 = torch.cat([p.detach().double().cpu().ravel() for p in student.parameters()])
+    lossless = isinstance(codec, FloatCodec) and codec.dtype == "fp32"
+    cache_losses, theta_c = _train_run(student, images, y, meta.recipe, dev(stored_fn), settings, device)
+    live_losses, theta_l = _train_run(student, images, y, meta.recipe, live_kd, settings, device)
+    if lossless:
+        ref_name, ref_losses, theta_r = "live", live_losses, theta_l
+    else:
+        ref_name = "ideal cache"
+        ref_losses, theta_r = _train_run(student, images, y, meta.recipe, dev(ideal_fn), settings, device)
+
+    def diff(la, lb, ta, tb):
+        la, lb = np.asarray(la), np.asarray(lb)
+        moved = float((tb - theta0).norm())
+        return {"max_abs_loss_diff": float(np.abs(la - lb).max()),
+                "max_rel_loss_diff": float((np.abs(la - lb) / np.maximum(np.abs(lb), 1e-12)).max()),
+                "param_distance": float((ta - tb).norm()),
+                "param_rel_distance": float((ta - tb).norm()) / max(moved, 1e-300),
+                "param_rel_to_norm": float((ta - tb).norm() / max(float(tb.norm()), 1e-300))}
+
+    vs_ref = diff(cache_losses, ref_losses, theta_c, theta_r)
+    out = {"steps": settings.train_steps, "batch": min(settings.train_batch, images.shape[0]),
+           "temperature": temp, "rule": None if codec.decodes_full else rule, "lr": settings.train_lr,
+           "reference": ref_name, "losses_cache": cache_losses, "losses_live": live_losses,
+           "vs_reference": vs_ref}
+    if not lossless:
+        out["losses_ideal"] = ref_losses
+        out["vs_live"] = diff(cache_losses, live_losses, theta_c, theta_l)
+    tol = settings.parity_tol
+    rep.check(f"train: loss curve cache vs {ref_name} (max relative diff)", vs_ref["max_rel_loss_diff"] <= tol,
+              vs_ref["max_rel_loss_diff"], tol)
+    rep.check(f"train: final weights cache vs {ref_name} (distance / distance moved)",
+              vs_ref["param_rel_distance"] <= tol, vs_ref["param_rel_distance"], tol)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- main
+def verify(settings: VerifySettings) -> dict[str, Any]:
+    """Run every check; the report (JSON-serialisable) has "passed", "failures", "warnings", "checks" and figures."""
+    t_start = time.perf_counter()
+    s = settings
+    rep = _Report()
+    timings: dict[str, float] = {}
+    cache = cache_mod.open_cache(s.cache)
+    meta = cache.meta
+    codec = codec_from_dict(meta.codec)
+    m = meta.manifest
+    device = torch.device(s.device)
+    rep.data["cache"] = {"path": str(s.cache), "state": meta.state, "codec": codec.name, "classes": meta.num_classes,
+                         "views": meta.views, "temperatures": list(meta.temperatures), "shards": len(m.shards),
+                         "samples": m.samples, "teacher": meta.teacher, "recipe": meta.recipe.to_dict()}
+    rep.data["settings"] = {k: v for k, v in dataclasses.asdict(s).items()
+                            if k not in ("cache", "shards", "weights") or isinstance(v, str)}
+
+    # ---- 1. integrity
+    t0 = time.perf_counter()
+    rep.check("cache complete", meta.state == "complete", meta.state, "complete")
+    pending = cache.pending_shards()
+    bad_records = []
+    for i, e in enumerate(m.shards):
+        rec = cache.shard_record(i)
+        if rec is not None and (rec.get("samples") != e.samples or rec.get("views") != meta.views):
+            bad_records.append(f"{e.name}: record says {rec.get('samples')} samples / {rec.get('views')} views")
+    rep.check("every shard has its done record", not pending, f"{len(pending)}/{len(m.shards)} missing", 0,
+              detail=f"first: {[m.shards[i].name for i in pending[:3]]}" if pending else "")
+    rep.check("done records agree with the manifest", not bad_records, detail="; ".join(bad_records[:3]))
+    versions = cache_mod.library_versions()
+    vdiff = {k: {"cache": meta.versions.get(k), "now": versions.get(k)} for k in sorted(set(meta.versions) | set(versions))
+             if meta.versions.get(k) != versions.get(k) and k != "dkd_cache"}
+    if vdiff:
+        rep.warnings.append("library versions differ from the dump's (their effect is the logit error measured): "
+                            + ", ".join(f"{k} {v['cache']} -> {v['now']}" for k, v in vdiff.items()))
+    rep.data["versions_differ"] = vdiff
+
+    per: dict[str, np.ndarray | None] = {}
+    damaged_rows = np.zeros(m.rows, bool)
+    for name in ("status", "label", "shard", "key", "height", "width"):
+        per[name], dmg = _read_per_sample(cache, f"samples/{name}", rep)
+        damaged_rows |= dmg
+    _check_layout(cache, per, rep)
+    urls = _check_shards(cache, s, per["label"], rep)
+
+    teacher = None
+    try:
+        teacher, tinfo = load_teacher(meta.teacher["arch"], s.weights, device=device)
+    except (CheckpointError, ConfigError) as e:
+        rep.check(f"teacher weights load as {meta.teacher['arch']}", False, detail=str(e))
+    if teacher is not None:
+        rep.check("teacher weights SHA-256 = the cache's", tinfo.sha256 == meta.teacher["sha256"],
+                  tinfo.sha256[:16], str(meta.teacher["sha256"])[:16],
+                  detail="these are not the weights the cache was dumped with")
+        if not rep.check("teacher classes = the cache's", tinfo.num_classes == meta.num_classes,
+                         tinfo.num_classes, meta.num_classes):
+            teacher = None
+
+    status = per["status"] if per["status"] is not None else np.zeros(m.rows, np.uint8)
+    ok = (status == cache_mod.STATUS_OK) & ~damaged_rows
+    done = np.zeros(m.rows, bool)
+    for i, e in enumerate(m.shards):
+        if i not in set(pending):
+            done[e.row_start:e.row_stop] = True
+    scan_ok = ok & done
+    usable_rows = scan_ok.copy()
+    for e in m.shards:
+        if e.name not in urls:
+            usable_rows[e.row_start:e.row_stop] = False
+    rows, views = draw_entries(np.flatnonzero(usable_rows), meta.views, s.samples, s.seed)
+    stored, usable = _scan_views(cache, codec, scan_ok, done, {"row": rows, "view": views}, rep)
+    timings["integrity"] = time.perf_counter() - t0
+
+    # ---- 2. logit fidelity
+    t0 = time.perf_counter()
+    keys = cache_mod.decode_keys(per["key"]) if per["key"] is not None else [""] * m.rows
+    shard_of_row = per["shard"] if per["shard"] is not None else np.full(m.rows, -1)
+    images_bytes = _load_images(cache, urls, rows[usable], keys, per["label"], per["height"], per["width"], rep) \
+        if per["label"] is not None and per["height"] is not None and per["width"] is not None else {}
+    keep = np.array([usable[i] and int(rows[i]) in images_bytes for i in range(rows.size)], bool)
+    rows_k, views_k = rows[keep], views[keep]
+    stored_k = {k: v[keep] for k, v in stored.items()}
+    entry_names = [f"{m.shards[shard_of_row[r]].name}/{keys[r]} view {v}" for r, v in zip(rows_k, views_k)]
+    n = int(rows_k.size)
+    rep.data["entries"] = {"requested": s.samples, "drawn": int(rows.size), "compared": n,
+                           "shards_covered": int(np.unique(shard_of_row[rows_k]).size) if n else 0}
+    rep.check("entries compared", n > 0 and teacher is not None, n, ">= 1",
+              detail="" if n else "no drawn entry could be read, matched and re-rendered")
+
+    box_mismatch, renders, render_errors = 0, [], []
+    for r, v, st_box, st_flip in zip(rows_k, views_k, stored_k.get("views/box", np.zeros((n, 4))),
+                                     stored_k.get("views/flip", np.zeros(n))):
+        box = tuple(int(x) for x in st_box)
+        h, w = int(per["height"][r]), int(per["width"][r])
+        drawn = draw_view(meta.seed, int(v), keys[r], h, w, meta.recipe)
+        if drawn != (*box, bool(st_flip)):
+            box_mismatch += 1
+        top, left, bh, bw = box
+        if bh <= 0 or bw <= 0 or top + bh > h or left + bw > w:
+            render_errors.append(f"{keys[r]} view {v}: box {box} outside the {h}x{w} image")
+            renders.append(torch.zeros((3, meta.recipe.image_size, meta.recipe.image_size), dtype=torch.uint8))
+            continue
+        renders.append(render(images_bytes[int(r)], box, bool(st_flip), meta.recipe))
+    rep.check("stored boxes lie inside their images", not render_errors, len(render_errors), 0,
+              detail="; ".join(render_errors[:2]))
+    same_numpy = meta.versions.get("numpy") == versions.get("numpy")
+    if box_mismatch and not same_numpy:
+        rep.warnings.append(f"{box_mismatch} of {n} stored views differ from a re-draw with the recipe under another "
+                            "numpy version (training uses the stored boxes)")
+    else:
+        rep.check("stored views = re-drawn from (seed, view, key) and the recipe", box_mismatch == 0,
+                  f"{box_mismatch}/{n}", 0, detail="the recipe metadata does not describe these views"
+                  if box_mismatch else "")
+
+    fidelity_ok = n > 0 and teacher is not None
+    if fidelity_ok:
+        images = torch.stack(renders)
+        y = torch.as_tensor(per["label"][rows_k].astype(np.int64))
+        with _NoTF32():
+            z = _forward(teacher, images, meta.recipe, device, s.batch_size)
+        rep.data["logits"] = _logit_fidelity(codec, meta, z, y, stored_k, s.logit_tol, rep, entry_names)
+        timings["logits"] = time.perf_counter() - t0
+
+        # ---- 3. loss fidelity
+        t0 = time.perf_counter()
+        student, student_desc = _load_student(s, meta.num_classes, device)
+        with _NoTF32():
+            s_logits = _forward(student, images, meta.recipe, device, s.batch_size)
+        arrays_stored = {k.split("/", 1)[1]: torch.from_numpy(v) for k, v in stored_k.items()
+                         if k.startswith("logits/") and k not in ("logits/target", "logits/lse")}
+        stored_fn = _cached_loss_fn(codec, meta, arrays_stored, torch.from_numpy(stored_k["logits/target"]),
+                                    torch.from_numpy(stored_k["logits/lse"]), y, s.alpha, s.beta)
+        ideal_arrays = {k: torch.from_numpy(v) for k, v in codec.encode(z).items()}
+        ideal_fn = _cached_loss_fn(codec, meta, ideal_arrays, z.gather(1, y[:, None])[:, 0],
+                                   _lse(z, meta.temperatures), y, s.alpha, s.beta)
+        rep.data["loss"] = {"student": student_desc, "alpha": s.alpha, "beta": s.beta,
+                            **_loss_fidelity(codec, meta, s_logits, y, stored_fn, ideal_fn, z, s, rep)}
+        timings["loss"] = time.perf_counter() - t0
+
+        # ---- 4. training parity
+        if s.train_steps > 0:
+            t0 = time.perf_counter()
+            if s.student:
+                base = copy.deepcopy(student)
+            else:
+                torch.manual_seed(s.seed)
+                base = build_model("resnet18", meta.num_classes).to(device).to(memory_format=torch.channels_last)
+            with _NoTF32():
+                rep.data["train"] = _train_parity(codec, meta, base, images, y, z, stored_fn, ideal_fn, s, device, rep)
+            timings["train"] = time.perf_counter() - t0
+    elif s.train_steps > 0:
+        rep.check("train: parity run", False, detail="skipped: no entry could be compared")
+
+    rep.data["seconds"] = {**timings, "total": time.perf_counter() - t_start}
+    failures = rep.failures()
+    if failures and vdiff and any(c["name"].startswith("logits:") and not c["ok"] for c in rep.checks):
+        failures.append("note: library versions differ from the dump's (" + ", ".join(vdiff) + "); decoders and "
+                        "kernels of other versions can move logits")
+    return _jsonable({"passed": not failures, "failures": failures, "warnings": rep.warnings,
+                      "checks": rep.checks, **rep.data})
+
+
+# --------------------------------------------------------------------------------------------- text
+def render_report(report: dict[str, Any]) -> str:
+    """The report as a readable table."""
+    c = report.get("cache", {})
+    lines = [f"dkd-cache verify  {c.get('path')}",
+             f"  codec {c.get('codec')}, {c.get('classes')} classes, {c.get('views')} views, T {c.get('temperatures')}, "
+             f"{c.get('samples')} samples in {c.get('shards')} shards; teacher {c.get('teacher', {}).get('arch')}"]
+    ent = report.get("entries")
+    if ent:
+        lines.append(f"  entries: {ent['compared']} compared of {ent['drawn']} drawn ({ent['requested']} requested), "
+                     f"{ent['shards_covered']} shards covered")
+    lines += ["", f"{'check':<70} {'figure':>12} {'tolerance':>10}  result", "-" * 102]
+    for ch in report.get("checks", []):
+        fig = "" if ch["figure"] is None else _fmt(ch["figure"])
+        tol = "" if ch["tolerance"] is None else _fmt(ch["tolerance"])
+        lines.append(f"{ch['name'][:70]:<70} {fig[:12]:>12} {tol[:10]:>10}  {'ok' if ch['ok'] else 'FAIL'}")
+    lg = report.get("logits")
+    if lg:
+        lines += ["", f"{'|stored - live|':<40} {'median':>11} {'p99':>11} {'max':>11}", "-" * 76]
+        for k, v in lg.items():
+            if isinstance(v, dict) and "median" in v and v.get("n"):
+                lines.append(f"{k:<40} {v['median']:>11.3g} {v['p99']:>11.3g} {v['max']:>11.3g}")
+        if "topk_set" in lg:
+            t = lg["topk_set"]
+            lines.append(f"top-{t['k']} sets: {t['exact']} exact, {t['tie_tolerated']} tie-tolerated, "
+                         f"{t['violations']} violations")
+    ls = report.get("loss")
+    if ls:
+        lines += ["", f"DKD loss (alpha {ls['alpha']}, beta {ls['beta']}), student {ls['student']}",
+                  f"{'':<20} {'vs ideal cache: rel err':>24} {'cos med':>9} {'cos p5':>9}"
+                  f" {'| vs live exact: rel err':>25} {'cos med':>9} {'cos p5':>9}", "-" * 110]
+        for k, v in ls.items():
+            if isinstance(v, dict) and "vs_ideal_cache" in v:
+                a, b = v["vs_ideal_cache"], v["vs_live_exact"]
+                lines.append(f"{k:<20} {a['rel_err']:>24.3g} {a['cos_median']:>9.6f} {a['cos_p5']:>9.6f}"
+                             f" {b['rel_err']:>25.3g} {b['cos_median']:>9.6f} {b['cos_p5']:>9.6f}")
+    tr = report.get("train")
+    if tr:
+        r = tr["vs_reference"]
+        lines += ["", f"training parity: {tr['steps']} SGD steps, batch {tr['batch']}, T {tr['temperature']}, "
+                      f"cache vs {tr['reference']}",
+                  f"  loss (cache) {' '.join(f'{x:.5f}' for x in tr['losses_cache'][:8])}"
+                  f"{' ...' if len(tr['losses_cache']) > 8 else ''}",
+                  f"  loss (live)  {' '.join(f'{x:.5f}' for x in tr['losses_live'][:8])}"
+                  f"{' ...' if len(tr['losses_live']) > 8 else ''}",
+                  f"  max |loss diff| {r['max_abs_loss_diff']:.3g} (relative {r['max_rel_loss_diff']:.3g}); "
+                  f"final weights distance {r['param_distance']:.3g} = {r['param_rel_distance']:.3g} of the distance "
+                  f"moved"]
+    for w in report.get("warnings", []):
+        lines.append(f"warning: {w}")
+    secs = report.get("seconds", {})
+    lines += ["", f"{'PASSED' if report.get('passed') else 'FAILED'}"
+                  f"  ({', '.join(f'{k} {v:.1f} s' for k, v in secs.items())})"]
+    return "\n".join(lines)
