@@ -91,14 +91,15 @@ class RenderedSample:
 
 
 def check_out_path(out: str, urls: Sequence[str]) -> None:
-    """Refuse an output that is an input shard or a folder holding input shards."""
+    """Refuse an output that is an input shard, holds input shards, or sits inside a folder of input shards."""
     out_p = Path(out).resolve()
     for u in urls:
         if u.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
             continue
         up = Path(u).resolve()
-        if out_p == up or out_p in up.parents:
-            raise ConfigError(f"--out {out} is or contains the input shard {u}; choose a path outside the shard folders")
+        if out_p == up or out_p in up.parents or up.parent in out_p.parents:
+            raise ConfigError(f"--out {out} would sit among the input shards ({u}); choose a path outside the "
+                              "shard folders")
 
 
 # ------------------------------------------------------------------------------------------- worker stage

@@ -347,7 +347,9 @@ def _scan_views(cache: cache_mod.Cache, codec: Codec, ok: np.ndarray, done: np.n
                 try:
                     vals = cache.read_rows(name, start, stop, view=slice(v0, v1))
                 except cache_mod.CacheError as e:
-                    damaged.setdefault(name, []).append(str(e))
+                    cause = e.__cause__
+                    why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+                    damaged.setdefault(name, []).append(f"rows {start}..{stop - 1}, views {v0}..{v1 - 1}: {why}")
                     usable[sel] = False
                     kept[name] = None
                     continue
@@ -376,7 +378,9 @@ def _scan_views(cache: cache_mod.Cache, codec: Codec, ok: np.ndarray, done: np.n
                 slack = 1e-4 + 1e-6 * np.abs(lse[:, ok_c].astype(np.float64))  # float32 rounding of large logits
             consistency["p_t"] += int((lpt > slack).any(axis=-1).sum())
     for name, errs in damaged.items():
-        rep.check(f"array {name} readable", False, f"{len(errs)} damaged", 0, detail=errs[0])
+        rep.check(f"array {name} readable", False, f"{len(errs)} damaged", 0,
+                  detail=f"first: {errs[0]}; the chunk is damaged: re-dump its shard (delete its _dkd/done record "
+                         "and rerun dump-teacher)")
     for name in arrays:
         if name not in damaged:
             rep.check(f"array {name} readable", True, 0, 0)
@@ -465,7 +469,7 @@ def _load_images(cache: cache_mod.Cache, urls: dict[str, str], rows: np.ndarray,
             problems.append(str(err))
     missing = [int(r) for r in np.unique(rows) if int(r) not in images]
     rep.check("drawn samples found in the shards (key, label, size)", not missing,
-              f"{len(missing)}/{len(np.unique(rows))} unmatched", 0, detail="; ".join(problems[:3]))
+              f"{len(missing)}/{len(np.unique(rows))}", 0, detail="; ".join(problems[:3]))
     return images
 
 
@@ -762,7 +766,7 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
         rep.check(f"teacher weights load as {meta.teacher['arch']}", False, detail=str(e))
     if teacher is not None:
         rep.check("teacher weights SHA-256 = the cache's", tinfo.sha256 == meta.teacher["sha256"],
-                  tinfo.sha256[:16], str(meta.teacher["sha256"])[:16],
+                  tinfo.sha256[:12], str(meta.teacher["sha256"])[:12],
                   detail="these are not the weights the cache was dumped with")
         if not rep.check("teacher classes = the cache's", tinfo.num_classes == meta.num_classes,
                          tinfo.num_classes, meta.num_classes):
@@ -883,11 +887,11 @@ def render_report(report: dict[str, Any]) -> str:
     if ent:
         lines.append(f"  entries: {ent['compared']} compared of {ent['drawn']} drawn ({ent['requested']} requested), "
                      f"{ent['shards_covered']} shards covered")
-    lines += ["", f"{'check':<70} {'figure':>12} {'tolerance':>10}  result", "-" * 102]
+    lines += ["", f"{'check':<70} {'figure':>12} {'tolerance':>12}  result", "-" * 104]
     for ch in report.get("checks", []):
         fig = "" if ch["figure"] is None else _fmt(ch["figure"])
         tol = "" if ch["tolerance"] is None else _fmt(ch["tolerance"])
-        lines.append(f"{ch['name'][:70]:<70} {fig[:12]:>12} {tol[:10]:>10}  {'ok' if ch['ok'] else 'FAIL'}")
+        lines.append(f"{ch['name'][:70]:<70} {fig[:12]:>12} {tol[:12]:>12}  {'ok' if ch['ok'] else 'FAIL'}")
     lg = report.get("logits")
     if lg:
         lines += ["", f"{'|stored - live|':<40} {'median':>11} {'p99':>11} {'max':>11}", "-" * 76]
