@@ -117,6 +117,7 @@ class CacheMeta:
     chunk_rows: int
     manifest: Manifest
     versions: dict[str, str]
+    compute: dict[str, Any] = dataclasses.field(default_factory=dict)  # device type, amp, tf32 of the teacher run
     state: str = "writing"  # "writing" | "complete"
     skipped: tuple[dict[str, Any], ...] = ()
 
@@ -128,7 +129,8 @@ class CacheMeta:
         return {"format_version": self.format_version, "teacher": self.teacher, "recipe": self.recipe.to_dict(),
                 "seed": self.seed, "views": self.views, "codec": self.codec,
                 "temperatures": list(self.temperatures), "chunk_rows": self.chunk_rows,
-                "manifest": self.manifest.to_dict(), "versions": self.versions, "state": self.state,
+                "manifest": self.manifest.to_dict(), "versions": self.versions, "compute": self.compute,
+                "state": self.state,
                 "skipped": list(self.skipped)}
 
     @classmethod
@@ -142,6 +144,7 @@ class CacheMeta:
                        seed=int(d["seed"]), views=int(d["views"]), codec=dict(d["codec"]),
                        temperatures=tuple(float(t) for t in d["temperatures"]), chunk_rows=int(d["chunk_rows"]),
                        manifest=Manifest.from_dict(d["manifest"]), versions=dict(d["versions"]),
+                       compute=dict(d.get("compute", {})),
                        state=str(d.get("state", "writing")), skipped=tuple(d.get("skipped", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"cache metadata is damaged or incomplete ({type(e).__name__}: {e})") from e
@@ -153,6 +156,8 @@ class CacheMeta:
         for field in ("teacher", "recipe", "seed", "views", "codec", "temperatures", "chunk_rows"):
             if a[field] != b[field]:
                 out.append(f"{field}: cache has {a[field]}, this run has {b[field]}")
+        if a["compute"].get("amp") != b["compute"].get("amp"):
+            out.append(f"amp: cache computed with {a['compute'].get('amp')}, this run with {b['compute'].get('amp')}")
         ma, mb = self.manifest, other.manifest
         if ma.keys_sha256 != mb.keys_sha256 or [s.name for s in ma.shards] != [s.name for s in mb.shards]:
             out.append(f"shards: cache has {len(ma.shards)} shards / {ma.samples} samples "
@@ -204,6 +209,9 @@ class Cache:
             return self.group[name]
         except KeyError:
             raise CacheError(f"{self.path}: array {name!r} is missing; the cache is damaged, re-dump it") from None
+        except Exception as e:  # unreadable array metadata
+            raise CacheError(f"{self.path}: array {name!r} cannot be opened ({type(e).__name__}: {e}); its metadata "
+                             f"({name}/zarr.json) is damaged, re-dump the cache") from e
 
     @property
     def codec_arrays(self) -> list[str]:
@@ -232,10 +240,24 @@ class Cache:
         try:
             return arr[start:stop] if view is None else arr[view, start:stop]
         except Exception as e:  # zarr raises codec-specific errors on a bad checksum or truncated chunk
-            raise CacheError(f"{self.path}: array {name!r} rows {start}..{stop - 1}"
-                             f"{'' if view is None else f' view {view}'} cannot be read ({type(e).__name__}: {e}); "
-                             "the chunk is damaged: re-dump the affected shard (delete its _dkd/done record "
-                             "and rerun dump-teacher)") from e
+            bad = self._unreadable_chunks(arr, start, stop, view) or [(start, stop - 1)]
+            m = self.meta.manifest
+            shards = sorted({s.name for s in m.shards for a, _ in bad if s.row_start <= a < s.row_stop})
+            raise CacheError(f"{self.path}: array {name!r} rows {', '.join(f'{a}..{b}' for a, b in bad[:5])}"
+                             f"{'' if view is None else f' view {view}'} (tar shard(s) {shards}) cannot be read "
+                             f"({type(e).__name__}: {e}); the chunk is damaged: re-dump the affected shard (delete "
+                             "its _dkd/done record and rerun dump-teacher)") from e
+
+    def _unreadable_chunks(self, arr: zarr.Array, start: int, stop: int, view: int | None) -> list[tuple[int, int]]:
+        """After a failed read: the rows (first, last) of each chunk in start..stop that fails on its own."""
+        c, bad = self.meta.chunk_rows, []
+        for a in range(start - start % c, stop, c):
+            lo, hi = max(a, start), min(a + c, stop)
+            try:
+                arr[lo:hi] if view is None else arr[view, lo:hi]
+            except Exception:
+                bad.append((lo, hi - 1))
+        return bad
 
 
 def check_filled(cache: "Cache", name: str, values: np.ndarray, ok: np.ndarray, row_start: int,
@@ -283,6 +305,17 @@ def check_chunks_present(cache: Cache, name: str, start: int, stop: int) -> None
                          "incomplete: rerun dump-teacher to complete it")
 
 
+@contextlib.contextmanager
+def _store_writes(path: str | Path, what: str) -> Iterator[None]:
+    """A failed write (disk full, file size limit, permissions) is a CacheError naming the cache, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise CacheError(f"{path}: cannot write {what} ({type(e).__name__}: {e}); free disk space or fix the "
+                         "folder's permissions, then rerun the same dump-teacher command: it continues where it "
+                         "stopped") from e
+
+
 def create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex],
                  codec_arrays: dict[str, tuple[tuple[int, ...], Any]]) -> Cache:
     """Create the store, all arrays, and the per-sample arrays (keys, labels, shard, status). One process only.
@@ -290,6 +323,12 @@ def create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex
     Built in a hidden sibling folder and renamed into place when whole: a crash during creation leaves no
     half-made cache at `path`, only a `.NAME.partial-*` folder that the next dump removes.
     """
+    with _store_writes(path, "the new cache"):
+        return _create_cache(path, meta, indexes, codec_arrays)
+
+
+def _create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex],
+                  codec_arrays: dict[str, tuple[tuple[int, ...], Any]]) -> Cache:
     path = Path(path)
     final, path = path, path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
     keys = [k for ix in indexes for k in ix.keys]
@@ -324,10 +363,15 @@ def create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex
 
 
 def remove_stale_partials(path: str | Path) -> None:
-    """Remove creation folders left by a crash (call while holding the writer lock)."""
+    """Remove what a crash leaves (call while holding the writer lock): creation folders, and the temporary
+    `*.partial` files of writes cut short inside the cache (Zarr's chunk and metadata writes, shard records)."""
     path = Path(path)
     for stale in path.parent.glob(f".{path.name}.partial-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    if (path / "zarr.json").is_file():
+        for stale in path.rglob("*.partial"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
 
 
 def open_cache(path: str | Path, *, mode: str = "r") -> Cache:
@@ -344,16 +388,29 @@ def open_cache(path: str | Path, *, mode: str = "r") -> Cache:
                          "re-dump the cache") from e
     if not isinstance(raw, dict):
         raise CacheError(f"{path} is a Zarr store but not a dkd-cache (no 'dkd_cache' attribute)")
+    for node in sorted(path.glob("*/zarr.json")) + sorted(path.glob("*/*/zarr.json")):
+        try:  # a torn or damaged array's metadata is named here, not met later as a bare JSON error
+            json.loads(node.read_bytes())
+        except (ValueError, OSError) as e:
+            name = node.parent.relative_to(path).as_posix()
+            raise CacheError(f"{path}: the metadata of {name!r} ({name}/zarr.json) is damaged "
+                             f"({type(e).__name__}: {e}); re-dump the cache") from e
     return Cache(path=path, meta=CacheMeta.from_dict(raw), group=group)
 
 
 def write_meta(cache: Cache, meta: CacheMeta) -> Cache:
-    cache.group.attrs["dkd_cache"] = meta.to_dict()
+    with _store_writes(cache.path, "the cache's metadata (zarr.json)"):
+        cache.group.attrs["dkd_cache"] = meta.to_dict()
     return dataclasses.replace(cache, meta=meta)
 
 
 def write_shard(cache: Cache, shard: int, block: dict[str, np.ndarray], record: dict[str, Any]) -> None:
     """Write one tar shard's rows for every array, then its completion record (atomically, last)."""
+    with _store_writes(cache.path, f"shard {cache.meta.manifest.shards[shard].name}'s rows"):
+        _write_shard(cache, shard, block, record)
+
+
+def _write_shard(cache: Cache, shard: int, block: dict[str, np.ndarray], record: dict[str, Any]) -> None:
     entry = cache.meta.manifest.shards[shard]
     rows = slice(entry.row_start, entry.row_stop)
     for name, values in block.items():

@@ -31,7 +31,17 @@ def init(device: str, timeout_s: float = 600.0) -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # torchrun --max-restarts keeps one store for every attempt, and torch 2.14 no longer namespaces the
+            # keys by attempt: a restarted rank could read the address a dead rank of the failed attempt
+            # published and fail ("Gloo connectFullMesh failed ... Connection refused"). Keep attempts apart.
+            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"dkd-cache/attempt_{attempt}", store),
+                                    rank=rank, world_size=world, timeout=timeout)
     info = DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)

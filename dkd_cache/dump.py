@@ -208,6 +208,12 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
     urls = expand_shards(s.shards, allow_pipe=s.allow_pipe)
     check_out_path(s.out, urls)
     model, tinfo = load_teacher(s.arch, s.weights, device=device)
+    amp = s.amp or ("bf16" if device.type == "cuda" else "none")
+    if device.type == "cuda" and amp == "none":
+        # fp32 means fp32: TF32 convolutions and matmuls would move logits by ~1e-3 relative
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    compute = {"device": device.type, "amp": amp, "tf32": False}
     codec = parse_codec(s.codec, tinfo.num_classes)
     codec_arrays = codec.arrays(tinfo.num_classes)
 
@@ -222,7 +228,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                     format_version=FORMAT_VERSION, teacher=tinfo.to_dict(), recipe=s.recipe, seed=s.seed,
                     views=s.views, codec=codec.to_dict(), temperatures=tuple(float(t) for t in s.temperatures),
                     chunk_rows=s.chunk_rows, manifest=cache_mod.build_manifest(indexes, s.chunk_rows),
-                    versions=cache_mod.library_versions())
+                    versions=cache_mod.library_versions(), compute=compute)
                 if (Path(s.out) / "zarr.json").exists():
                     existing = cache_mod.open_cache(s.out, mode="r+")
                     diffs = existing.meta.differences(meta)
@@ -268,7 +274,7 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
         return 0, 0
     loader = DataLoader(_RenderStream(jobs, meta, s.skip_bad), batch_size=None, num_workers=min(s.workers, len(jobs)),
                         prefetch_factor=4 if s.workers else None, persistent_workers=False, collate_fn=keep_as_is)
-    use_bf16 = s.amp == "bf16" or (s.amp is None and device.type == "cuda")
+    use_bf16 = meta.compute.get("amp") == "bf16"
     temps = torch.tensor(meta.temperatures, dtype=torch.float32, device=device)
     buffers: dict[int, _ShardBuffer] = {}
     views_written = skipped = 0

@@ -150,8 +150,18 @@ class _WorkerStream(IterableDataset):
         try:
             for w in worker_ids:  # without DataLoader workers, the main process runs every worker's stream in turn
                 yield from worker_items(self.spec, self.plan.workers[w], w, self.skips[w])
-        except DKDCacheError as e:
-            yield ("error", f"{type(e).__name__}: {e}")
+        except DKDCacheError as e:  # re-raised by the main process with the same class and message
+            yield ("error", type(e).__name__, f"{type(e).__name__}: {e}")
+
+
+def _reraise(name: str, message: str) -> None:
+    """A worker's typed error, raised again in the main process as its own class (a CacheError stays one)."""
+    from . import errors
+
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DKDCacheError)) or issubclass(cls, BadSampleError):
+        cls = ShardError  # BadSampleError's constructor takes its parts, not a message; ShardError is its base
+    raise cls(message)
 
 
 def _cache_rows(cache: cache_mod.Cache, shard: int, spec: StreamSpec):
@@ -267,7 +277,7 @@ def canonical_items(loader: DataLoader, plan: RankPlan, skips: Sequence[int]) ->
                 raise ShardError(f"worker {w} ended before its sample {seq}; a shard holds fewer samples than "
                                  "the plan counted (did the shards change?)") from None
             if isinstance(item, tuple):
-                raise ShardError(item[1])
+                _reraise(item[1], item[2])
             pending[(item.worker, item.seq)] = item
         yield pending.pop((w, seq))
 

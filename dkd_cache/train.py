@@ -207,6 +207,7 @@ def train_student(cfg: TrainConfig, *, resume: bool = False, progress: bool = Tr
 
     # ---- resume: weights, optimizer, position
     ckpt = _prepare_run_dir(cfg, resume, dinfo)
+    dist_mod.barrier(dinfo)  # every rank has checked the run directory before rank 0 writes config.json into it
     start_epoch, start_consumed, global_step = 0, 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

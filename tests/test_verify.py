@@ -1,0 +1,169 @@
+"""verify: passes on an intact cache, fails (exit 1, reason named) on every kind of mismatch, trains in parity."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from dkd_cache.cli import app
+from dkd_cache.dump import dump_teacher
+from dkd_cache.errors import ConfigError
+from dkd_cache.synth import make_shards
+from dkd_cache.teacher import build_model, save_checkpoint
+from dkd_cache.verify import VerifySettings, draw_entries, render_report, verify
+from dkd_cache.views import Recipe
+
+from .conftest import CLASSES, dump_settings
+
+
+def _verify_cli(cache: Path, shards: str, weights: Path, *extra: str, samples: int = 16):
+    args = ["verify", "--cache", str(cache), "--shards", shards, "--weights", str(weights), "--samples", str(samples),
+            *extra]
+    return CliRunner().invoke(app, args)
+
+
+def _train_dir(shards: dict) -> str:
+    return str(Path(shards["train"][0]).parent)
+
+
+def _one_shard_cache(shards: dict, teacher: Path, out: Path, **kw) -> Path:
+    """A variant cache of the first shard only (25 samples): quick to dump."""
+    settings = dataclasses.replace(dump_settings(shards, teacher, out, **kw), shards=shards["train"][0])
+    dump_teacher(settings, progress=False)
+    return out
+
+
+def test_verify_passes_on_intact_cache(cache_path, shards, teacher_ckpt, tmp_path):
+    out = tmp_path / "report.json"
+    result = _verify_cli(cache_path, _train_dir(shards), teacher_ckpt, "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.output
+    report = json.loads(out.read_text())
+    assert report["passed"] and report["failures"] == []
+    assert all(c["ok"] for c in report["checks"])
+    assert report["entries"]["compared"] == 16 and report["entries"]["shards_covered"] == 4
+    lg = report["logits"]
+    assert lg["target_logit"]["max"] < 1e-4 and lg["lse T=1"]["max"] < 1e-4  # same machine, fp32: rounding only
+    assert lg["topk_set"]["violations"] == 0
+    for key in ("T=1 uniform", "T=1 bucket", "T=4 uniform", "T=4 bucket"):
+        assert report["loss"][key]["vs_ideal_cache"]["rel_err"] < 1e-5
+        assert report["loss"][key]["vs_ideal_cache"]["cos_median"] > 0.9999
+    assert "train" not in report
+
+
+def test_verify_is_deterministic_and_stratified(cache_path, shards, teacher_ckpt):
+    s = VerifySettings(cache=str(cache_path), shards=_train_dir(shards), weights=str(teacher_ckpt), samples=4, seed=3)
+    a, b = verify(s), verify(s)
+    assert a["passed"] and b["passed"]
+    assert [w["entry"] for w in a["logits"]["worst"]] == [w["entry"] for w in b["logits"]["worst"]]
+    assert "PASSED" in render_report(a)
+
+    rows = np.arange(100)  # e.g. 4 shards of 25 rows
+    r1, v1 = draw_entries(rows, 2, 20, seed=0)
+    r2, v2 = draw_entries(rows, 2, 20, seed=0)
+    assert np.array_equal(r1, r2) and np.array_equal(v1, v2)
+    assert len(set(zip(r1.tolist(), v1.tolist()))) == 20  # distinct entries
+    assert np.bincount(r1 // 25, minlength=4).tolist() == [5, 5, 5, 5]  # every shard its share
+    assert set(v1.tolist()) == {0, 1}
+    r, v = draw_entries(rows[:3], 2, 50, seed=1)  # more asked than exist: all of them, once
+    assert len(set(zip(r.tolist(), v.tolist()))) == 6 == r.size
+
+
+def test_verify_fails_with_other_teacher_weights(cache_path, shards, tmp_path):
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, model=build_model("resnet18", CLASSES).state_dict(), arch="resnet18")
+    result = _verify_cli(cache_path, _train_dir(shards), other)
+    assert result.exit_code == 1, result.output
+    assert "verify FAILED" in result.output and "teacher weights SHA-256" in result.output
+    assert "logits: target logit" in result.output  # and the logits measurably differ
+
+
+def test_verify_fails_on_a_tampered_chunk(cache_path, shards, teacher_ckpt, tmp_path):
+    bad = tmp_path / "tampered.zarr"
+    shutil.copytree(cache_path, bad)
+    files = sorted((p for p in (bad / "logits" / "topk_val" / "c").rglob("*") if p.is_file()),
+                   key=lambda p: p.stat().st_size)
+    target = files[-1]
+    data = bytearray(target.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4] = bytes(b ^ 0xFF for b in data[mid:mid + 4])
+    target.write_bytes(bytes(data))
+    out = tmp_path / "report.json"
+    result = _verify_cli(bad, _train_dir(shards), teacher_ckpt, "--json", str(out))
+    assert result.exit_code == 1, result.output  # reported, not crashed
+    assert "array logits/topk_val readable" in result.output
+    report = json.loads(out.read_text())
+    assert any("logits/topk_val" in f and "damaged" in f for f in report["failures"])
+
+
+def test_verify_fails_when_a_shard_record_is_missing(cache_path, shards, teacher_ckpt, tmp_path):
+    bad = tmp_path / "incomplete.zarr"
+    shutil.copytree(cache_path, bad)
+    (bad / "_dkd" / "done" / "000002.json").unlink()
+    result = _verify_cli(bad, _train_dir(shards), teacher_ckpt)
+    assert result.exit_code == 1, result.output
+    assert "every shard has its done record" in result.output
+
+
+def test_verify_fails_when_stored_views_do_not_rerender(shards, teacher_ckpt, tmp_path):
+    cache = _one_shard_cache(shards, teacher_ckpt, tmp_path / "nearest.zarr",
+                             recipe=Recipe(image_size=32, interpolation="nearest"))
+    ok = _verify_cli(cache, shards["train"][0], teacher_ckpt)
+    assert ok.exit_code == 0, ok.output  # with its true recipe the cache verifies
+    group = zarr.open_group(str(cache), mode="r+")
+    meta = dict(group.attrs["dkd_cache"])
+    meta["recipe"] = {**meta["recipe"], "interpolation": "bilinear"}  # the metadata now lies about the rendering
+    group.attrs["dkd_cache"] = meta
+    result = _verify_cli(cache, shards["train"][0], teacher_ckpt)
+    assert result.exit_code == 1, result.output
+    assert "logits: target logit |stored - live| max" in result.output
+    assert "loss: DKD" in result.output
+
+
+def test_verify_fails_on_other_shards(cache_path, teacher_ckpt, tmp_path):
+    other = make_shards(tmp_path / "other", classes=CLASSES, train_per_class=8, val_per_class=1, shard_size=25,
+                        seed=1, min_side=40, max_side=90)
+    result = _verify_cli(cache_path, _train_dir(other), teacher_ckpt)
+    assert result.exit_code == 1, result.output
+    assert "shards: keys match the manifest" in result.output
+
+
+def test_verify_train_parity_with_fp32_cache(shards, teacher_ckpt, tmp_path):
+    cache = _one_shard_cache(shards, teacher_ckpt, tmp_path / "fp32.zarr", codec="fp32")
+    out = tmp_path / "report.json"
+    result = _verify_cli(cache, shards["train"][0], teacher_ckpt, "--train-steps", "2", "--json", str(out),
+                         samples=8)
+    assert result.exit_code == 0, result.output
+    assert "training parity" in result.output
+    report = json.loads(out.read_text())
+    tr = report["train"]
+    assert tr["reference"] == "live" and tr["steps"] == 2 and len(tr["losses_cache"]) == 2
+    np.testing.assert_allclose(tr["losses_cache"], tr["losses_live"], rtol=1e-5)
+    r = tr["vs_reference"]
+    assert r["first_loss_rel_diff"] <= 1e-5 and r["first_update_rel_diff"] <= 1e-4  # the gated figures
+    assert r["max_rel_loss_diff"] <= 1e-5 and r["param_rel_to_norm"] <= 1e-4  # final weights ~ equal
+    assert report["logits"]["stored_logits"]["max"] < 1e-4  # fp32 stores every logit, bit for bit up to rounding
+
+
+def test_verify_settings_are_validated(tmp_path):
+    base = dict(cache=str(tmp_path), shards=str(tmp_path), weights=str(tmp_path))
+    for bad in (dict(samples=0), dict(samples=-3), dict(train_steps=-1), dict(logit_tol=-1.0),
+                dict(loss_tol=float("nan")), dict(cosine_tol=1.5), dict(device="tpu"), dict(samples=True)):
+        with pytest.raises(ConfigError):
+            VerifySettings(**base, **bad)
+    s = VerifySettings(**base)
+    assert (s.samples, s.logit_tol, s.loss_tol, s.cosine_tol, s.parity_tol) == (64, 1e-3, 1e-2, 0.99, 1e-4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.samples = 3  # type: ignore[misc]
+    result = CliRunner().invoke(app, ["verify", "--cache", str(tmp_path), "--shards", str(tmp_path), "--weights",
+                                      str(tmp_path), "--samples", "0"])
+    assert result.exit_code == 2 and "samples" in result.output
