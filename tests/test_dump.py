@@ -241,11 +241,3 @@ def test_plain_tar_shards_work_like_shardwriter_shards(tmp_path, teacher_ckpt):
     dump_teacher(dump_settings(a, teacher_ckpt, ca), progress=False)
     dump_teacher(dump_settings(b, teacher_ckpt, cb), progress=False)
     assert_caches_equal(ca, cb)
-
-
-def test_every_codec_dumps(shards, teacher_ckpt, tmp_path):
-    for spec in ("topk:3+q2", "q8", "fp16", "fp32"):
-        out = tmp_path / f"{spec.replace(':', '_').replace('+', '_')}.zarr"
-        report = dump_teacher(dump_settings(shards, teacher_ckpt, out, codec=spec, views=1), progress=False)
-        assert report.complete
-        assert dataclasses.asdict(report)["views_written"] == shards["train_samples"]
