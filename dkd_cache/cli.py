@@ -141,6 +141,7 @@ def train_student_cmd(
     warmup_epochs: Annotated[Optional[float], typer.Option(help="DKD ramps in over this many epochs")] = None,
     loss: Annotated[Optional[LossKind], typer.Option(help="dkd, or ce for the no-teacher baseline")] = None,
     live_teacher: Annotated[Optional[Path], typer.Option(help="Run this teacher online instead of the cache")] = None,
+    teacher_arch: Annotated[Optional[str], typer.Option(help="Architecture of --live-teacher")] = None,
     residual_rule: Annotated[Optional[Rule], typer.Option(help="Top-k codecs: how the tail mass is spread")] = None,
     val_shards: Annotated[Optional[str], typer.Option(help="Validation shards, evaluated each epoch")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader workers")] = None,
@@ -162,6 +163,7 @@ def train_student_cmd(
         cfg = merge(TrainConfig, file["train"], _flags(
             arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, beta=beta, temperature=temperature,
             warmup_epochs=warmup_epochs, loss=loss, live_teacher=str(live_teacher) if live_teacher else None,
+            teacher_arch=teacher_arch,
             residual_rule=residual_rule, val_shards=val_shards, workers=workers, amp=amp, device=device,
             num_classes=num_classes, seed=seed, checkpoint_every=checkpoint_every, max_steps=max_steps,
             cache=str(cache) if cache else None,

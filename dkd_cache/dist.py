@@ -70,6 +70,16 @@ def all_gather_int(info: DistInfo, value: int) -> list[int]:
     return [int(v) for v in out]
 
 
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether an error comes from a collective whose peer went away (gloo/NCCL), not from our own code."""
+    if not dist.is_available() or not dist.is_initialized():
+        return False
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return any(w in text for w in ("gloo", "Gloo", "NCCL", "Connection reset by peer", "Connection closed by peer"))
+
+
 def shutdown(info: DistInfo) -> None:
     if info.world > 1 and dist.is_initialized():
         dist.destroy_process_group()

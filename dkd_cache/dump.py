@@ -109,14 +109,14 @@ class _RenderStream(IterableDataset):
     def __init__(self, jobs: list[tuple[int, str]], meta: cache_mod.CacheMeta, skip_bad: bool):
         self.jobs, self.meta, self.skip_bad = jobs, meta, skip_bad
 
-    def __iter__(self) -> Iterator[RenderedSample | tuple[str, str]]:
+    def __iter__(self) -> Iterator[RenderedSample | tuple[str, DKDCacheError]]:
         info = get_worker_info()
         jobs = self.jobs if info is None else self.jobs[info.id :: info.num_workers]
         for shard, url in jobs:
             try:
                 yield from render_shard(shard, url, self.meta, self.skip_bad)
-            except DKDCacheError as e:  # re-raised by the main process with the same message
-                yield ("error", f"{type(e).__name__}: {e}")
+            except DKDCacheError as e:  # handed to the main process, which raises it as it is
+                yield ("error", e)
                 return
 
 
@@ -315,7 +315,7 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
     with Progress(total=n_samples * meta.views, label="dump-teacher", unit="view", enabled=show) as bar:
         for item in loader:
             if isinstance(item, tuple):
-                raise ShardError(item[1])
+                raise item[1]
             buf = buffers.get(item.shard)
             if buf is None:
                 buf = buffers[item.shard] = _ShardBuffer(cache, item.shard, codec_arrays)

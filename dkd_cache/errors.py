@@ -27,6 +27,9 @@ class BadSampleError(ShardError):
             "to skip it (every skipped sample is recorded in the cache)."
         )
 
+    def __reduce__(self):  # pickles by its parts, so a DataLoader worker can hand it to the main process whole
+        return (type(self), (self.shard, self.key, self.reason))
+
 
 class CheckpointError(DKDCacheError, ValueError):
     """Weights cannot be loaded: unsafe pickle, wrong keys or shapes, truncated file."""

@@ -143,7 +143,7 @@ class _WorkerStream(IterableDataset):
     def __init__(self, spec: StreamSpec, plan: RankPlan, skips: Sequence[int]):
         self.spec, self.plan, self.skips = spec, plan, list(skips)
 
-    def __iter__(self) -> Iterator[Item | tuple[str, str]]:
+    def __iter__(self) -> Iterator[Item | tuple[str, DKDCacheError]]:
         info = get_worker_info()
         wid = 0 if info is None else info.id
         worker_ids = range(len(self.plan.workers)) if info is None else [wid]
@@ -151,17 +151,7 @@ class _WorkerStream(IterableDataset):
             for w in worker_ids:  # without DataLoader workers, the main process runs every worker's stream in turn
                 yield from worker_items(self.spec, self.plan.workers[w], w, self.skips[w])
         except DKDCacheError as e:  # re-raised by the main process with the same class and message
-            yield ("error", type(e).__name__, f"{type(e).__name__}: {e}")
-
-
-def _reraise(name: str, message: str) -> None:
-    """A worker's typed error, raised again in the main process as its own class (a CacheError stays one)."""
-    from . import errors
-
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, DKDCacheError)) or issubclass(cls, BadSampleError):
-        cls = ShardError  # BadSampleError's constructor takes its parts, not a message; ShardError is its base
-    raise cls(message)
+            yield ("error", e)  # pickled to the main process whole, raised there as its own class
 
 
 def _cache_rows(cache: cache_mod.Cache, shard: int, spec: StreamSpec):
@@ -223,10 +213,7 @@ def worker_items(spec: StreamSpec, tasks: Sequence[Task], worker: int, skip: int
 
 
 def render_item(spec: StreamSpec, raw: dict, cache_label: int | None, entry: dict, worker: int, seq: int) -> Item:
-    try:
-        sample = parse_sample(raw, spec.num_classes)
-    except BadSampleError:
-        raise
+    sample = parse_sample(raw, spec.num_classes)
     if cache_label is not None and sample.label != cache_label:
         raise CacheMismatchError(f"{sample.shard}: sample {sample.key!r} has label {sample.label} in the shard but "
                                  f"{cache_label} in the cache; the shards changed since the dump")
@@ -277,7 +264,7 @@ def canonical_items(loader: DataLoader, plan: RankPlan, skips: Sequence[int]) ->
                 raise ShardError(f"worker {w} ended before its sample {seq}; a shard holds fewer samples than "
                                  "the plan counted (did the shards change?)") from None
             if isinstance(item, tuple):
-                _reraise(item[1], item[2])
+                raise item[1]
             pending[(item.worker, item.seq)] = item
         yield pending.pop((w, seq))
 

@@ -104,6 +104,9 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, dinfo) -> dict | None:
         if cfg_path.exists():
             raise ConfigError(f"{out} already holds a run (config.json); pass --resume to continue it or choose another --out")
         return None
+    if dinfo.is_main:  # a save torn by a crash leaves its temporary file; the last whole checkpoint stands
+        for stale in out.glob(".checkpoint.pt.*.tmp"):
+            stale.unlink(missing_ok=True)
     if not ckpt_path.exists():
         return None  # nothing saved yet: start from scratch (a resume of a run killed before its first checkpoint)
     try:
@@ -149,6 +152,18 @@ def _check_cache_matches(cache: cache_mod.Cache, urls: list[str], dinfo) -> list
 
 
 def train_student(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train; under torchrun, a collective that fails because a peer died becomes a typed error (exit 2)."""
+    try:
+        return _train_student(cfg, resume=resume, progress=progress)
+    except RuntimeError as e:
+        if not dist_mod.is_peer_failure(e):
+            raise
+        raise DKDCacheError(f"a collective failed: another rank stopped ({str(e).splitlines()[0][:200]}). "
+                            "See that rank's log; rerun with --resume (or let torchrun --max-restarts do it): "
+                            "training continues from the last checkpoint") from e
+
+
+def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[str, Any]:
     dinfo = dist_mod.init(cfg.device)
     device = torch.device(f"cuda:{dinfo.local_rank}" if cfg.device == "cuda" else cfg.device)
     if cfg.batch_size % dinfo.world:
