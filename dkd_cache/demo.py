@@ -16,7 +16,7 @@ from .train import TrainConfig, train_student
 from .views import Recipe
 
 DEMO_KEYS = {"classes": 100, "train_per_class": 30, "val_per_class": 10, "shard_size": 400,
-             "teacher_arch": "resnet34", "teacher_epochs": 8, "teacher_lr": 0.1}
+             "teacher_arch": "resnet34", "teacher_epochs": 6, "teacher_lr": 0.02}
 
 
 def run_demo(workdir: str | Path, config: str | Path, *, echo=print) -> dict[str, Any]:
@@ -68,8 +68,9 @@ def run_demo(workdir: str | Path, config: str | Path, *, echo=print) -> dict[str
     try:
         from .verify import VerifySettings, verify
 
-        report = stage("verify", lambda: (lambda r: {"passed": r["passed"]})(verify(VerifySettings(
-            cache=str(cache_path), shards=train_shards, weights=str(teacher_ckpt), samples=64))))
+        report = stage("verify", lambda: (lambda r: {"verdict": "passed" if r["passed"] else "FAILED: " + "; ".join(
+            r["failures"])})(verify(VerifySettings(cache=str(cache_path), shards=train_shards,
+                                                   weights=str(teacher_ckpt), samples=64))))
     except ImportError:  # verify lands separately
         report = None
     table = render_table(rows, size)
@@ -85,6 +86,8 @@ def render_table(rows: list[dict[str, Any]], cache_bytes: int) -> str:
         ips = r.get("images_per_s")
         lines.append(f"{r['stage']:<28}{r['seconds']:>9.1f}{(f'{ips:.0f}' if ips else '-'):>9}"
                      f"{(f'{100 * top1:.1f}%' if top1 is not None else '-'):>11}")
+        if "verdict" in r:
+            lines[-1] += f"   {r['verdict']}"
     lines.append(f"cache on disk: {cache_bytes / 2**20:.2f} MiB")
     return "\n".join(lines)
 
