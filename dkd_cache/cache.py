@@ -236,7 +236,7 @@ class Cache:
     # -- reads, a chunk-aligned block at a time
     def read_rows(self, name: str, start: int, stop: int, view: int | None = None) -> np.ndarray:
         arr = self.array(name)
-        check_chunks_present(self, name, start, stop)
+        check_chunks_present(self, name, start, stop, ndim=arr.ndim)
         try:
             return arr[start:stop] if view is None else arr[view, start:stop]
         except Exception as e:  # zarr raises codec-specific errors on a bad checksum or truncated chunk
@@ -288,14 +288,18 @@ def _group_members(group: zarr.Group, sub: str) -> list[str]:
         return []
 
 
-def check_chunks_present(cache: Cache, name: str, start: int, stop: int) -> None:
-    """A missing chunk must never read back as its fill value: look for the chunk (or Zarr shard) files."""
+def check_chunks_present(cache: Cache, name: str, start: int, stop: int, ndim: int | None = None) -> None:
+    """A missing chunk must never read back as its fill value: look for the chunk (or Zarr shard) files.
+
+    `ndim`: the array's rank when the caller already holds the array (each lookup re-reads its zarr.json)."""
     c = cache.meta.chunk_rows
     arr_dir = cache.path / name
     sharded = name.startswith(("views/", "logits/"))
     missing = []
+    if ndim is None:
+        ndim = len(cache.array(name).shape)
+    tail = "/0" * (ndim - (2 if sharded else 1))
     for chunk in range(start // c, -(-stop // c)):
-        tail = "/0" * (len(cache.array(name).shape) - (2 if sharded else 1))
         key = arr_dir / ("c/0/%d%s" % (chunk, tail) if sharded else "c/%d%s" % (chunk, tail))
         if not key.exists():
             missing.append(chunk)
