@@ -1,0 +1,340 @@
+"""Codec frontier: bytes per view on disk against DKD loss and gradient fidelity, for every logit codec.
+
+Sources of teacher logits (ground truth: the float32 logits themselves):
+  real   /work/shared/data/imagenet-real-logits/logits.npz (found as <repo>/../shared/data/...; --real-logits PATH):
+         1,024 views of 16 photos through EfficientNet-Lite0 (1,000 classes; flat tails). Labels: the file's labels.
+         Students: "trained" = the file's student_logits (EfficientNet-Lite1); "untrained" = random logits
+         N(0, 0.1^2), seed 0 (the scale of a freshly initialised network's outputs), same shape.
+  demo   (optional: --cache C.zarr --shards P --weights W [--student CKPT] [--demo-samples N]) the demo's teacher
+         on its own stored views: each (sample, view) of the cache is re-rendered from the shards with its stored
+         box and flip and passed through the teacher in float32, so the ground truth is the teacher's exact
+         logits (the cache's own codec is not used). Students: --student's logits on the same views ("trained",
+         if given) and N(0, 0.1^2) ("untrained").
+
+For each codec (topk:K for K in 1, 5, 10, 20, 50; topk:10+q2/q4/q8; topk:20+q4; q8; fp16; fp32 = topk:all) and, for
+the top-k codecs that store no tail, each residual rule (uniform, bucket), at T=1 (alpha 1, beta 0.5: the ImageNet
+recipe) and T=4 (alpha 1, beta 8: DKD's CIFAR-100 setting, the usual pairing with T=4):
+  bytes/view   the codec's arrays plus the exact target logit and the lse at one temperature (float32 each: what
+               the cache stores beside every codec), encoded from the whole source, written with zarr using the
+               cache's compressors (dkd_cache.cache.COMPRESSORS) in the cache's chunking (inner chunks of
+               --chunk-rows rows, sharded), measured as chunk bytes on disk / entries (zarr.json excluded: a
+               constant per array). The crop box and flip (~9 raw bytes per view) are not counted here.
+  loss error   |DKD(decoded) - DKD(exact)| / DKD(exact), DKD as the batch mean over the whole source.
+  grad cosine  per sample, cosine between d DKD/d student logits from decoded and from exact teacher logits
+               (median and 5th percentile over samples).
+Decoding via dkd_cache.logit_codecs (parse_codec, encode, decode); loss via dkd_cache.loss (dkd_loss for codecs
+that decode full logits, dkd_loss_topk with the exact target logit and lse for the others).
+
+Prints a markdown table, writes --json, plots the frontier (x bytes/view, log; y 1 - median cosine, log; T=1 and T=4
+panels) to --plot (default benchmarks/frontier.png), and names the smallest codec with median cosine >= 0.999 and
+p5 >= 0.99 at T=1 on the real logits with the trained student.
+
+Reproduce (about a minute on 2 CPU cores):
+    .venv/bin/python benchmarks/fidelity.py --json /tmp/fidelity.json
+    # with the demo teacher too, after `dkd-cache demo /tmp/dkd-demo`:
+    .venv/bin/python benchmarks/fidelity.py --cache /tmp/dkd-demo/teacher.zarr --shards /tmp/dkd-demo/shards/train.txt \\
+        --weights /tmp/dkd-demo/runs/teacher/checkpoint.pt --student /tmp/dkd-demo/runs/student-ce/checkpoint.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_REAL = REPO.parent / "shared" / "data" / "imagenet-real-logits" / "logits.npz"
+CODECS = ("topk:1", "topk:5", "topk:10", "topk:20", "topk:50", "topk:10+q2", "topk:10+q4", "topk:10+q8", "topk:20+q4",
+          "q8", "fp16", "fp32")
+RULES = ("uniform", "bucket")
+SETTINGS = {1.0: (1.0, 0.5), 4.0: (1.0, 8.0)}  # T -> (alpha, beta)
+UNTRAINED_STD = 0.1
+MEDIAN_COS, P5_COS = 0.999, 0.99
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--real-logits", default=str(DEFAULT_REAL), help="the real ImageNet logits (.npz)")
+    p.add_argument("--no-real", action="store_true", help="skip the real logits")
+    p.add_argument("--cache", default=None, help="a cache dumped from the demo (its views are re-rendered)")
+    p.add_argument("--shards", default=None, help="the cache's shards")
+    p.add_argument("--weights", default=None, help="the cache's teacher weights")
+    p.add_argument("--student", default=None, help="a trained student checkpoint for the demo source (optional)")
+    p.add_argument("--student-arch", default="resnet18")
+    p.add_argument("--demo-samples", type=int, default=1024, help="views of the demo cache to use")
+    p.add_argument("--chunk-rows", type=int, default=256, help="rows per inner chunk when measuring bytes")
+    p.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codec specs")
+    p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--plot", default=str(REPO / "benchmarks" / "frontier.png"), help="'' to skip the plot")
+    a = p.parse_args(argv)
+    if a.cache and not (a.shards and a.weights):
+        p.error("--cache needs --shards and --weights (the teacher is run on the re-rendered views)")
+    return a
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def untrained(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * UNTRAINED_STD
+
+
+def real_source(path: str) -> dict[str, Any]:
+    d = np.load(path, allow_pickle=False)
+    z = torch.from_numpy(np.asarray(d["teacher_logits"], np.float32))
+    return {"name": "real", "teacher": z, "labels": torch.from_numpy(np.asarray(d["labels"]).astype(np.int64)),
+            "students": {"trained": torch.from_numpy(np.asarray(d["student_logits"], np.float32)),
+                         "untrained": untrained(tuple(z.shape))},
+            "about": f"{path}: EfficientNet-Lite0 teacher, EfficientNet-Lite1 student, {z.shape[0]} views, "
+                     f"{z.shape[1]} classes"}
+
+
+def demo_source(a: argparse.Namespace) -> dict[str, Any]:
+    """The demo teacher's float32 logits on the cache's own views (re-rendered from the shards)."""
+    from dkd_cache import cache as cache_mod
+    from dkd_cache.data import expand_shards, iter_raw_samples, parse_sample, shard_name
+    from dkd_cache.teacher import load_teacher
+    from dkd_cache.views import normalize, render
+
+    cache = cache_mod.open_cache(a.cache)
+    meta = cache.meta
+    m = meta.manifest
+    urls = {shard_name(u): u for u in expand_shards(a.shards)}
+    n = meta.manifest.rows
+    status = cache.read_rows("samples/status", 0, n)
+    labels = cache.read_rows("samples/label", 0, n)
+    keys = cache_mod.decode_keys(cache.read_rows("samples/key", 0, n))
+    boxes = np.stack([cache.read_rows("views/box", 0, n, view=v) for v in range(meta.views)])
+    flips = np.stack([cache.read_rows("views/flip", 0, n, view=v) for v in range(meta.views)])
+    # (row, view) entries: every view of the first ok rows, shard by shard, until --demo-samples
+    want: list[tuple[int, int]] = []
+    for e in m.shards:
+        for r in range(e.row_start, e.row_start + e.samples):
+            if status[r] == cache_mod.STATUS_OK:
+                want.extend((r, v) for v in range(meta.views))
+        if len(want) >= a.demo_samples:
+            break
+    want = want[:a.demo_samples]
+    rows_needed = {r for r, _ in want}
+    images: dict[int, bytes] = {}
+    for e in m.shards:
+        if not any(e.row_start <= r < e.row_stop for r in rows_needed):
+            continue
+        for pos, raw in enumerate(iter_raw_samples(urls[e.name])):
+            r = e.row_start + pos
+            if r in rows_needed:
+                s = parse_sample(raw)
+                if s.key != keys[r]:
+                    raise SystemExit(f"{e.name}: sample {pos} is {s.key!r}, the cache has {keys[r]!r}")
+                images[r] = s.image
+    x = torch.stack([render(images[r], tuple(int(b) for b in boxes[v, r]), bool(flips[v, r]), meta.recipe)
+                     for r, v in want])
+    teacher, _ = load_teacher(meta.teacher["arch"], a.weights)
+    students = {"untrained": None}
+    if a.student:  # any weights file the teacher loader reads (a train-student checkpoint included)
+        model, _ = load_teacher(a.student_arch, a.student)
+        students["trained"] = model
+    out: dict[str, list[torch.Tensor]] = {"teacher": [], **{k: [] for k in students if students[k] is not None}}
+    with torch.inference_mode():
+        for i in range(0, len(x), 128):
+            xb = normalize(x[i:i + 128], meta.recipe)
+            out["teacher"].append(teacher(xb).float())
+            for k, mdl in students.items():
+                if mdl is not None:
+                    out[k].append(mdl(xb).float())
+    z = torch.cat(out["teacher"])
+    stud = {k: torch.cat(v) for k, v in out.items() if k != "teacher"}
+    stud["untrained"] = untrained(tuple(z.shape))
+    y = torch.tensor([int(labels[r]) for r, _ in want], dtype=torch.long)
+    # The ground truth must be the cache's teacher on the cache's views: its target logits match the stored ones.
+    stored = np.array([cache.read_rows("logits/target", r, r + 1, view=v)[0] for r, v in want], np.float32)
+    gap = float((z.gather(1, y[:, None])[:, 0] - torch.from_numpy(stored)).abs().max())
+    return {"name": "demo", "teacher": z.clone(), "labels": y, "students": {k: v.clone() for k, v in stud.items()},
+            "about": f"{a.cache}: {meta.teacher['arch']} teacher, {len(want)} (sample, view) entries, "
+                     f"{meta.num_classes} classes; re-rendered teacher vs stored target logit: max |diff| {gap:.2e}"}
+
+
+# ------------------------------------------------------------------------------------------------ measures
+def disk_bytes_per_view(codec, z: torch.Tensor, chunk_rows: int, temperature: float = 1.0) -> dict[str, float]:
+    """Encode z, write the codec's arrays + target + lse like the cache does, return bytes per entry."""
+    import zarr
+
+    from dkd_cache.cache import COMPRESSORS
+
+    n, c = z.shape
+    arrays = {f"logits/{k}": v for k, v in codec.encode(z).items()}
+    arrays["logits/target"] = z.max(dim=1).values.numpy().astype(np.float32)  # any float32 logit per row
+    arrays["logits/lse"] = torch.logsumexp(z / temperature, dim=1).numpy().astype(np.float32)[:, None]
+    with tempfile.TemporaryDirectory(prefix="dkd-fidelity-") as tmp:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        for name, values in arrays.items():
+            values = np.ascontiguousarray(values)[None]  # (V=1, N, ...)
+            tail = values.shape[2:]
+            arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(1, chunk_rows, *tail),
+                                     shards=(1, chunk_rows, *tail), compressors=COMPRESSORS,
+                                     config={"write_empty_chunks": True})
+            arr[:] = values
+        data = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file() and p.name != "zarr.json")
+    raw = codec.bytes_per_entry(c) + 8
+    return {"disk_bytes_per_view": data / n, "raw_bytes_per_view": raw}
+
+
+def loss_and_grad(fn, s: torch.Tensor) -> tuple[float, torch.Tensor]:
+    s = s.clone().requires_grad_(True)
+    loss = fn(s)
+    loss.backward()
+    return float(loss.detach()), s.grad.detach()
+
+
+def fidelity(codec, rule: str | None, z: torch.Tensor, s: torch.Tensor, y: torch.Tensor, temperature: float,
+             alpha: float, beta: float, exact: tuple[float, torch.Tensor]) -> dict[str, float]:
+    from dkd_cache.logit_codecs import roundtrip
+    from dkd_cache.loss import dkd_loss, dkd_loss_topk
+
+    dec = roundtrip(codec, z)
+    if dec.full is not None:
+        fn = lambda st: dkd_loss(st, dec.full, y, alpha, beta, temperature)  # noqa: E731
+    else:
+        target_logit = z.gather(1, y[:, None])[:, 0]
+        lse = torch.logsumexp(z / temperature, dim=1)
+        fn = lambda st: dkd_loss_topk(st, dec.topk_idx, dec.topk_val, target_logit, lse, y,  # noqa: E731
+                                      alpha, beta, temperature, rule=rule)
+    loss, grad = loss_and_grad(fn, s)
+    l0, g0 = exact
+    cos = torch.nn.functional.cosine_similarity(grad.double(), g0.double(), dim=1).numpy()
+    return {"loss": loss, "exact_loss": l0, "rel_loss_error": abs(loss - l0) / abs(l0),
+            "cos_median": float(np.median(cos)), "cos_p5": float(np.percentile(cos, 5)),
+            "cos_min": float(cos.min())}
+
+
+def study(source: dict[str, Any], codecs: list[str], chunk_rows: int) -> list[dict[str, Any]]:
+    from dkd_cache.logit_codecs import parse_codec
+    from dkd_cache.loss import dkd_loss
+
+    z, y = source["teacher"], source["labels"]
+    c = z.shape[1]
+    rows = []
+    sizes = {}
+    for spec in codecs:
+        codec = parse_codec(spec, c)
+        sizes[spec] = disk_bytes_per_view(codec, z, chunk_rows)
+    for student, s in source["students"].items():
+        for temperature, (alpha, beta) in SETTINGS.items():
+            exact = loss_and_grad(lambda st: dkd_loss(st, z, y, alpha, beta, temperature), s)
+            for spec in codecs:
+                codec = parse_codec(spec, c)
+                for rule in (RULES if not codec.decodes_full else (None,)):
+                    f = fidelity(codec, rule, z, s, y, temperature, alpha, beta, exact)
+                    rows.append({"source": source["name"], "student": student, "T": temperature, "alpha": alpha,
+                                 "beta": beta, "codec": spec, "rule": rule or "-", **sizes[spec], **f})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ output
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| source | student | T (alpha, beta) | codec | rule | bytes/view disk (raw) | rel. loss error | "
+             "cos median | cos p5 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['source']} | {r['student']} | {r['T']:g} ({r['alpha']:g}, {r['beta']:g}) | {r['codec']} | "
+                     f"{r['rule']} | {r['disk_bytes_per_view']:.1f} ({r['raw_bytes_per_view']}) | "
+                     f"{r['rel_loss_error']:.2e} | {r['cos_median']:.6f} | {r['cos_p5']:.6f} |")
+    return "\n".join(lines)
+
+
+def choose(rows: list[dict[str, Any]], source: str = "real", student: str = "trained", temperature: float = 1.0):
+    ok = [r for r in rows if r["source"] == source and r["student"] == student and r["T"] == temperature
+          and r["cos_median"] >= MEDIAN_COS and r["cos_p5"] >= P5_COS]
+    return min(ok, key=lambda r: (r["disk_bytes_per_view"], r["codec"])) if ok else None
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floor = 1e-9
+    series = sorted({(r["source"], r["student"]) for r in rows})
+    colours = dict(zip(series, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")))
+
+    def marker(r):
+        if r["codec"].startswith("topk") and "+q" not in r["codec"]:
+            return "o" if r["rule"] == "uniform" else "s"
+        return {"q8": "D", "fp16": "v", "fp32": "*"}.get(r["codec"], "^")
+
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), sharey=True)
+    for ax, temperature in zip(axes, SETTINGS):
+        alpha, beta = SETTINGS[temperature]
+        for ser in series:
+            pts = [r for r in rows if (r["source"], r["student"]) == ser and r["T"] == temperature]
+            for r in pts:
+                ax.scatter(r["disk_bytes_per_view"], max(1 - r["cos_median"], floor), marker=marker(r), s=55,
+                           color=colours[ser], alpha=0.85, edgecolors="k", linewidths=0.4)
+                if ser == ("real", "trained"):
+                    label = r["codec"] + ("" if r["rule"] == "-" else f" {r['rule'][0]}")
+                    ax.annotate(label, (r["disk_bytes_per_view"], max(1 - r["cos_median"], floor)), fontsize=7,
+                                xytext=(4, 3), textcoords="offset points")
+        ax.axhline(1 - MEDIAN_COS, color="grey", ls="--", lw=0.8)
+        ax.annotate(f"median cos {MEDIAN_COS}", (0.01, 1 - MEDIAN_COS), xycoords=("axes fraction", "data"),
+                    fontsize=7, va="bottom", color="grey")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("bytes per view on disk (codec + target + lse, zstd)")
+        ax.set_title(f"T={temperature:g} (alpha {alpha:g}, beta {beta:g})")
+        ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    axes[0].set_ylabel(f"1 - median per-sample gradient cosine (exact codecs clipped to {floor:g})")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colours[s], label=f"{s[0]} / {s[1]} student")
+               for s in series]
+    handles += [plt.Line2D([], [], marker=m, ls="", color="grey", label=l) for m, l in
+                (("o", "topk:K uniform"), ("s", "topk:K bucket"), ("^", "topk:K+qB"), ("D", "q8"), ("v", "fp16"),
+                 ("*", "fp32"))]
+    axes[1].legend(handles=handles, fontsize=8, loc="upper right")
+    fig.suptitle("DKD cache codecs: size against gradient fidelity (labels: real logits, trained student)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parse_args(argv)
+    t0 = time.perf_counter()
+    codecs = [c.strip() for c in a.codecs.split(",") if c.strip()]
+    sources, rows = [], []
+    if not a.no_real:
+        sources.append(real_source(a.real_logits))
+    if a.cache:
+        sources.append(demo_source(a))
+    for src in sources:
+        print(f"source {src['name']}: {src['about']}; students {sorted(src['students'])}", flush=True)
+        rows.extend(study(src, codecs, a.chunk_rows))
+    print(table(rows))
+    best = choose(rows) if not a.no_real else None
+    if best:
+        print(f"\nSmallest codec with median cosine >= {MEDIAN_COS} and p5 >= {P5_COS} at T=1 on the real logits "
+              f"(trained student): {best['codec']}" + ("" if best["rule"] == "-" else f" ({best['rule']} rule)")
+              + f" at {best['disk_bytes_per_view']:.1f} bytes/view on disk (median {best['cos_median']:.5f}, "
+              f"p5 {best['cos_p5']:.5f}, loss error {best['rel_loss_error']:.1e})")
+    elif not a.no_real:
+        print(f"\nNo codec reaches median cosine >= {MEDIAN_COS} and p5 >= {P5_COS} at T=1 on the real logits")
+    if a.plot:
+        plot(rows, a.plot)
+        print(f"frontier plot: {a.plot}")
+    seconds = time.perf_counter() - t0
+    print(f"wall time {seconds:.0f} s")
+    result = {"rows": rows, "best": best, "sources": [s["about"] for s in sources], "settings":
+              {str(k): {"alpha": v[0], "beta": v[1]} for k, v in SETTINGS.items()},
+              "untrained_student": f"N(0, {UNTRAINED_STD}^2) logits, seed 0", "seconds": seconds}
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
