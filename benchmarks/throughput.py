@@ -11,7 +11,8 @@ ResNet-34 teacher (random init: speed does not depend on the weights), it measur
   dump      views/s of dump-teacher, timed around its teacher loop (dkd_cache.dump._run: excludes the shard scan,
             teacher load and store creation; includes render workers, encode and Zarr writes), against the
             teacher's bare inference images/s on normalised tensors already in memory (same batch, channels_last,
-            inference_mode, same autocast). DumpReport.images_per_s (whole call) is printed beside it.
+            inference_mode, same autocast). Two dumps run (--codec and topk:10); the faster loop is compared.
+            DumpReport.images_per_s (whole call) is printed beside it.
   read      cache read rate, views/s, through the training path's reads (dkd_cache.loader._cache_rows: one
             view of every array training joins, a tar shard at a time, with the key decode and fill checks),
             and bare Cache.read_rows of the same arrays, against the rate training consumes them. Measured on
@@ -21,8 +22,8 @@ ResNet-34 teacher (random init: speed does not depend on the weights), it measur
             judged on (at 256).
   decode    logit_codecs decode of one batch, and decode + cached DKD loss forward/backward, as % of a step.
   bytes     bytes per view on disk (dkd_cache.inspect.describe: logits/ and views/ arrays, metadata files
-            included) for the product's default codec (topk:10, DumpSettings/CLI) and the pipelines' codec
-            (topk:10+q4), plus the chunk data alone (zarr.json excluded: it is a constant per array).
+            included) for the default codec (topk:10+q4: DumpSettings, CLI, pipelines) and topk:10,
+            plus the chunk data alone (zarr.json excluded: it is a constant per array).
   rss       peak RSS (VmHWM of the main process; ru_maxrss of its largest DataLoader worker) of dump-teacher
             (topk:10, one view) and of one epoch of cached DKD training, each in a fresh subprocess, at N and
             10 N samples, at --rss-image-size (default 64 px to keep the 10 N run short: a smaller image makes the
@@ -32,9 +33,10 @@ Then a table of ratios against the targets. No test asserts any of these timings
 
 Reproduce (2 CPU cores, a few minutes):
     .venv/bin/python benchmarks/throughput.py --json /tmp/throughput.json
-On one GPU (see benchmarks/gpu_check.sh):
-    python benchmarks/throughput.py --device cuda --amp bf16 --channels-last --image-size 224 --batch-size 128 \\
-        --samples 12800 --workers 12 --gen-jobs 16 --json throughput-gpu.json
+On one GPU (what benchmarks/gpu_check.sh runs, about 2-3 minutes):
+    python3 benchmarks/throughput.py --device cuda --amp bf16 --channels-last --image-size 224 --batch-size 128 \\
+        --samples 14400 --shard-size 400 --workers 12 --gen-jobs 16 --rss-samples 800 --rss-image-size 224 \\
+        --json throughput-gpu.json
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", default="none", choices=("none", "bf16"))
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--codec", default="topk:10+q4", help="codec of the cache training reads (pipelines' codec)")
+    p.add_argument("--codec", default="topk:10+q4", help="codec of the cache training reads (the default codec)")
     p.add_argument("--rss-samples", type=int, default=200, help="N of the peak-RSS runs (also run at --rss-factor N)")
     p.add_argument("--rss-factor", type=int, default=10)
     p.add_argument("--rss-image-size", type=int, default=64, help="image size of the peak-RSS runs")
@@ -535,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shards = make_dataset(work / "shards", a.samples, a.shard_size, a.gen_jobs)
         weights = make_teacher(work / "teacher.pt")
 
-        # Dumps: the training cache (--codec) and topk:10 (the CLI default), each timed around its teacher loop.
+        # Dumps: the training cache (--codec) and topk:10 (the <= 64 bytes target), each timed around its teacher loop.
         res["dump"], caches = {}, {}
         for codec in dict.fromkeys((a.codec, "topk:10")):
             say(f"dump-teacher {codec}")

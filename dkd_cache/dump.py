@@ -40,7 +40,7 @@ class DumpSettings:
     out: str
     arch: str = "resnet34"
     views: int = 10
-    codec: str = "topk:10+q4"  # the smallest codec meeting cos median >= 0.999, p5 >= 0.99 (benchmarks/fidelity.py)
+    codec: str = "q8"  # the smallest codec meeting cos median >= 0.999, p5 >= 0.99 on every source (fidelity.py)
     temperatures: tuple[float, ...] = (1.0,)
     recipe: Recipe = dataclasses.field(default_factory=Recipe)
     batch_size: int = 128
