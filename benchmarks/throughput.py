@@ -42,9 +42,7 @@ On one GPU (what benchmarks/gpu_check.sh runs, about 2-3 minutes):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import resource
 import shutil

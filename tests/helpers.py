@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 import zarr
 from PIL import Image
 
@@ -47,3 +50,15 @@ def assert_caches_equal(a: Path, b: Path) -> None:
         assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"{name} differs"
     ma, mb = dict(ga.attrs["dkd_cache"]), dict(gb.attrs["dkd_cache"])
     assert ma == mb
+
+
+def real_logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(teacher logits, student logits, labels) of shared/data/imagenet-real-logits, or skip the test without it."""
+    rel = Path("data/imagenet-real-logits/logits.npz")
+    root = Path(__file__).resolve().parents[1]
+    for p in (os.environ.get("DKD_REAL_LOGITS"), root / "shared" / rel, root.parent / "shared" / rel):
+        if p and Path(p).is_file():
+            d = np.load(p)
+            return (torch.from_numpy(d["teacher_logits"]).float(), torch.from_numpy(d["student_logits"]).float(),
+                    torch.from_numpy(d["labels"].astype(np.int64)))
+    pytest.skip("real ImageNet logits (shared/data/imagenet-real-logits/logits.npz) are not available")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +12,8 @@ from dkd_cache.errors import CacheError, ConfigError
 from dkd_cache.logit_codecs import (Decoded, FloatCodec, Q8Codec, TopKCodec, codec_from_dict, max_abs_error,
                                     pack_bits, packed_length, parse_codec, roundtrip, unpack_bits)
 from dkd_cache.loss import dkd_loss
+
+from .helpers import real_logits
 
 SPECS = ["fp32", "fp16", "q8", "topk:1", "topk:10", "topk:37", "topk:10+q2", "topk:10+q4", "topk:10+q8",
          "topk:36+q4"]
@@ -222,23 +222,8 @@ def test_decode_accepts_numpy_and_keeps_device():
 
 
 # --------------------------------------------------------------------------------------------- real logits
-def _real_logits_path() -> Path | None:
-    root = Path(__file__).resolve().parents[1]
-    rel = Path("data/imagenet-real-logits/logits.npz")
-    for p in (os.environ.get("DKD_REAL_LOGITS"), root / "shared" / rel, root.parent / "shared" / rel):
-        if p and Path(p).is_file():
-            return Path(p)
-    return None
-
-
 def test_real_logits_topk_q4_dkd_close_to_exact():
-    path = _real_logits_path()
-    if path is None:
-        pytest.skip("real ImageNet logits (shared/data/imagenet-real-logits/logits.npz) are not available")
-    d = np.load(path)
-    t = torch.from_numpy(d["teacher_logits"]).float()
-    s = torch.from_numpy(d["student_logits"]).float()
-    y = torch.from_numpy(d["labels"].astype(np.int64))
+    t, s, y = real_logits()
     dec = {spec: roundtrip(parse_codec(spec, t.shape[1]), t).full for spec in ("topk:10+q2", "topk:10+q4", "q8")}
     for temp, alpha, beta in ((1.0, 0.5, 0.5), (4.0, 1.0, 8.0)):
         def grads(teacher):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from dkd_cache.errors import ConfigError
 from dkd_cache.loss import dkd_loss, dkd_loss_topk, total_loss
+
+from .helpers import real_logits
 
 TEMPS = (1.0, 2.0, 4.0)
 
@@ -247,23 +246,8 @@ def test_total_loss_warmup():
 
 
 # --------------------------------------------------------------------------------------------- real logits
-def _real_logits_path() -> Path | None:
-    root = Path(__file__).resolve().parents[1]
-    rel = Path("data/imagenet-real-logits/logits.npz")
-    for p in (os.environ.get("DKD_REAL_LOGITS"), root / "shared" / rel, root.parent / "shared" / rel):
-        if p and Path(p).is_file():
-            return Path(p)
-    return None
-
-
 def test_real_logits_uniform_topk_gradient_fidelity():
-    path = _real_logits_path()
-    if path is None:
-        pytest.skip("real ImageNet logits (shared/data/imagenet-real-logits/logits.npz) are not available")
-    d = np.load(path)
-    t = torch.from_numpy(d["teacher_logits"]).float()
-    s = torch.from_numpy(d["student_logits"]).float()
-    y = torch.from_numpy(d["labels"].astype(np.int64))
+    t, s, y = real_logits()
     temp, alpha, beta = 1.0, 0.5, 0.5  # the DKD ImageNet setting
     _, g_full = student_grad(lambda x: dkd_loss(x, t, y, alpha, beta, temp), s)
     med = {}
