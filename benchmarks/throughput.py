@@ -145,6 +145,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_calls(fn, device: str, min_seconds: float, *, warmup: int, min_calls: int) -> tuple[int, float]:
+    """Call fn `warmup` times, then until both min_seconds and min_calls are reached: (calls, seconds)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        _sync(device)
+        dt = time.perf_counter() - t0
+        if dt >= min_seconds and n >= min_calls:
+            return n, dt
+
+
 # ------------------------------------------------------------------------------------------------ dump
 def dump_settings(a: argparse.Namespace, shards: str, weights: str, out: Path, codec: str, views: int):
     from dkd_cache.dump import DumpSettings
@@ -193,17 +208,7 @@ def bare_inference(a: argparse.Namespace, weights: str, min_seconds: float = 3.0
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             return model(x).float()
 
-    for _ in range(2):
-        step()
-    _sync(a.device)
-    n, t0 = 0, time.perf_counter()
-    while True:
-        step()
-        n += 1
-        _sync(a.device)
-        dt = time.perf_counter() - t0
-        if dt >= min_seconds and n >= 5:
-            break
+    n, dt = time_calls(step, a.device, min_seconds, warmup=2, min_calls=5)
     return {"batches": n, "seconds": dt, "images_per_s": n * a.batch_size / dt}
 
 
@@ -334,17 +339,7 @@ def decode_cost(a: argparse.Namespace, cache_path: str, min_seconds: float = 1.0
 
     out: dict[str, Any] = {"codec": codec.name, "batch": b}
     for label, fn in (("decode", decode), ("decode_loss_fwd_bwd", loss_fwd_bwd)):
-        for _ in range(3):
-            fn()
-        _sync(a.device)
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            _sync(a.device)
-            dt = time.perf_counter() - t0
-            if dt >= min_seconds and n >= 10:
-                break
+        n, dt = time_calls(fn, a.device, min_seconds, warmup=3, min_calls=10)
         out[f"{label}_ms"] = 1000 * dt / n
     return out
 

@@ -157,15 +157,20 @@ class ItemGroup:
         return [Item(self.worker, q, self.images[i], self.labels[i], self.entries[i]) for i, q in enumerate(self.seqs)]
 
 
-def group_items(items: Iterator[Item], size: int) -> Iterator[ItemGroup]:
-    buf: list[Item] = []
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive runs of `size` items (the last one may be shorter)."""
+    buf: list = []
     for item in items:
         buf.append(item)
         if len(buf) == size:
-            yield _group(buf)
+            yield buf
             buf = []
     if buf:
-        yield _group(buf)
+        yield buf
+
+
+def group_items(items: Iterator[Item], size: int) -> Iterator[ItemGroup]:
+    return map(_group, chunked(items, size))
 
 
 def _group(buf: list[Item]) -> ItemGroup:
@@ -307,14 +312,7 @@ def canonical_items(loader: Iterable, plan: RankPlan, skips: Sequence[int]) -> I
 
 def batches(items: Iterator[Item], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
     """(images uint8 (B,3,S,S), labels int64 (B,), entries {name: tensor (B,…)})."""
-    chunk: list[Item] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == batch_size:
-            yield collate(chunk)
-            chunk = []
-    if chunk:
-        yield collate(chunk)
+    return map(collate, chunked(items, batch_size))
 
 
 def collate(chunk: Sequence[Item]):
