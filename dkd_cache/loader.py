@@ -7,9 +7,9 @@ Stream shapes:
             shuffle_buffer     -> same, shuffled by rng(seed, epoch, rank, worker)
             skip(n)            -> resume: drop the first n without decoding
             render             -> Item(worker, seq, image uint8 (3,S,S), label, entry)
-            group_items        -> ItemGroup of 16 consecutive Items (one tensor per transfer to the main process)
-    main:   canonical_order    -> items in round-robin order of (seq, worker): independent of scheduling
-            batches            -> (images (B,3,S,S), labels (B,), entries {name: (B,…)})
+            group_items        -> ItemGroup: a worker's Items in one block of 16 seqs (one tensor per transfer)
+    main:   canonical_runs     -> groups in round-robin order of (block, worker): independent of scheduling
+            batches            -> (images (B,3,S,S), labels (B,), entries {name: (B,…)}), copied slice by slice
 Every rank gets the same number of samples per epoch (padding repeats a rank's first samples; reported),
 so every rank runs the same number of steps and no collective ever waits for a rank that ran out.
 """
@@ -92,25 +92,41 @@ def plan_epoch(sizes: Sequence[int], *, seed: int, epoch: int, world: int, rank:
     return RankPlan(workers=tuple(tuple(x) for x in wl), counts=tuple(wload), padding=padding)
 
 
-def canonical_position(counts: Sequence[int]) -> Iterator[tuple[int, int]]:
-    """The canonical order of (worker, seq): round robin over the workers that still have samples."""
-    seq = 0
+def canonical_position(counts: Sequence[int], block: int | None = None) -> Iterator[tuple[int, int]]:
+    """The canonical order of (worker, seq): round robin over the workers that still have samples, taking
+    `block` (ITEMS_PER_TRANSFER) consecutive samples of a worker at a time, so that whole transfer groups
+    land in a batch as slices, never re-ordered image by image."""
+    for w, start, stop in canonical_blocks(counts, [0] * len(counts), block):
+        for seq in range(start, stop):
+            yield w, seq
+
+
+def canonical_blocks(counts: Sequence[int], skips: Sequence[int], block: int | None = None
+                     ) -> Iterator[tuple[int, int, int]]:
+    """(worker, first seq, stop seq) runs of the canonical order, after each worker's first `skips[w]` samples."""
+    block = block or ITEMS_PER_TRANSFER
+    b = 0
     while True:
-        live = [w for w, n in enumerate(counts) if n > seq]
+        live = [w for w, n in enumerate(counts) if n > b * block]
         if not live:
             return
         for w in live:
-            yield w, seq
-        seq += 1
+            start, stop = max(b * block, skips[w]), min(counts[w], (b + 1) * block)
+            if start < stop:
+                yield w, start, stop
+        b += 1
 
 
 def skips_for(counts: Sequence[int], consumed: int) -> list[int]:
     """How many of each worker's samples the first `consumed` canonical items include (resume)."""
     skips = [0] * len(counts)
-    for i, (w, _seq) in enumerate(canonical_position(counts)):
-        if i >= consumed:
+    left = consumed
+    for w, start, stop in canonical_blocks(counts, skips):
+        take = min(left, stop - start)
+        skips[w] += take
+        left -= take
+        if left == 0:
             break
-        skips[w] += 1
     return skips
 
 
@@ -141,20 +157,26 @@ class Item:
 
 
 # Items cross the worker -> main process boundary in groups: one shared-memory tensor per group instead of one
-# per image (per-tensor IPC, not decoding, bounded the loader at 224 px on a 16-core GPU host).
+# per image (per-tensor IPC, not decoding, bounded the loader at 224 px on a 16-core GPU host). A group holds the
+# consecutive samples of one worker inside one block of the canonical order (seq // ITEMS_PER_TRANSFER), so the
+# main process assembles a batch from a few group slices.
 ITEMS_PER_TRANSFER = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class ItemGroup:
     worker: int
-    seqs: tuple[int, ...]
-    images: torch.Tensor  # uint8 (m, 3, S, S)
-    labels: tuple[int, ...]
-    entries: tuple[dict[str, np.ndarray], ...]
+    seq0: int  # the group holds seqs seq0, seq0 + 1, ...
+    images: torch.Tensor | None  # uint8 (m, 3, S, S); None when the items carry no image
+    labels: np.ndarray  # int64 (m,)
+    entries: dict[str, np.ndarray]  # name -> (m, …)
 
-    def items(self) -> list[Item]:
-        return [Item(self.worker, q, self.images[i], self.labels[i], self.entries[i]) for i, q in enumerate(self.seqs)]
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def item(self, i: int) -> Item:
+        return Item(self.worker, self.seq0 + i, None if self.images is None else self.images[i], int(self.labels[i]),
+                    {k: v[i] for k, v in self.entries.items()})
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
@@ -169,13 +191,23 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
         yield buf
 
 
-def group_items(items: Iterator[Item], size: int) -> Iterator[ItemGroup]:
-    return map(_group, chunked(items, size))
+def group_items(items: Iterable[Item], size: int = ITEMS_PER_TRANSFER) -> Iterator[ItemGroup]:
+    """Consecutive Items of one worker and one canonical block (seq // size) -> ItemGroup."""
+    buf: list[Item] = []
+    for item in items:
+        if buf and (item.worker != buf[0].worker or item.seq // size != buf[0].seq // size
+                    or item.seq != buf[-1].seq + 1):
+            yield _group(buf)
+            buf = []
+        buf.append(item)
+    if buf:
+        yield _group(buf)
 
 
 def _group(buf: list[Item]) -> ItemGroup:
-    return ItemGroup(buf[0].worker, tuple(i.seq for i in buf), torch.stack([i.image for i in buf]),
-                     tuple(i.label for i in buf), tuple(i.entry for i in buf))
+    images = None if buf[0].image is None else torch.stack([i.image for i in buf])
+    entries = {k: np.stack([i.entry[k] for i in buf]) for k in buf[0].entry}
+    return ItemGroup(buf[0].worker, buf[0].seq, images, np.array([i.label for i in buf], np.int64), entries)
 
 
 class _WorkerStream(IterableDataset):
@@ -188,8 +220,7 @@ class _WorkerStream(IterableDataset):
         worker_ids = range(len(self.plan.workers)) if info is None else [wid]
         try:
             for w in worker_ids:  # without DataLoader workers, the main process runs every worker's stream in turn
-                yield from group_items(worker_items(self.spec, self.plan.workers[w], w, self.skips[w]),
-                                       ITEMS_PER_TRANSFER)
+                yield from group_items(worker_items(self.spec, self.plan.workers[w], w, self.skips[w]))
         except DKDCacheError as e:  # re-raised by the main process with the same class and message
             yield ("error", e)  # pickled to the main process whole, raised there as its own class
 
@@ -290,33 +321,85 @@ def make_loader(spec: StreamSpec, plan: RankPlan, skips: Sequence[int], workers:
                       prefetch_factor=8 if workers > 0 else None, persistent_workers=False, collate_fn=keep_as_is)
 
 
-def canonical_items(loader: Iterable, plan: RankPlan, skips: Sequence[int]) -> Iterator[Item]:
-    """Items from the loader, re-ordered into the canonical order (a small reorder buffer)."""
-    pending: dict[tuple[int, int], Item] = {}
-    it = iter(loader)
-    for w, seq in canonical_position(plan.counts):
-        if seq < skips[w]:
-            continue
-        while (w, seq) not in pending:
+def canonical_runs(loader: Iterable, plan: RankPlan, skips: Sequence[int]) -> Iterator[ItemGroup]:
+    """Groups from the loader (or loose Items, grouped here), re-ordered into the canonical order."""
+    pending: dict[tuple[int, int], ItemGroup] = {}
+    it = iter(_as_groups(loader))
+    for w, start, stop in canonical_blocks(plan.counts, skips):
+        while (w, start) not in pending:
             try:
-                item = next(it)  # an ItemGroup (consecutive samples of one worker) or a single Item
+                group = next(it)
             except StopIteration:
-                raise ShardError(f"worker {w} ended before its sample {seq}; a shard holds fewer samples than "
+                raise ShardError(f"worker {w} ended before its sample {start}; a shard holds fewer samples than "
                                  "the plan counted (did the shards change?)") from None
-            if isinstance(item, tuple):
-                raise item[1]
-            for one in item.items() if isinstance(item, ItemGroup) else (item,):
-                pending[(one.worker, one.seq)] = one
-        yield pending.pop((w, seq))
+            pending[(group.worker, group.seq0)] = group
+        group = pending.pop((w, start))
+        if len(group) != stop - start:
+            raise ShardError(f"worker {w} sent {len(group)} samples from {start}, the plan expects {stop - start}; "
+                             "a shard holds fewer samples than the plan counted (did the shards change?)")
+        yield group
 
 
-def batches(items: Iterator[Item], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
-    """(images uint8 (B,3,S,S), labels int64 (B,), entries {name: tensor (B,…)})."""
-    return map(collate, chunked(items, batch_size))
+def _as_groups(stream: Iterable) -> Iterator[ItemGroup]:
+    """Pass ItemGroups through, group runs of loose Items, raise a worker's error where it arrives."""
+    loose: list[Item] = []
+    for x in stream:
+        if isinstance(x, tuple):
+            yield from group_items(loose)
+            raise x[1]
+        if isinstance(x, ItemGroup):
+            yield from group_items(loose)
+            loose = []
+            yield x
+        else:
+            loose.append(x)
+            if len(loose) > 1 and (x.worker != loose[-2].worker or x.seq // ITEMS_PER_TRANSFER
+                                   != loose[-2].seq // ITEMS_PER_TRANSFER):
+                yield from group_items(loose[:-1])
+                loose = loose[-1:]
+    yield from group_items(loose)
 
 
-def collate(chunk: Sequence[Item]):
-    images = torch.stack([c.image for c in chunk])
-    labels = torch.tensor([c.label for c in chunk], dtype=torch.long)
-    entries = {k: torch.from_numpy(np.stack([c.entry[k] for c in chunk])) for k in chunk[0].entry}
+def canonical_items(loader: Iterable, plan: RankPlan, skips: Sequence[int]) -> Iterator[Item]:
+    """Items in the canonical order (one at a time; training takes canonical_runs whole)."""
+    for group in canonical_runs(loader, plan, skips):
+        for i in range(len(group)):
+            yield group.item(i)
+
+
+def batches(groups: Iterable[ItemGroup], batch_size: int, *, pin_memory: bool = False
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Groups in canonical order -> (images uint8 (B,3,S,S), labels int64 (B,), entries {name: tensor (B,…)}).
+
+    Each batch is copied once, slice by slice, into fresh (pinned, for a non-blocking copy to a GPU) memory;
+    the copy is numpy's single-threaded memcpy: a torch copy here would wake the intra-op thread pool,
+    which stalls for milliseconds while DataLoader workers hold the cores."""
+    run: list[tuple[ItemGroup, int, int]] = []
+    have = 0
+    for group in groups:
+        start = 0
+        while start < len(group):
+            take = min(len(group) - start, batch_size - have)
+            run.append((group, start, start + take))
+            have += take
+            start += take
+            if have == batch_size:
+                yield collate(run, pin_memory)
+                run, have = [], 0
+    if run:
+        yield collate(run, pin_memory)
+
+
+def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False):
+    n = sum(stop - start for _, start, stop in run)
+    first = run[0][0]
+    images = None
+    if first.images is not None:
+        images = torch.empty((n, *first.images.shape[1:]), dtype=torch.uint8, pin_memory=pin_memory)
+        dst, at = images.numpy(), 0
+        for g, start, stop in run:
+            np.copyto(dst[at:at + stop - start], g.images.numpy()[start:stop])
+            at += stop - start
+    labels = torch.from_numpy(np.concatenate([g.labels[a:b] for g, a, b in run]))
+    entries = {k: torch.from_numpy(np.concatenate([g.entries[k][a:b] for g, a, b in run])) for k in first.entries}
     return images, labels, entries

@@ -26,9 +26,9 @@ class Progress:
             self._task = self._bar.add_task(self.label, total=self.total, rate="", info="")
         return self
 
-    def advance(self, n: int, info: str = "") -> None:
+    def advance(self, n: int, info: str | None = None) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, advance=n, info=info)
+            self._bar.update(self._task, advance=n, **({} if info is None else {"info": info}))
             speed = self._bar.tasks[0].speed
             if speed:
                 self._bar.update(self._task, rate=f"{speed:8.1f} {self.unit}/s")

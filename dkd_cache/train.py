@@ -23,7 +23,7 @@ from . import cache as cache_mod
 from . import dist as dist_mod
 from .data import expand_shards, scan_shards, shard_name
 from .errors import CacheMismatchError, CheckpointError, ConfigError, DKDCacheError
-from .loader import RankPlan, StreamSpec, Task, batches, canonical_items, make_loader, plan_epoch, skips_for
+from .loader import RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch, skips_for
 from .logit_codecs import codec_from_dict
 from .loss import dkd_loss, dkd_loss_topk, total_loss
 from .progress import Progress
@@ -68,9 +68,10 @@ class TrainConfig:
     recipe: dict[str, Any] | None = None  # used without a cache; with one, the cache's recipe is used
     allow_pipe: bool = False
     max_steps: int = 0  # stop after this many steps in total (0: no limit); for tests and quick checks
+    log_every: int = 20  # steps between reads of the step losses (one host sync and one metrics write each)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "lr_batch", "shuffle_buffer"):
+        for name in ("epochs", "batch_size", "lr_batch", "shuffle_buffer", "log_every"):
             parse_positive_int(name, getattr(self, name))
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
@@ -116,7 +117,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, dinfo) -> dict | None:
                               "Delete it to restart the run, or restore it from a backup") from e
     saved = dict(ckpt.get("config", {}))
     now = cfg.to_dict()
-    differs = [k for k in now if k not in ("epochs", "workers", "max_steps") and saved.get(k) != now[k]]
+    differs = [k for k in now if k not in ("epochs", "workers", "max_steps", "log_every") and saved.get(k) != now[k]]
     if differs:
         raise ConfigError(f"{out}: --resume with other settings than the saved run: {differs}")
     return ckpt
@@ -233,10 +234,32 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     metrics_path = out / "metrics.jsonl"
 
-    def log(record: dict) -> None:
-        if dinfo.is_main:
+    def log(*records: dict) -> None:
+        if dinfo.is_main and records:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+
+    # Step losses stay on the device; every `log_every` steps (and before a checkpoint or the epoch's end) they
+    # are read in one host sync, checked, and appended to metrics.jsonl in one write.
+    window: list[tuple[int, int, float, torch.Tensor]] = []  # (epoch, step, lr, stacked [loss, ce, dkd])
+
+    def flush_steps(bar=None) -> None:
+        nonlocal last_metrics
+        if not window:
+            return
+        values = torch.stack([w[3] for w in window]).tolist()
+        records = []
+        for (ep, step, lr, _), (loss_v, ce_v, kd_v) in zip(window, values):
+            if not math.isfinite(loss_v):
+                raise DKDCacheError(f"loss became {loss_v} at epoch {ep} step {step}; "
+                                    "lower the learning rate or check the cache with dkd-cache verify")
+            records.append({"event": "step", "epoch": ep, "step": step, "loss": loss_v, "ce": ce_v, "dkd": kd_v,
+                            "lr": lr})
+        window.clear()
+        last_metrics = records[-1]
+        log(*records)
+        if bar is not None:
+            bar.advance(0, info=f"loss {last_metrics['loss']:.3f}")
 
     def save(epoch: int, consumed: int) -> None:
         if dinfo.is_main:
@@ -268,7 +291,8 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         seen = steps_done = 0
         t0 = time.perf_counter()
         with Progress(total=n_local - consumed, label=f"epoch {epoch}", enabled=progress and dinfo.is_main) as bar:
-            for images, labels, entries in batches(canonical_items(loader, plan, skips), local_batch):
+            for images, labels, entries in batches(canonical_runs(loader, plan, skips), local_batch,
+                                                   pin_memory=device.type == "cuda"):
                 x = normalize(images.to(device, non_blocking=True), recipe, cfg.channels_last)
                 labels = labels.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -291,17 +315,17 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
                 steps_done += 1
                 consumed += images.shape[0]
                 seen += images.shape[0]
-                if not torch.isfinite(loss):
-                    raise DKDCacheError(f"loss became {loss.item()} at epoch {epoch} step {global_step}; "
-                                        "lower the learning rate or check the cache with dkd-cache verify")
-                last_metrics = {"epoch": epoch, "step": global_step, "loss": loss.item(), "ce": ce.item(),
-                                "dkd": kd.item(), "lr": optimizer.param_groups[0]["lr"]}
-                log({"event": "step", **last_metrics})
-                bar.advance(images.shape[0], info=f"loss {loss.item():.3f}")
+                window.append((epoch, global_step, optimizer.param_groups[0]["lr"],
+                               torch.stack([loss.detach(), ce.detach(), kd.detach()]).float()))
+                bar.advance(images.shape[0])
+                if global_step % cfg.log_every == 0:
+                    flush_steps(bar)
                 if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
+                    flush_steps(bar)
                     save(epoch, consumed)
                 if cfg.max_steps and global_step >= cfg.max_steps:
                     break
+            flush_steps(bar)
         seconds = time.perf_counter() - t0
         # Every rank's step count, gathered: the record shows they ran the same number of steps.
         rank_steps = dist_mod.all_gather_int(dinfo, steps_done)
@@ -349,7 +373,7 @@ def evaluate(model, cfg: TrainConfig, recipe: Recipe, num_classes: int, device, 
                           cache_path=None, num_classes=num_classes, evaluation=True)
         counts = [len(ix.keys) for ix in scan_shards(mine)]
         plan = RankPlan(workers=(tuple(Task(i) for i in range(len(mine))),), counts=(sum(counts),), padding=0)
-        for images, labels, _ in batches(canonical_items(make_loader(spec, plan, [0], min(cfg.workers, 1)), plan, [0]),
+        for images, labels, _ in batches(canonical_runs(make_loader(spec, plan, [0], min(cfg.workers, 1)), plan, [0]),
                                          256):
             x = normalize(images.to(device), recipe, cfg.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):

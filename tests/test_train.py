@@ -48,10 +48,14 @@ def test_plan_gives_every_rank_the_same_count_and_covers_every_sample():
 
 
 def test_resume_skips_are_a_pure_function_of_position():
-    counts = [5, 3, 4]
+    counts = [20, 3, 18]  # round robin over workers by blocks of ITEMS_PER_TRANSFER (16) samples
     order = list(canonical_position(counts))
-    assert len(order) == sum(counts) and order[:3] == [(0, 0), (1, 0), (2, 0)]
-    assert skips_for(counts, 7) == [3, 2, 2]
+    assert len(order) == sum(counts) == len(set(order))
+    assert order[:17] == [(0, s) for s in range(16)] + [(1, 0)]
+    assert order[19:35] == [(2, s) for s in range(16)] and order[35:] == [(0, 16), (0, 17), (0, 18), (0, 19),
+                                                                           (2, 16), (2, 17)]
+    assert skips_for(counts, 20) == [16, 3, 1]
+    assert skips_for(counts, 37) == [18, 3, 16]
 
 
 def test_cache_mode_never_builds_the_teacher(shards, cache_path, tmp_path, monkeypatch):
