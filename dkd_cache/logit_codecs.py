@@ -27,6 +27,7 @@ float16 range (|x| <= 65504) for codecs that store float16.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -35,7 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .errors import CacheError, ConfigError
+from .errors import CacheError, CacheMismatchError, ConfigError
 
 _EPS32 = float(np.finfo(np.float32).eps)  # 2^-23
 _FP16_MAX = 65504.0
@@ -216,6 +217,16 @@ class Codec:
     def error_bound(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, C) float64: the stated bound on |decoded - logits| per entry; inf where the codec stores nothing."""
         raise NotImplementedError
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays the codec itself holds (a fitted basis), stored once per cache under `codec/<name>`."""
+        return {}
+
+    def with_state(self, arrays: Mapping[str, Any]) -> "Codec":
+        """The codec with its state arrays loaded (as read back from a cache); codecs without state return self."""
+        if arrays:
+            raise CacheError(f"codec {self.name} holds no state arrays, got {sorted(arrays)}")
+        return self
 
     def bytes_per_entry(self, num_classes: int) -> int:
         """Raw bytes of one (view, sample) entry, before compression."""
@@ -427,13 +438,317 @@ class TopKCodec(Codec):
         return bound.scatter_(1, idx.cpu(), _fp16_bound(val.cpu()))
 
 
+# --------------------------------------------------------------------------------------------- learned low rank
+_LR_COEF = 127    # coefficient codes in [-127, 127] (int8)
+_LR_TOP = 7       # top-M residual codes in [-7, 7] (4 bits, stored + 8)
+_LR_SPARSE = 127  # sparse residual codes in [-127, 127] (int8)
+_LR_HEADROOM = 1.5  # coefficient range = 1.5 x the largest seen in calibration (unseen views clip less)
+_LR_GRID_DIV = 8  # the integer grid is at most 1/8 of the finest coefficient step
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class LowRankBasis:
+    """A fitted basis as integers on one grid g, so that decoding is exact integer arithmetic on any device.
+
+    mean (C,) int32, basis (R, C) int8, mult (R,) int32 >= 1, grid g > 0 (a power of two). A view stores R
+    codes c_r in [-127, 127]; its approximation is z~_j = g (mean_j + sum_r mult_r c_r basis_rj): every term is an
+    integer below 2^53, so float64 arithmetic gives the same integer on every device and in every summation
+    order, and the order of the classes by z~ (ties: lower class first) is reproducible bit for bit."""
+
+    mean: np.ndarray
+    basis: np.ndarray
+    mult: np.ndarray
+    grid: float
+
+    def __post_init__(self) -> None:
+        m, b, k = self.mean, self.basis, self.mult
+        ok = (isinstance(m, np.ndarray) and m.dtype == np.int32 and m.ndim == 1 and isinstance(b, np.ndarray)
+              and b.dtype == np.int8 and b.ndim == 2 and b.shape[1] == m.shape[0] and b.shape[0] >= 1
+              and isinstance(k, np.ndarray) and k.dtype == np.int32 and k.shape == (b.shape[0],))
+        if not ok:
+            raise CacheError("a low-rank basis needs mean (C,) int32, basis (R, C) int8 and mult (R,) int32; got "
+                             + ", ".join(f"{n} {getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}"
+                                         for n, a in (("mean", m), ("basis", b), ("mult", k))))
+        if not (k >= 1).all() or not (isinstance(self.grid, float) and math.isfinite(self.grid) and self.grid > 0):
+            raise CacheError(f"a low-rank basis needs mult >= 1 and a positive grid, got grid {self.grid!r}")
+        bound = (np.abs(m.astype(np.float64)).max() + (k.astype(np.float64) * _LR_COEF * 128).sum())
+        if bound * (m.shape[0] + 1) >= 2.0 ** 53:
+            raise CacheError("a low-rank basis too large for exact float64 decoding")
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.basis.shape[1])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "basis": self.basis, "mult": self.mult}
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the grid and the three arrays (dtype, shape, little-endian bytes): the fit's identity."""
+        import hashlib
+
+        h = hashlib.sha256(f"dkd-cache lowrank basis v1 grid={self.grid!r}".encode())
+        for name, a in self.arrays().items():
+            a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+            h.update(f";{name}:{a.dtype.str}:{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    @functools.cached_property
+    def _float64(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """mean, basis, mult as float64 (exact), and the least-squares projection onto the basis rows (C, R)."""
+        b = self.basis.astype(np.float64)
+        return self.mean.astype(np.float64), b, self.mult.astype(np.float64), np.linalg.solve(b @ b.T, b).T
+
+    def approx_np(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, R) codes -> (integer scores (B, C) as float64, float32 approximation g * score)."""
+        mean, basis, mult, _ = self._float64
+        score = mean + (codes.astype(np.float64) * mult) @ basis  # integers: exact in any summation order
+        return score, (score * self.grid).astype(np.float32)
+
+    def encode_np(self, x: np.ndarray) -> np.ndarray:
+        """(B, C) float32 logits -> (B, R) int8 coefficient codes (least squares, rounded, clipped)."""
+        mean, _, mult, proj = self._float64
+        a = (x.astype(np.float64) - mean * self.grid) @ proj
+        return np.clip(np.rint(a / (mult * self.grid)), -_LR_COEF, _LR_COEF).astype(np.int8)
+
+
+def fit_lowrank_basis(logits: Any, rank: int) -> tuple[LowRankBasis, dict[str, Any]]:
+    """Fit a rank-R basis to calibration logits (N, C) by PCA (float64 SVD), as integers on one grid.
+
+    Deterministic for the same logits. Returns the basis and its fit statistics (calibration size, explained
+    variance fraction, coefficient ranges, in-sample rms error of the rank-R approximation)."""
+    x = _as_logits(logits).cpu().numpy().astype(np.float64)
+    n, c = x.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(n, c):
+        raise ConfigError(f"a rank-{rank} basis needs 1 <= rank <= min(calibration views {n}, classes {c})")
+    mu = x.mean(axis=0)
+    _, sv, vt = np.linalg.svd(x - mu, full_matrices=False)
+    vt = vt[:rank]
+    vt *= np.where(vt[np.arange(rank), np.abs(vt).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]  # sign: largest entry > 0
+    basis = np.rint(vt / (np.abs(vt).max(axis=1, keepdims=True) / _LR_COEF)).astype(np.int8)
+    bf = basis.astype(np.float64)
+    coef = (x - mu) @ np.linalg.solve(bf @ bf.T, bf).T  # least squares onto the integer rows
+    step = np.maximum(np.abs(coef).max(axis=0) * _LR_HEADROOM / _LR_COEF, 1e-12)
+    grid = float(2.0 ** math.floor(math.log2(step.min() / _LR_GRID_DIV)))
+    mult = np.maximum(np.rint(step / grid), 1).astype(np.int32)
+    fitted = LowRankBasis(mean=np.rint(mu / grid).astype(np.int32), basis=basis, mult=mult, grid=grid)
+    _, approx = fitted.approx_np(fitted.encode_np(x.astype(np.float32)))
+    var = sv ** 2
+    stats = {"calibration_views": int(n), "explained_variance": float(var[:rank].sum() / max(var.sum(), 1e-300)),
+             "coef_std": [float(v) for v in coef.std(axis=0)],
+             "rms_error": float(np.sqrt(np.mean((approx.astype(np.float64) - x) ** 2)))}
+    return fitted, stats
+
+
+def _rank_keys(score: Any, c: int) -> Any:
+    """Distinct integer keys (exact in float64) ordering classes by score, ties towards the lower class."""
+    return score * c + (c - 1 - (np.arange(c) if isinstance(score, np.ndarray)
+                                 else torch.arange(c, device=score.device, dtype=score.dtype)))
+
+
+def _order(score: np.ndarray, m: int) -> np.ndarray:
+    """The m classes of largest integer score per row, in descending order (ties: lower class first)."""
+    key = _rank_keys(score, score.shape[1])
+    part = np.argpartition(-key, m - 1, axis=1)[:, :m] if m < key.shape[1] else np.tile(np.arange(m), (len(key), 1))
+    return np.take_along_axis(part, np.argsort(-np.take_along_axis(key, part, 1), axis=1), 1)
+
+
+def _sym_quantise(r: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, n) float32 residuals -> (scale (B,) float16, codes (B, n) int8 in [-levels, levels])."""
+    scale = (np.abs(r).max(axis=1) / np.float32(levels)).astype(np.float16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.where(scale[:, None] > 0, np.rint(r / scale.astype(np.float32)[:, None]), 0)
+    return scale, np.clip(codes, -levels, levels).astype(np.int8)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LowRankCodec(Codec):
+    """`lowrank:R+top:M+sparse:K`: a basis fitted once per cache, R coefficients per view, two residual corrections.
+
+    Per view: R int8 coefficient codes (the approximation z~ above); the residual z - z~ of the M classes ranked
+    highest by z~ (no indices: the decoder ranks z~ exactly as the encoder did) in 4 bits with a float16 scale;
+    then the K classes where the remaining residual weighs most in the loss (|residual| x softmax(z), chosen by
+    the encoder) as int16 class + int8 residual with a float16 scale. Decodes to the full vector (float32).
+    The basis (`basis`) comes from `fit` on calibration logits, or from a cache (`with_state`); `record` holds
+    its SHA-256 and fit statistics and travels in the cache's metadata, so a basis that does not match is refused.
+    """
+
+    rank: int
+    top: int = 0
+    sparse: int = 0
+    record: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False)
+    basis: LowRankBasis | None = dataclasses.field(default=None, compare=False, repr=False)
+    _on_device: dict = dataclasses.field(default_factory=dict, compare=False, repr=False, init=False)
+    kind: ClassVar[str] = "lowrank"
+
+    def __post_init__(self) -> None:
+        for field, low in (("rank", 1), ("top", 0), ("sparse", 0)):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"codec field {field!r} must be an integer >= {low}, got {v!r}")
+        if self.basis is not None and self.basis.rank != self.rank:
+            raise ConfigError(f"codec {self.name}: the basis has rank {self.basis.rank}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LowRankCodec):
+            return NotImplemented
+        return (self.rank, self.top, self.sparse, self.sha256) == (other.rank, other.top, other.sparse, other.sha256)
+
+    def __hash__(self) -> int:
+        return hash((self.rank, self.top, self.sparse, self.sha256))
+
+    @property
+    def sha256(self) -> str | None:
+        if self.basis is not None:
+            return self.basis.sha256
+        return None if self.record is None else self.record.get("sha256")
+
+    @property
+    def name(self) -> str:
+        return f"lowrank:{self.rank}" + (f"+top:{self.top}" if self.top else "") + \
+            (f"+sparse:{self.sparse}" if self.sparse else "")
+
+    def spec_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": self.rank, "top": self.top, "sparse": self.sparse}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.spec_dict()
+        if self.record is not None:
+            d["fit"] = dict(self.record)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LowRankCodec":
+        d = _check_fields(d, cls.kind, ("rank", "top", "sparse", "fit"))
+        fit = d.get("fit")
+        if fit is not None and not (isinstance(fit, Mapping) and isinstance(fit.get("sha256"), str)
+                                    and isinstance(fit.get("grid"), float)):
+            raise ConfigError(f"codec field 'fit' must be a table with 'sha256' and 'grid', got {fit!r}")
+        return cls(rank=_int_field(d, "rank"), top=_int_field(d, "top") if "top" in d else 0,
+                   sparse=_int_field(d, "sparse") if "sparse" in d else 0, record=None if fit is None else dict(fit))
+
+    def fit(self, calibration_logits: Any) -> "LowRankCodec":
+        """This codec with a basis fitted to calibration logits (N, C); the record holds its hash and statistics."""
+        x = _as_logits(calibration_logits)
+        self._check(x.shape[1])
+        basis, stats = fit_lowrank_basis(x, self.rank)
+        return dataclasses.replace(self, basis=basis, record={"sha256": basis.sha256, "grid": basis.grid, **stats})
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return self._basis().arrays()
+
+    def with_state(self, arrays: Mapping[str, Any]) -> "LowRankCodec":
+        """The codec with the basis read back from a cache; refused unless it matches the recorded SHA-256."""
+        if self.record is None:
+            raise CacheError(f"codec {self.name} has no fit record; the cache's metadata is incomplete: re-dump it")
+        missing = sorted({"mean", "basis", "mult"} - set(arrays))
+        if missing:
+            raise CacheError(f"codec {self.name}: the basis arrays {missing} are missing from the cache; re-dump it")
+        basis = LowRankBasis(**{k: np.asarray(arrays[k]) for k in ("mean", "basis", "mult")},
+                             grid=float(self.record["grid"]))
+        if basis.sha256 != self.record["sha256"]:
+            raise CacheMismatchError(f"codec {self.name}: the stored basis has SHA-256 {basis.sha256[:16]}..., the "
+                                     f"cache records {str(self.record['sha256'])[:16]}...; the basis was changed "
+                                     "after the dump: re-dump the cache")
+        if basis.rank != self.rank:
+            raise CacheError(f"codec {self.name}: the stored basis has rank {basis.rank}")
+        return dataclasses.replace(self, basis=basis)
+
+    def _basis(self) -> LowRankBasis:
+        if self.basis is None:
+            raise ConfigError(f"codec {self.name} has no fitted basis: fit it on calibration logits (dump-teacher "
+                              "does) or load it from its cache (Cache.codec)")
+        return self.basis
+
+    def _check(self, num_classes: int) -> int:
+        c = _check_classes(num_classes)
+        if self.rank > c or self.top > c or self.sparse > c:
+            raise ConfigError(f"codec {self.name}: rank, top and sparse must be <= {c} classes")
+        if self.basis is not None and self.basis.num_classes != c:
+            raise ConfigError(f"codec {self.name}: the basis has {self.basis.num_classes} classes, not {c}")
+        return c
+
+    def arrays(self, num_classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        c = self._check(num_classes)
+        out = {"coef": ((self.rank,), np.dtype(np.int8))}
+        if self.top:
+            out.update({"top_scale": ((), np.dtype(np.float16)),
+                        "top_codes": ((packed_length(self.top, 4),), np.dtype(np.uint8))})
+        if self.sparse:
+            out.update({"sparse_idx": ((self.sparse,), TopKCodec.index_dtype(c)),
+                        "sparse_scale": ((), np.dtype(np.float16)),
+                        "sparse_codes": ((self.sparse,), np.dtype(np.int8))})
+        return out
+
+    def encode(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
+        x = _as_logits(logits).cpu().numpy()
+        c = self._check(x.shape[1])
+        basis = self._basis()
+        codes = basis.encode_np(x)
+        score, approx = basis.approx_np(codes)
+        out = {"coef": codes}
+        if self.top:
+            order = _order(score, self.top)
+            resid = np.take_along_axis(x, order, 1) - np.take_along_axis(approx, order, 1)
+            scale, q = _sym_quantise(resid, _LR_TOP)
+            np.add.at(approx, (np.arange(len(x))[:, None], order), q.astype(np.float32) * scale.astype(np.float32)[:, None])
+            out.update({"top_scale": scale, "top_codes": pack_bits((q + 8).astype(np.uint8), 4)})
+        if self.sparse:
+            resid = x - approx
+            shifted = x - x.max(axis=1, keepdims=True)
+            weight = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+            idx = np.sort(np.argsort(-(np.abs(resid) * weight), axis=1, kind="stable")[:, :self.sparse], axis=1)
+            scale, q = _sym_quantise(np.take_along_axis(resid, idx, 1), _LR_SPARSE)
+            out.update({"sparse_idx": idx.astype(TopKCodec.index_dtype(c)), "sparse_scale": scale,
+                        "sparse_codes": q})
+        return out
+
+    def _device_basis(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mean, basis, mult as float64 tensors on `device`, moved there once per codec and device."""
+        held = self._on_device.get(device)
+        if held is None:
+            mean, basis, mult, _ = self._basis()._float64
+            held = self._on_device[device] = tuple(torch.from_numpy(a).to(device) for a in (mean, basis, mult))
+        return held
+
+    def decode(self, arrays: Mapping[str, Any], num_classes: int) -> Decoded:
+        t, batch = self._check_batch(arrays, num_classes)
+        self._check(num_classes)
+        coef = t["coef"]
+        mean, basis, mult = self._device_basis(coef.device)
+        # exact integers in float64 (see LowRankBasis), on the entries' device
+        score = torch.addmm(mean.unsqueeze(0).expand(batch, -1), coef.double() * mult, basis)
+        full = (score * self._basis().grid).float()
+        if self.top:
+            order = torch.topk(_rank_keys(score, num_classes), self.top, dim=1, sorted=True).indices  # distinct keys
+            q = unpack_bits(t["top_codes"], 4, self.top).float().sub_(8)
+            full.scatter_add_(1, order, q.mul_(t["top_scale"].float().unsqueeze(1)))
+        if self.sparse:
+            q = t["sparse_codes"].float().mul_(t["sparse_scale"].float().unsqueeze(1))
+            full.scatter_add_(1, t["sparse_idx"].long(), q)
+        return Decoded(full=full)
+
+    def error_bound(self, logits: torch.Tensor) -> torch.Tensor:
+        """No a-priori bound: each row's largest round-trip error on these logits, for every class of the row."""
+        x = _as_logits(logits).cpu()
+        err = (roundtrip(self, x).full.double() - x.double()).abs().amax(dim=1, keepdim=True)
+        return err.expand(x.shape).clone()
+
+
 # --------------------------------------------------------------------------------------------- parsing
 _TOPK = re.compile(r"topk:([1-9][0-9]*)(?:\+q([0-9]+))?")
-SPECS = ("fp32", "fp16", "q8", "topk:K", "topk:K+qB (B in 2, 4, 8)")
+_LOWRANK = re.compile(r"lowrank:([1-9][0-9]*)(?:\+top:([1-9][0-9]*))?(?:\+sparse:([1-9][0-9]*))?")
+SPECS = ("fp32", "fp16", "q8", "topk:K", "topk:K+qB (B in 2, 4, 8)", "lowrank:R[+top:M][+sparse:K]")
 
 
 def parse_codec(spec: str, num_classes: int) -> Codec:
-    """A codec from its spec string ("fp32", "fp16", "q8", "topk:K", "topk:K+qB"), checked against num_classes."""
+    """A codec from its spec string (see SPECS), checked against num_classes. A lowrank codec comes back without
+    its basis (LowRankCodec.fit adds one)."""
     if not isinstance(spec, str):
         raise ConfigError(f"codec spec must be a string, got {spec!r}")
     c = _check_classes(num_classes)
@@ -443,6 +758,12 @@ def parse_codec(spec: str, num_classes: int) -> Codec:
         codec = FloatCodec(dtype=s)
     elif s == "q8":
         codec = Q8Codec()
+    elif s.startswith("lowrank:"):
+        m = _LOWRANK.fullmatch(s)
+        if not m:
+            raise ConfigError(f"codec spec {spec!r} is not lowrank:R, lowrank:R+top:M, lowrank:R+sparse:K or "
+                              "lowrank:R+top:M+sparse:K (R, M, K positive integers)")
+        codec = LowRankCodec(rank=int(m.group(1)), top=int(m.group(2) or 0), sparse=int(m.group(3) or 0))
     else:
         m = _TOPK.fullmatch(s)
         if not m:
@@ -455,7 +776,7 @@ def parse_codec(spec: str, num_classes: int) -> Codec:
     return codec
 
 
-_KINDS: dict[str, type[Codec]] = {"float": FloatCodec, "q8": Q8Codec, "topk": TopKCodec}
+_KINDS: dict[str, type[Codec]] = {"float": FloatCodec, "q8": Q8Codec, "topk": TopKCodec, "lowrank": LowRankCodec}
 
 
 def codec_from_dict(d: Mapping[str, Any]) -> Codec:

@@ -131,10 +131,15 @@ def _student_pieces(student_logits: torch.Tensor, target: torch.Tensor, temperat
 
 # --------------------------------------------------------------------------------------------- losses
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
-             alpha: float, beta: float, temperature: float) -> torch.Tensor:
+             alpha: float, beta: float, temperature: float, *, target_logit: torch.Tensor | None = None,
+             teacher_lse: torch.Tensor | None = None) -> torch.Tensor:
     """Exact DKD from full teacher logits: T^2 (alpha TCKD + beta NCKD), batch mean, float32 scalar.
 
     student_logits, teacher_logits: (B, C) float (any float dtype; cast to float32); target: (B,) integer classes.
+    target_logit (B,) and teacher_lse (B,) = lse(z / T), given together: the teacher's exact target logit and
+    log-partition (what a cache stores beside any codec). TCKD then uses p_t = exp(z_t / T - lse) exactly and
+    teacher_logits only feed NCKD (which never reads the target entry): decoded logits that are off by a little
+    leave TCKD exact.
     """
     alpha, beta, temperature = _check_hparams(alpha, beta, temperature)
     _check_logits("student_logits", student_logits)
@@ -148,8 +153,15 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     _check_indices(target, classes)
 
     lq_t, l1mq_t, lq_hat, _ = _student_pieces(student_logits, target, temperature)
+    if (target_logit is None) != (teacher_lse is None):
+        raise ConfigError("give target_logit and teacher_lse together (the exact TCKD needs both), or neither")
     with torch.no_grad():
         lp_t, l1mp_t, lp_hat, _ = _student_pieces(teacher_logits.detach(), target, temperature)
+        if target_logit is not None:
+            _check_vector("target_logit", target_logit, batch, integer=False)
+            _check_vector("teacher_lse", teacher_lse, batch, integer=False)
+            lp_t = (target_logit.detach().float() / temperature - teacher_lse.detach().float()).clamp(max=0.0)
+            l1mp_t = _log1mexp(lp_t)
     tckd = _binary_kl(lp_t, l1mp_t, lq_t, l1mq_t)
     nckd = _kl_rows(lp_hat, lq_hat)
     t2 = temperature * temperature

@@ -258,3 +258,21 @@ def test_real_logits_uniform_topk_gradient_fidelity():
         med[k] = float(cos.median())
     assert med[10] > 0.95, med
     assert med[10] <= med[30] <= med[100], med
+
+
+def test_dkd_loss_exact_tckd_from_stored_target_logit_and_lse():
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(6, 9, generator=g) * 3
+    s = torch.randn(6, 9, generator=g)
+    y = torch.tensor([0, 3, 8, 2, 2, 5])
+    for temp in (1.0, 4.0):
+        exact = dkd_loss(s, z, y, 1.0, 8.0, temp)
+        zt = z.gather(1, y[:, None])[:, 0]
+        lse = torch.logsumexp(z / temp, dim=1)
+        assert torch.allclose(dkd_loss(s, z, y, 1.0, 8.0, temp, target_logit=zt, teacher_lse=lse), exact, rtol=1e-5)
+        # a decoded vector whose target entry is off (and whose lse is therefore off): TCKD stays exact
+        off = z.clone().scatter_add_(1, y[:, None], torch.full((6, 1), 1.5))
+        assert not torch.allclose(dkd_loss(s, off, y, 1.0, 8.0, temp), exact, rtol=1e-3)
+        assert torch.allclose(dkd_loss(s, off, y, 1.0, 8.0, temp, target_logit=zt, teacher_lse=lse), exact, rtol=1e-5)
+    with pytest.raises(ConfigError, match="together"):
+        dkd_loss(s, z, y, 1.0, 8.0, 1.0, target_logit=z[:, 0])
