@@ -308,7 +308,7 @@ def decode_cost(a: argparse.Namespace, cache_path: str, min_seconds: float = 1.0
     """Time codec.decode on one batch of cache entries, and decode + cached DKD loss forward/backward."""
     from dkd_cache import cache as cache_mod
     from dkd_cache.logit_codecs import codec_from_dict
-    from dkd_cache.train import TrainConfig, cached_dkd
+    from dkd_cache.teacher_signal import Storage, dkd_from_entries
 
     cache = cache_mod.open_cache(cache_path)
     meta, b = cache.meta, a.batch_size
@@ -327,7 +327,7 @@ def decode_cost(a: argparse.Namespace, cache_path: str, min_seconds: float = 1.0
     labels = torch.from_numpy(labels_np.astype(np.int64)).to(device)
     codec_arrays = {n.split("/", 1)[1]: t.to(device) for n, t in entries.items()
                     if n not in ("logits/target", "logits/lse")}
-    cfg = TrainConfig(shards="unused", out="unused", cache=cache_path, device=a.device)
+    storage = Storage.of_cache(meta)
     student = torch.randn(b, meta.num_classes, device=device, generator=None)
 
     def decode():
@@ -335,7 +335,7 @@ def decode_cost(a: argparse.Namespace, cache_path: str, min_seconds: float = 1.0
 
     def loss_fwd_bwd():
         s = student.clone().requires_grad_(True)
-        cached_dkd(s, labels, entries, codec, meta, cfg, device).backward()
+        dkd_from_entries(s, labels, entries, storage, alpha=1.0, beta=0.5, temperature=1.0).backward()
 
     out: dict[str, Any] = {"codec": codec.name, "batch": b}
     for label, fn in (("decode", decode), ("decode_loss_fwd_bwd", loss_fwd_bwd)):

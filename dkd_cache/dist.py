@@ -5,9 +5,16 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import pickle
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from .errors import DKDCacheError, NonFiniteLossError, PeerError
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,6 +67,54 @@ def broadcast_object(info: DistInfo, obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank0(info: DistInfo, fn: Callable[[], T]) -> T:
+    """Run fn on rank 0 only and give every rank its result, or raise its error on every rank.
+
+    The other ranks never wait out the collective timeout for a rank 0 that failed: they receive the error
+    (a DKDCacheError as it is; any other exception as a PeerError naming it) and raise it too."""
+    if info.world <= 1:
+        return fn()
+    result: T | None = None
+    failure: BaseException | None = None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # handed to every rank, then raised here as it is
+            failure = e
+    if failure is not None:
+        sent = failure if isinstance(failure, DKDCacheError) else PeerError(
+            f"rank 0 failed: {type(failure).__name__}: {failure}")
+        try:
+            pickle.dumps(sent)
+        except Exception:  # the error does not pickle: send its text
+            sent = PeerError(f"rank 0 failed: {type(failure).__name__}: {failure}")
+        broadcast_object(info, ("error", sent))
+        raise failure
+    kind, value = broadcast_object(info, ("ok", result))
+    if kind == "error":
+        raise value
+    return value
+
+
+def require_finite(info: DistInfo | None, loss: torch.Tensor, where: str = "") -> None:
+    """Raise NonFiniteLossError on every rank when the loss is not finite on any rank (agreed by an all-reduce,
+    so no rank steps its optimizer while another stops)."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+    if info is not None and info.world > 1:
+        flags = bad.repeat(info.world) * 0
+        flags[info.rank] = bad[0]
+        dist.all_reduce(flags)
+        ranks = [r for r, f in enumerate(flags.tolist()) if f]
+    else:
+        ranks = [0] if bool(bad[0]) else []
+    if ranks:
+        mine = float(loss.detach())
+        raise NonFiniteLossError(
+            f"the loss is not finite{' ' + where if where else ''} (on rank(s) {ranks}; here {mine}); no optimizer "
+            "step was taken with it. Lower the learning rate, or check the cache with dkd-cache verify; --resume "
+            "continues from the last checkpoint")
 
 
 def all_gather_int(info: DistInfo, value: int) -> list[int]:

@@ -30,6 +30,7 @@ from .errors import BadSampleError, CacheMismatchError, ConfigError, DKDCacheErr
 from .logit_codecs import parse_codec
 from .progress import Progress
 from .teacher import load_teacher
+from .teacher_signal import LSE, TARGET, ComputePolicy, Storage, encode_entries, resolve_policy, teacher_forward
 from .views import Recipe, decode, draw_view, normalize, parse_positive_int, render_decoded
 
 
@@ -208,12 +209,8 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
     urls = expand_shards(s.shards, allow_pipe=s.allow_pipe)
     check_out_path(s.out, urls)
     model, tinfo = load_teacher(s.arch, s.weights, device=device)
-    amp = s.amp or ("bf16" if device.type == "cuda" else "none")
-    if device.type == "cuda" and amp == "none":
-        # fp32 means fp32: TF32 convolutions and matmuls would move logits by ~1e-3 relative
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-    compute = {"device": device.type, "amp": amp, "tf32": False}
+    # fp32 means fp32 (TF32 would move logits by ~1e-3 relative); set around each forward, never left global
+    compute = resolve_policy(device, s.amp).to_dict()
     codec = parse_codec(s.codec, tinfo.num_classes)
     codec_arrays = codec.arrays(tinfo.num_classes)
 
@@ -274,22 +271,18 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
         return 0, 0
     loader = DataLoader(_RenderStream(jobs, meta, s.skip_bad), batch_size=None, num_workers=min(s.workers, len(jobs)),
                         prefetch_factor=4 if s.workers else None, persistent_workers=False, collate_fn=keep_as_is)
-    use_bf16 = meta.compute.get("amp") == "bf16"
-    temps = torch.tensor(meta.temperatures, dtype=torch.float32, device=device)
+    policy = ComputePolicy.from_dict(meta.compute)
+    storage = Storage(codec=codec, num_classes=meta.num_classes, temperatures=tuple(meta.temperatures))
     buffers: dict[int, _ShardBuffer] = {}
     views_written = skipped = 0
 
     def flush_batch(items) -> None:
         nonlocal views_written
         x = normalize(torch.stack([it[3] for it in items]).to(device, non_blocking=True), meta.recipe)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(x)
-        logits = logits.float()
         labels = torch.tensor([it[4] for it in items], device=device)
-        target = logits.gather(1, labels[:, None])[:, 0]
-        lse = torch.logsumexp(logits[:, None, :] / temps[None, :, None], dim=2)
-        encoded = codec.encode(logits)
-        target_np, lse_np = target.cpu().numpy(), lse.cpu().numpy()
+        stored = encode_entries(teacher_forward(model, x, policy), labels, storage)
+        target_np, lse_np = stored.pop(TARGET).cpu().numpy(), stored.pop(LSE).cpu().numpy()
+        encoded = {name.split("/", 1)[1]: v.cpu().numpy() for name, v in stored.items()}
         shards = np.array([it[0] for it in items])
         pos = np.array([it[1] for it in items])
         view = np.array([it[2] for it in items])

@@ -49,3 +49,11 @@ class CacheLockedError(CacheError):
 
 class CheckpointNotFoundError(DKDCacheError, FileNotFoundError):
     """A weights or checkpoint file does not exist."""
+
+
+class NonFiniteLossError(DKDCacheError, FloatingPointError):
+    """The training loss became NaN or infinite on some rank; no optimizer step was taken with it."""
+
+
+class PeerError(DKDCacheError, RuntimeError):
+    """Another rank failed (rank 0's error handed to every rank, or a collective whose peer went away)."""

@@ -43,6 +43,7 @@ import torch
 from .errors import ConfigError
 
 RULES = ("uniform", "bucket")
+REDUCTIONS = ("mean", "none")
 _LN2 = math.log(2.0)
 _NEG_INF = float("-inf")
 
@@ -92,6 +93,11 @@ def _check_indices(target: torch.Tensor, classes: int, topk_idx: torch.Tensor | 
         raise ConfigError(f"topk_idx holds a class outside [0, {classes})")
 
 
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
 # --------------------------------------------------------------------------------------------- pieces
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0 (x is clamped to 0), accurate at both ends (Maechler 2012)."""
@@ -131,17 +137,19 @@ def _student_pieces(student_logits: torch.Tensor, target: torch.Tensor, temperat
 
 # --------------------------------------------------------------------------------------------- losses
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
-             alpha: float, beta: float, temperature: float, *, target_logit: torch.Tensor | None = None,
-             teacher_lse: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact DKD from full teacher logits: T^2 (alpha TCKD + beta NCKD), batch mean, float32 scalar.
+             alpha: float, beta: float, temperature: float, reduction: str = "mean", *,
+             target_logit: torch.Tensor | None = None, teacher_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact DKD from full teacher logits: T^2 (alpha TCKD + beta NCKD), float32.
 
     student_logits, teacher_logits: (B, C) float (any float dtype; cast to float32); target: (B,) integer classes.
+    reduction "mean": the batch mean (a scalar); "none": per sample, shape (B,).
     target_logit (B,) and teacher_lse (B,) = lse(z / T), given together: the teacher's exact target logit and
     log-partition (what a cache stores beside any codec). TCKD then uses p_t = exp(z_t / T - lse) exactly and
     teacher_logits only feed NCKD (which never reads the target entry): decoded logits that are off by a little
     leave TCKD exact.
     """
     alpha, beta, temperature = _check_hparams(alpha, beta, temperature)
+    _check_reduction(reduction)
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
     if teacher_logits.shape != student_logits.shape:
@@ -164,21 +172,23 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
             l1mp_t = _log1mexp(lp_t)
     tckd = _binary_kl(lp_t, l1mp_t, lq_t, l1mq_t)
     nckd = _kl_rows(lp_hat, lq_hat)
-    t2 = temperature * temperature
-    return t2 * (alpha * tckd.mean() + beta * nckd.mean())
+    return _reduce(tckd, nckd, alpha, beta, temperature, reduction)
 
 
 def dkd_loss_topk(student_logits: torch.Tensor, topk_idx: torch.Tensor, topk_val: torch.Tensor,
                   target_logit: torch.Tensor, teacher_lse: torch.Tensor, target: torch.Tensor,
-                  alpha: float, beta: float, temperature: float, rule: str = "uniform") -> torch.Tensor:
+                  alpha: float, beta: float, temperature: float, rule: str = "uniform",
+                  reduction: str = "mean") -> torch.Tensor:
     """DKD from a cached teacher: top-k classes and logits, exact target logit and lse(z/T). See the module doc.
 
     student_logits (B, C) float; topk_idx (B, k) integer classes (distinct per row; the target may be among them,
     its entry is then ignored in favour of target_logit); topk_val (B, k) teacher logits (not divided by T);
     target_logit (B,) exact teacher logit of the target class; teacher_lse (B,) logsumexp(z / T) over all classes
-    at this temperature; target (B,) integer classes; rule "uniform" or "bucket". Returns a float32 scalar.
+    at this temperature; target (B,) integer classes; rule "uniform" or "bucket". Returns a float32 scalar
+    (reduction "mean") or the per-sample losses (B,) (reduction "none").
     """
     alpha, beta, temperature = _check_hparams(alpha, beta, temperature)
+    _check_reduction(reduction)
     if rule not in RULES:
         raise ConfigError(f"rule must be one of {RULES}, got {rule!r}")
     _check_logits("student_logits", student_logits)
@@ -240,8 +250,14 @@ def dkd_loss_topk(student_logits: torch.Tensor, topk_idx: torch.Tensor, topk_val
         lq_u = torch.logsumexp(x, dim=1)
         nckd = _kl_rows(torch.cat([lp_hat_k, l_r_rel.view(-1, 1)], dim=1),
                         torch.cat([lq_hat_k, lq_u.view(-1, 1)], dim=1))
+    return _reduce(tckd, nckd, alpha, beta, temperature, reduction)
 
+
+def _reduce(tckd: torch.Tensor, nckd: torch.Tensor, alpha: float, beta: float, temperature: float,
+            reduction: str) -> torch.Tensor:
     t2 = temperature * temperature
+    if reduction == "none":
+        return t2 * (alpha * tckd + beta * nckd)
     return t2 * (alpha * tckd.mean() + beta * nckd.mean())
 
 

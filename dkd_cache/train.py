@@ -8,11 +8,13 @@ per epoch (see loader.plan_epoch); checkpoints are written atomically each epoch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,9 +27,10 @@ from .data import expand_shards, scan_shards, shard_name
 from .errors import CacheMismatchError, CheckpointError, ConfigError, DKDCacheError
 from .loader import RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch, skips_for
 from .logit_codecs import codec_from_dict
-from .loss import dkd_loss, dkd_loss_topk, total_loss
+from .loss import total_loss
 from .progress import Progress
 from .teacher import build_model, load_teacher, save_checkpoint
+from .teacher_signal import Storage, dkd_from_entries, encode_entries, resolve_policy, teacher_forward
 from .views import Recipe, normalize, parse_positive_int
 
 LOSSES = ("dkd", "ce")
@@ -217,6 +220,13 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
             raise ConfigError(f"live teacher has {tinfo.num_classes} classes, the data {num_classes}")
         if cache is not None and tinfo.sha256 != cache.meta.teacher["sha256"] and dinfo.is_main:
             warnings.warn("the live teacher's weights differ from the cache's teacher", stacklevel=2)
+    # ---- the teacher's signal: the cache's storage, or (live) exact storage of the teacher computed per batch
+    storage = teacher_policy = None
+    if teacher is not None:
+        storage = Storage.exact(num_classes, (cfg.temperature,))
+        teacher_policy = resolve_policy(device, cfg.amp)
+    elif cfg.loss == "dkd":
+        storage = Storage.of_cache(cache.meta)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     ddp_model = DistributedDataParallel(model) if dinfo.world > 1 else model
@@ -249,10 +259,7 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
             return
         values = torch.stack([w[3] for w in window]).tolist()
         records = []
-        for (ep, step, lr, _), (loss_v, ce_v, kd_v) in zip(window, values):
-            if not math.isfinite(loss_v):
-                raise DKDCacheError(f"loss became {loss_v} at epoch {ep} step {step}; "
-                                    "lower the learning rate or check the cache with dkd-cache verify")
+        for (ep, step, lr, _), (loss_v, ce_v, kd_v) in zip(window, values):  # finite: train_step checked them
             records.append({"event": "step", "epoch": ep, "step": step, "loss": loss_v, "ce": ce_v, "dkd": kd_v,
                             "lr": lr})
         window.clear()
@@ -269,7 +276,6 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
                             torch_rng=torch.get_rng_state())
         dist_mod.barrier(dinfo)
 
-    use_bf16 = cfg.amp == "bf16"
     last_metrics: dict[str, Any] = {}
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
@@ -295,22 +301,17 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
                                                    pin_memory=device.type == "cuda"):
                 x = normalize(images.to(device, non_blocking=True), recipe, cfg.channels_last)
                 labels = labels.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = ddp_model(x)
-                logits = logits.float()
-                ce = F.cross_entropy(logits, labels)
-                kd = torch.zeros((), device=device)
-                if teacher is not None:
-                    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        t_logits = teacher(x)
-                    kd = dkd_loss(logits, t_logits.float().clone(), labels, cfg.alpha, cfg.beta, cfg.temperature)
-                elif cfg.loss == "dkd":
-                    kd = cached_dkd(logits, labels, entries, codec, cache.meta, cfg, device)
+                if teacher is not None:  # live: the teacher's signal in exact storage, the same loss as cached
+                    entries = encode_entries(teacher_forward(teacher, x, teacher_policy), labels, storage)
+                kd_fn = None
+                if cfg.loss == "dkd":
+                    kd_fn = functools.partial(dkd_from_entries, labels=labels, entries=entries, storage=storage,
+                                              alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature,
+                                              rule=cfg.residual_rule)
                 # DKD's warm-up (official code): the KD term ramps as min(epoch / warmup, 1), epochs counted from 1
-                loss = total_loss(ce, kd, epoch + 1, cfg.warmup_epochs, cfg.ce_weight) if cfg.loss == "dkd" else ce
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss, ce, kd = train_step(ddp_model, optimizer, x, labels, kd_fn, kd_factor=kd_factor(cfg, epoch),
+                                          ce_weight=cfg.ce_weight if cfg.loss == "dkd" else 1.0, amp=cfg.amp,
+                                          dinfo=dinfo, where=f"at epoch {epoch} step {global_step + 1}")
                 global_step += 1
                 steps_done += 1
                 consumed += images.shape[0]
@@ -347,18 +348,30 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
     return result
 
 
-def cached_dkd(logits, labels, entries, codec, meta, cfg: TrainConfig, device) -> torch.Tensor:
-    """DKD from a batch of cache entries: exact full-logit DKD where the codec keeps every logit, else top-k."""
-    arrays = {name.split("/", 1)[1]: t.to(device, non_blocking=True) for name, t in entries.items()
-              if name.startswith("logits/") and name not in ("logits/target", "logits/lse")}
-    decoded = codec.decode(arrays, meta.num_classes)
-    if decoded.full is not None:
-        return dkd_loss(logits, decoded.full, labels, cfg.alpha, cfg.beta, cfg.temperature)
-    t_index = list(meta.temperatures).index(cfg.temperature)
-    lse = entries["logits/lse"].to(device)[:, t_index]
-    target_logit = entries["logits/target"].to(device)
-    return dkd_loss_topk(logits, decoded.topk_idx, decoded.topk_val, target_logit, lse, labels, cfg.alpha, cfg.beta,
-                         cfg.temperature, rule=cfg.residual_rule)
+def kd_factor(cfg: TrainConfig, epoch: int) -> float:
+    """The KD term's weight in epoch `epoch` (0-based): DKD's warm-up min((epoch + 1) / warmup_epochs, 1)."""
+    return float(total_loss(0.0, 1.0, epoch + 1, cfg.warmup_epochs, 0.0))
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor,
+               kd_fn: Callable[[torch.Tensor], torch.Tensor] | None, *, kd_factor: float, ce_weight: float,
+               amp: str = "none", dinfo: dist_mod.DistInfo | None = None, where: str = ""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One SGD step of ce_weight * CE + kd_factor * kd_fn(student logits) on a normalised batch.
+
+    Returns (loss, ce, kd) as detached tensors. A non-finite loss on any rank stops every rank before
+    optimizer.step (the weights stay those of the last good step): NonFiniteLossError."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        logits = model(x)
+    logits = logits.float()
+    ce = F.cross_entropy(logits, labels)
+    kd = kd_fn(logits) if kd_fn is not None else torch.zeros((), device=logits.device)
+    loss = ce_weight * ce + kd_factor * kd if kd_fn is not None else ce
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    dist_mod.require_finite(dinfo, loss, where)
+    optimizer.step()
+    return loss.detach(), ce.detach(), kd.detach()
 
 
 @torch.no_grad()

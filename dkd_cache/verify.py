@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -71,14 +72,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import cache as cache_mod
 from .data import IMAGE_EXTS, expand_shards, iter_raw_samples, keys_digest, parse_sample, scan_shard, shard_name
 from .errors import BadSampleError, CheckpointError, ConfigError, DKDCacheError, ShardError
 from .logit_codecs import Codec, FloatCodec, codec_from_dict
-from .loss import dkd_loss, dkd_loss_topk
 from .teacher import build_model, load_teacher, read_checkpoint
+from .teacher_signal import (ComputePolicy, Storage, dkd_from_entries, encode_entries, lse_at, policy_scope,
+                             select_rows, teacher_forward)
+from .train import train_step
 from .views import draw_view, image_size_of, normalize, render
 
 BLOCK_BYTES = 64 << 20  # at most this much of one array is held at a time during the scan
@@ -489,14 +491,14 @@ BF16_LOGIT_REL = 2.0 ** -6
 
 
 # --------------------------------------------------------------------------------------------- models
-def _forward(model: torch.nn.Module, images: torch.Tensor, recipe, device: torch.device, batch: int,
-             bf16: bool = False) -> torch.Tensor:
-    outs = []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for s in range(0, images.shape[0], batch):
-            x = normalize(images[s:s + batch].to(device), recipe)
-            outs.append(model(x).float().cpu())
-    return torch.cat(outs).clone()
+FP32 = ComputePolicy(amp="none", tf32=False)  # the student's forward and the parity runs
+
+
+def _logits(model: torch.nn.Module, images: torch.Tensor, recipe, device: torch.device, batch: int,
+            policy: ComputePolicy) -> torch.Tensor:
+    """float32 logits (on the CPU) of uint8 renders, through teacher_signal.teacher_forward in batches."""
+    return torch.cat([teacher_forward(model, normalize(images[s:s + batch].to(device), recipe), policy).cpu()
+                      for s in range(0, images.shape[0], batch)])
 
 
 def _load_student(settings: VerifySettings, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, str]:
@@ -514,25 +516,7 @@ def _load_student(settings: VerifySettings, num_classes: int, device: torch.devi
     return model.to(memory_format=torch.channels_last), f"resnet18, random init (torch.manual_seed({settings.seed}))"
 
 
-class _NoTF32:
-    """fp32 means fp32: TF32 convolutions / matmuls off on CUDA for the duration."""
-
-    def __enter__(self):
-        self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
-
-
 # --------------------------------------------------------------------------------------------- fidelity
-def _lse(z: torch.Tensor, temps: Sequence[float]) -> torch.Tensor:
-    """(B, T) float32 logsumexp(z / T), the dump's arithmetic."""
-    t = torch.tensor(list(temps), dtype=torch.float32)
-    return torch.logsumexp(z[:, None, :] / t[None, :, None], dim=2)
-
-
 def _logit_fidelity(codec: Codec, meta, z: torch.Tensor, y: torch.Tensor, stored: dict[str, np.ndarray],
                     tol: float, rep: _Report, labels_of: list[str]) -> dict[str, Any]:
     classes, temps = meta.num_classes, meta.temperatures
@@ -544,7 +528,7 @@ def _logit_fidelity(codec: Codec, meta, z: torch.Tensor, y: torch.Tensor, stored
     out["target_logit"] = _stats(err_t)
     rep.check("logits: target logit |stored - live| max", bool(err_t.max() <= tol), float(err_t.max()), tol)
     lse_s = torch.from_numpy(stored["logits/lse"]).double()
-    lse_l = _lse(z, temps).double()
+    lse_l = lse_at(z, temps).double()
     for ti, temp in enumerate(temps):
         scale = max(1.0, 1.0 / temp)
         e = (lse_s[:, ti] - lse_l[:, ti]).abs().numpy()
@@ -606,17 +590,12 @@ def _logit_fidelity(codec: Codec, meta, z: torch.Tensor, y: torch.Tensor, stored
     return out
 
 
-def _cached_loss_fn(codec: Codec, meta, arrays: dict[str, torch.Tensor], target_logit: torch.Tensor,
-                    lse: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
-    """loss_fn(student_logits, temperature, rule, rows) from cache-style entries, as train.cached_dkd does."""
-    dec = codec.decode(arrays, meta.num_classes)
+def _loss_of(entries: dict[str, torch.Tensor], storage: Storage, y: torch.Tensor, settings: VerifySettings):
+    """loss_fn(student_logits, temperature, rule, rows): teacher_signal.dkd_from_entries, training's loss."""
 
     def fn(s: torch.Tensor, temp: float, rule: str, rows=slice(None)) -> torch.Tensor:
-        if dec.full is not None:
-            return dkd_loss(s, dec.full[rows], y[rows], alpha, beta, temp)
-        ti = list(meta.temperatures).index(temp)
-        return dkd_loss_topk(s, dec.topk_idx[rows], dec.topk_val[rows], target_logit[rows], lse[rows, ti], y[rows],
-                             alpha, beta, temp, rule=rule)
+        return dkd_from_entries(s, y[rows], select_rows(entries, rows), storage, alpha=settings.alpha,
+                                beta=settings.beta, temperature=temp, rule=rule)
     return fn
 
 
@@ -646,11 +625,10 @@ def _rules(codec: Codec) -> tuple[str, ...]:
     return ("exact",) if codec.decodes_full else ("uniform", "bucket")
 
 
-def _loss_fidelity(codec, meta, s, y, stored_fn, ideal_fn, z, settings: VerifySettings, rep: _Report) -> dict:
+def _loss_fidelity(codec, meta, s, stored_fn, ideal_fn, live_fn, settings: VerifySettings, rep: _Report) -> dict:
     out: dict[str, Any] = {}
-    a, b = settings.alpha, settings.beta
     for temp in meta.temperatures:
-        live = lambda x, temp=temp: dkd_loss(x, z, y, a, b, temp)  # noqa: E731
+        live = lambda x, temp=temp: live_fn(x, temp, "uniform")  # noqa: E731
         for rule in _rules(codec):
             r = rule if rule != "exact" else "uniform"
             st = lambda x, temp=temp, r=r: stored_fn(x, temp, r)  # noqa: E731
@@ -678,20 +656,17 @@ class _Run:
 
 def _train_run(student: torch.nn.Module, images: torch.Tensor, y: torch.Tensor, recipe, kd_fn,
                settings: VerifySettings, device: torch.device) -> _Run:
-    """train_steps SGD steps (momentum 0.9) of CE + kd_fn on batches of the entries taken in order, cyclically."""
+    """train_steps steps of train.train_step (SGD, momentum 0.9, CE + kd_fn, KD weight 1) on batches of the
+    entries taken in order, cyclically."""
     model = copy.deepcopy(student).train().requires_grad_(True)
     opt = torch.optim.SGD(model.parameters(), lr=settings.train_lr, momentum=0.9)
     n, b = images.shape[0], min(settings.train_batch, images.shape[0])
     losses, first = [], None
     for step in range(settings.train_steps):
         rows = torch.arange(step * b, step * b + b) % n
-        x = normalize(images[rows].to(device), recipe)
-        logits = model(x).float()
-        loss = F.cross_entropy(logits, y[rows].to(device)) + kd_fn(logits, rows)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        loss, _, _ = train_step(model, opt, normalize(images[rows].to(device), recipe), y[rows].to(device),
+                                functools.partial(kd_fn, rows=rows), kd_factor=1.0, ce_weight=1.0)
+        losses.append(float(loss))
         if first is None:
             first = _params(model)
     return _Run(losses=losses, first=first, final=_params(model))
@@ -717,7 +692,7 @@ def _one_ulp(z: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.nextafter(z, torch.where(up, torch.full_like(z, math.inf), torch.full_like(z, -math.inf)))
 
 
-def _train_parity(codec, meta, student, images, y, z, stored_fn, ideal_fn, settings: VerifySettings,
+def _train_parity(codec, meta, student, images, y, z, stored_fn, ideal_fn, live_fn, settings: VerifySettings,
                   device: torch.device, rep: _Report) -> dict[str, Any]:
     """Training from the cache against the reference (live logits for fp32, else the ideal cache), same start.
 
@@ -727,25 +702,19 @@ def _train_parity(codec, meta, student, images, y, z, stored_fn, ideal_fn, setti
     update, relative. The whole curves and final weights are reported, beside a noise floor: the reference run
     again with its teacher logits moved one ulp, which shows how far float rounding alone carries the run."""
     temp, rule = meta.temperatures[0], "uniform"
-    a, b = settings.alpha, settings.beta
     lossless = isinstance(codec, FloatCodec) and codec.dtype == "fp32"
 
-    def live_kd(zz):
-        return lambda lg, rows: dkd_loss(lg, zz[rows].to(lg.device), y[rows].to(lg.device), a, b, temp)
-
-    def cached_kd(fn):
-        return lambda lg, rows: fn(lg.cpu(), temp, rule, rows).to(lg.device)
+    def kd(fn):
+        return lambda lg, rows: fn(lg, temp, rule, rows)
 
     theta0 = _params(student)
     z_noisy = _one_ulp(z, settings.seed)
-    if lossless:
-        ref_kd, noisy_kd = live_kd(z), live_kd(z_noisy)
-    else:
-        noisy_fn = _cached_loss_fn(codec, meta, {k: torch.from_numpy(v) for k, v in codec.encode(z_noisy).items()},
-                                   z_noisy.gather(1, y[:, None])[:, 0], _lse(z_noisy, meta.temperatures), y, a, b)
-        ref_kd, noisy_kd = cached_kd(ideal_fn), cached_kd(noisy_fn)
-    run = lambda kd: _train_run(student, images, y, meta.recipe, kd, settings, device)  # noqa: E731
-    cache_run, ref_run, noisy_run = run(cached_kd(stored_fn)), run(ref_kd), run(noisy_kd)
+    # the reference: live logits in exact storage (train's live mode) for fp32, else through the codec (ideal cache)
+    storage = Storage.exact(meta.num_classes, meta.temperatures) if lossless else Storage.of_cache(meta)
+    noisy_fn = _loss_of(encode_entries(z_noisy, y, storage), storage, y, settings)
+    ref_fn = live_fn if lossless else ideal_fn
+    run = lambda fn: _train_run(student, images, y, meta.recipe, kd(fn), settings, device)  # noqa: E731
+    cache_run, ref_run, noisy_run = run(stored_fn), run(ref_fn), run(noisy_fn)
     ref_name = "live" if lossless else "ideal cache"
     vs_ref = _run_diff(cache_run, ref_run, theta0)
     out = {"steps": settings.train_steps, "batch": min(settings.train_batch, images.shape[0]),
@@ -755,7 +724,7 @@ def _train_parity(codec, meta, student, images, y, z, stored_fn, ideal_fn, setti
     if lossless:
         out["losses_live"] = ref_run.losses
     else:
-        live_run = run(live_kd(z))
+        live_run = run(live_fn)
         out["losses_live"] = live_run.losses
         out["vs_live"] = _run_diff(cache_run, live_run, theta0)
     tol = settings.parity_tol
@@ -886,10 +855,10 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
     if fidelity_ok:
         images = torch.stack(renders)
         y = torch.as_tensor(per["label"][rows_k].astype(np.int64))
-        with _NoTF32():
-            # The live teacher runs as the dump did (meta.compute): under bf16 autocast for a bf16 cache.
-            bf16 = meta.compute.get("amp") == "bf16"
-            z = _forward(teacher, images, meta.recipe, device, s.batch_size, bf16=bf16)
+        # The live teacher runs as the dump did (the cache's compute policy): under bf16 autocast for a bf16 cache.
+        policy = ComputePolicy.from_dict(meta.compute) if meta.compute else ComputePolicy(device=device.type)
+        bf16 = policy.amp == "bf16"
+        z = _logits(teacher, images, meta.recipe, device, s.batch_size, policy)
         logit_tol = s.logit_tol
         if bf16:  # bf16 keeps 8 significant bits; rounding differs across devices and kernels
             logit_tol = max(logit_tol, BF16_LOGIT_REL * float(z.abs().max()))
@@ -900,17 +869,17 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
         # ---- 3. loss fidelity
         t0 = time.perf_counter()
         student, student_desc = _load_student(s, meta.num_classes, device)
-        with _NoTF32():
-            s_logits = _forward(student, images, meta.recipe, device, s.batch_size)
-        arrays_stored = {k.split("/", 1)[1]: torch.from_numpy(v) for k, v in stored_k.items()
-                         if k.startswith("logits/") and k not in ("logits/target", "logits/lse")}
-        stored_fn = _cached_loss_fn(codec, meta, arrays_stored, torch.from_numpy(stored_k["logits/target"]),
-                                    torch.from_numpy(stored_k["logits/lse"]), y, s.alpha, s.beta)
-        ideal_arrays = {k: torch.from_numpy(v) for k, v in codec.encode(z).items()}
-        ideal_fn = _cached_loss_fn(codec, meta, ideal_arrays, z.gather(1, y[:, None])[:, 0],
-                                   _lse(z, meta.temperatures), y, s.alpha, s.beta)
+        s_logits = _logits(student, images, meta.recipe, device, s.batch_size, FP32)
+        # the same loss training uses, on three sets of entries: the stored ones, the live logits through the
+        # cache's codec (an ideal cache) and the live logits in exact storage
+        storage = Storage.of_cache(meta)
+        exact = Storage.exact(meta.num_classes, meta.temperatures)
+        stored_fn = _loss_of({k: torch.from_numpy(v) for k, v in stored_k.items() if k.startswith("logits/")},
+                             storage, y, s)
+        ideal_fn = _loss_of(encode_entries(z, y, storage), storage, y, s)
+        live_fn = _loss_of(encode_entries(z, y, exact), exact, y, s)
         rep.data["loss"] = {"student": student_desc, "alpha": s.alpha, "beta": s.beta,
-                            **_loss_fidelity(codec, meta, s_logits, y, stored_fn, ideal_fn, z, s, rep)}
+                            **_loss_fidelity(codec, meta, s_logits, stored_fn, ideal_fn, live_fn, s, rep)}
         timings["loss"] = time.perf_counter() - t0
 
         # ---- 4. training parity
@@ -921,8 +890,9 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
             else:
                 torch.manual_seed(s.seed)
                 base = build_model("resnet18", meta.num_classes).to(device).to(memory_format=torch.channels_last)
-            with _NoTF32():
-                rep.data["train"] = _train_parity(codec, meta, base, images, y, z, stored_fn, ideal_fn, s, device, rep)
+            with policy_scope(FP32):
+                rep.data["train"] = _train_parity(codec, meta, base, images, y, z, stored_fn, ideal_fn, live_fn, s,
+                                                  device, rep)
             timings["train"] = time.perf_counter() - t0
     elif s.train_steps > 0:
         rep.check("train: parity run", False, detail="skipped: no entry could be compared")
