@@ -327,7 +327,7 @@ def decode_cost(a: argparse.Namespace, cache_path: str, min_seconds: float = 1.0
     labels = torch.from_numpy(labels_np.astype(np.int64)).to(device)
     codec_arrays = {n.split("/", 1)[1]: t.to(device) for n, t in entries.items()
                     if n not in ("logits/target", "logits/lse")}
-    storage = Storage.of_cache(meta)
+    storage = Storage.of_cache(cache)
     student = torch.randn(b, meta.num_classes, device=device, generator=None)
 
     def decode():

@@ -106,9 +106,13 @@ class Storage:
     temperatures: tuple[float, ...]
 
     @classmethod
-    def of_cache(cls, meta: Any) -> "Storage":
-        """The storage of a cache (its CacheMeta)."""
-        codec = meta.codec if isinstance(meta.codec, Codec) else codec_from_dict(meta.codec)
+    def of_cache(cls, cache: Any) -> "Storage":
+        """The storage of a cache: an open Cache (its `codec` property when it has one: a codec with fitted
+        parameters stored in the cache) or its CacheMeta."""
+        meta = getattr(cache, "meta", cache)
+        codec = getattr(cache, "codec", None) if cache is not meta else None
+        if not isinstance(codec, Codec):
+            codec = meta.codec if isinstance(meta.codec, Codec) else codec_from_dict(meta.codec)
         return cls(codec=codec, num_classes=meta.num_classes, temperatures=tuple(meta.temperatures))
 
     @classmethod

@@ -226,7 +226,7 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         storage = Storage.exact(num_classes, (cfg.temperature,))
         teacher_policy = resolve_policy(device, cfg.amp)
     elif cfg.loss == "dkd":
-        storage = Storage.of_cache(cache.meta)
+        storage = Storage.of_cache(cache)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     ddp_model = DistributedDataParallel(model) if dinfo.world > 1 else model
@@ -367,9 +367,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     ce = F.cross_entropy(logits, labels)
     kd = kd_fn(logits) if kd_fn is not None else torch.zeros((), device=logits.device)
     loss = ce_weight * ce + kd_factor * kd if kd_fn is not None else ce
+    # Agreed before backward (so no rank enters DDP's gradient all-reduce alone) and before optimizer.step. The host
+    # read waits for the forward only: the backward and the step are queued after it, so the GPU idles for no more
+    # than a kernel launch.
+    dist_mod.require_finite(dinfo, loss, where)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    dist_mod.require_finite(dinfo, loss, where)
     optimizer.step()
     return loss.detach(), ce.detach(), kd.detach()
 

@@ -692,8 +692,8 @@ def _one_ulp(z: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.nextafter(z, torch.where(up, torch.full_like(z, math.inf), torch.full_like(z, -math.inf)))
 
 
-def _train_parity(codec, meta, student, images, y, z, stored_fn, ideal_fn, live_fn, settings: VerifySettings,
-                  device: torch.device, rep: _Report) -> dict[str, Any]:
+def _train_parity(codec, meta, cache_storage, student, images, y, z, stored_fn, ideal_fn, live_fn,
+                  settings: VerifySettings, device: torch.device, rep: _Report) -> dict[str, Any]:
     """Training from the cache against the reference (live logits for fp32, else the ideal cache), same start.
 
     Training a network is chaotic at the bit level: a one-ulp change of the teacher's logits grows step by step
@@ -710,7 +710,7 @@ def _train_parity(codec, meta, student, images, y, z, stored_fn, ideal_fn, live_
     theta0 = _params(student)
     z_noisy = _one_ulp(z, settings.seed)
     # the reference: live logits in exact storage (train's live mode) for fp32, else through the codec (ideal cache)
-    storage = Storage.exact(meta.num_classes, meta.temperatures) if lossless else Storage.of_cache(meta)
+    storage = Storage.exact(meta.num_classes, meta.temperatures) if lossless else cache_storage
     noisy_fn = _loss_of(encode_entries(z_noisy, y, storage), storage, y, settings)
     ref_fn = live_fn if lossless else ideal_fn
     run = lambda fn: _train_run(student, images, y, meta.recipe, kd(fn), settings, device)  # noqa: E731
@@ -872,7 +872,7 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
         s_logits = _logits(student, images, meta.recipe, device, s.batch_size, FP32)
         # the same loss training uses, on three sets of entries: the stored ones, the live logits through the
         # cache's codec (an ideal cache) and the live logits in exact storage
-        storage = Storage.of_cache(meta)
+        storage = Storage.of_cache(cache)
         exact = Storage.exact(meta.num_classes, meta.temperatures)
         stored_fn = _loss_of({k: torch.from_numpy(v) for k, v in stored_k.items() if k.startswith("logits/")},
                              storage, y, s)
@@ -891,8 +891,8 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
                 torch.manual_seed(s.seed)
                 base = build_model("resnet18", meta.num_classes).to(device).to(memory_format=torch.channels_last)
             with policy_scope(FP32):
-                rep.data["train"] = _train_parity(codec, meta, base, images, y, z, stored_fn, ideal_fn, live_fn, s,
-                                                  device, rep)
+                rep.data["train"] = _train_parity(codec, meta, storage, base, images, y, z, stored_fn, ideal_fn,
+                                                  live_fn, s, device, rep)
             timings["train"] = time.perf_counter() - t0
     elif s.train_steps > 0:
         rep.check("train: parity run", False, detail="skipped: no entry could be compared")
