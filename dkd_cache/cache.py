@@ -43,6 +43,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from . import FORMAT_VERSION, __version__
 from .data import ShardIndex, keys_digest
 from .errors import CacheError, CacheLockedError, CacheMismatchError, ConfigError
+from .logit_codecs import Codec, codec_from_dict
 from .views import Recipe
 
 STATUS_PADDING, STATUS_OK, STATUS_SKIPPED = 0, 1, 2
@@ -214,6 +215,17 @@ class Cache:
                              f"({name}/zarr.json) is damaged, re-dump the cache") from e
 
     @property
+    def codec(self) -> Codec:
+        """The cache's codec, with its own arrays (`codec/*`: a learned basis) read back and checked against the
+        SHA-256 its metadata records; a basis that does not match is refused (CacheMismatchError)."""
+        codec = codec_from_dict(self.meta.codec)
+        state = {name: np.asarray(self.array(f"codec/{name}")[...]) for name in _group_members(self.group, "codec")}
+        try:
+            return codec.with_state(state)
+        except CacheError as e:
+            raise type(e)(f"{self.path}: {e}") from None
+
+    @property
     def codec_arrays(self) -> list[str]:
         return sorted(k for k in _group_members(self.group, "logits") if k not in ("target", "lse"))
 
@@ -321,18 +333,22 @@ def _store_writes(path: str | Path, what: str) -> Iterator[None]:
 
 
 def create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex],
-                 codec_arrays: dict[str, tuple[tuple[int, ...], Any]]) -> Cache:
+                 codec_arrays: dict[str, tuple[tuple[int, ...], Any]],
+                 codec_state: dict[str, np.ndarray] | None = None) -> Cache:
     """Create the store, all arrays, and the per-sample arrays (keys, labels, shard, status). One process only.
+
+    codec_state: the codec's own arrays (a learned codec's basis), written once as `codec/<name>` before the
+    metadata, so a cache that exists always holds the basis its metadata records.
 
     Built in a hidden sibling folder and renamed into place when whole: a crash during creation leaves no
     half-made cache at `path`, only a `.NAME.partial-*` folder that the next dump removes.
     """
     with _store_writes(path, "the new cache"):
-        return _create_cache(path, meta, indexes, codec_arrays)
+        return _create_cache(path, meta, indexes, codec_arrays, codec_state or {})
 
 
 def _create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex],
-                  codec_arrays: dict[str, tuple[tuple[int, ...], Any]]) -> Cache:
+                  codec_arrays: dict[str, tuple[tuple[int, ...], Any]], codec_state: dict[str, np.ndarray]) -> Cache:
     path = Path(path)
     final, path = path, path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
     keys = [k for ix in indexes for k in ix.keys]
@@ -360,6 +376,10 @@ def _create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardInde
     group["samples/label"][:] = label
     group["samples/shard"][:] = shard
     group["samples/status"][:] = status
+    for name, values in codec_state.items():
+        arr = group.create_array(f"codec/{name}", shape=values.shape, dtype=values.dtype, chunks=values.shape,
+                                 compressors=COMPRESSORS)
+        arr[...] = values
     (path / "_dkd" / "done").mkdir(parents=True, exist_ok=True)
     group.attrs["dkd_cache"] = meta.to_dict()  # written after the arrays exist; state "writing"
     os.rename(path, final)

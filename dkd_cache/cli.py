@@ -84,7 +84,9 @@ def dump_teacher_cmd(
     arch: Annotated[Optional[str], typer.Option(help="Teacher architecture (any torchvision classifier)")] = None,
     views: Annotated[Optional[int], typer.Option(help="Augmented views per sample (one per epoch)")] = None,
     topk: Annotated[Optional[str], typer.Option(help="Shorthand codec: K for topk:K, 'all' for fp32")] = None,
-    codec: Annotated[Optional[str], typer.Option(help="Logit codec: topk:K, topk:K+qB (B=2,4,8), q8, fp16, fp32")] = None,
+    codec: Annotated[Optional[str], typer.Option(help="Logit codec: topk:K, topk:K+qB (B=2,4,8), q8, fp16, fp32, "
+                                                      "lowrank:R+top:M+sparse:K (learned)")] = None,
+    calibration_views: Annotated[Optional[int], typer.Option(help="Learned codecs: views the basis is fitted on")] = None,
     temperature: Annotated[Optional[list[float]], typer.Option(help="Temperature(s) whose log-partition is stored")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size of the network")] = None,
     interpolation: Annotated[Optional[str], typer.Option(help="bilinear, bicubic or nearest")] = None,
@@ -114,6 +116,7 @@ def dump_teacher_cmd(
         settings = merge(DumpSettings, file["dump"], _flags(
             arch=arch, views=views, codec=codec_spec, temperatures=tuple(temperature) if temperature else None,
             batch_size=batch_size, workers=workers, seed=seed, device=device, amp=amp, chunk_rows=chunk_rows,
+            calibration_views=calibration_views,
         ), where=f"{config} [dump]", fixed={"shards": shards, "weights": str(weights), "out": str(out),
                                             "recipe": recipe, "skip_bad": skip_bad or file["dump"].get("skip_bad", False),
                                             "allow_pipe": allow_pipe})

@@ -27,7 +27,8 @@ from . import cache as cache_mod
 from . import dist as dist_mod
 from .data import keep_as_is, expand_shards, iter_raw_samples, parse_sample, scan_shards, shard_name
 from .errors import BadSampleError, CacheMismatchError, ConfigError, DKDCacheError, ShardError
-from .logit_codecs import parse_codec
+from .calibration import calibration_logits, calibration_plan, render_plan
+from .logit_codecs import codec_from_dict, parse_codec
 from .progress import Progress
 from .teacher import load_teacher
 from .teacher_signal import LSE, TARGET, ComputePolicy, Storage, encode_entries, resolve_policy, teacher_forward
@@ -52,9 +53,10 @@ class DumpSettings:
     chunk_rows: int = 256
     allow_pipe: bool = False
     amp: str | None = None  # None: fp32 on CPU, bf16 on CUDA; "none" forces fp32; "bf16" forces bf16
+    calibration_views: int = 4096  # learned codecs (lowrank): views the basis is fitted on, before any row is written
 
     def __post_init__(self) -> None:
-        for name in ("views", "batch_size", "chunk_rows"):
+        for name in ("views", "batch_size", "chunk_rows", "calibration_views"):
             parse_positive_int(name, getattr(self, name))
         if isinstance(self.workers, bool) or self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
@@ -228,6 +230,9 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                     versions=cache_mod.library_versions(), compute=compute)
                 if (Path(s.out) / "zarr.json").exists():
                     existing = cache_mod.open_cache(s.out, mode="r+")
+                    if codec_from_dict(existing.meta.codec).name == codec.name:
+                        # the same codec: a learned one keeps its stored basis (resume never refits)
+                        meta = dataclasses.replace(meta, codec=existing.meta.codec)
                     diffs = existing.meta.differences(meta)
                     if diffs:
                         raise CacheMismatchError(f"{s.out} holds a cache made with other settings; refusing to mix "
@@ -235,7 +240,10 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                 elif Path(s.out).exists() and any(Path(s.out).iterdir()):
                     raise cache_mod.CacheError(f"{s.out} exists and is not a dkd-cache store; choose another --out")
                 else:
-                    cache_mod.create_cache(s.out, meta, indexes, codec_arrays)
+                    if codec.learned:
+                        codec = fit_codec(codec, indexes, urls, meta, model, s)
+                        meta = dataclasses.replace(meta, codec=codec.to_dict())
+                    cache_mod.create_cache(s.out, meta, indexes, codec_arrays, codec.state_arrays())
             except DKDCacheError as e:
                 error = e
         message = dist_mod.broadcast_object(dinfo, None if error is None else f"{type(error).__name__}: {error}")
@@ -244,6 +252,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
         if message is not None:
             raise DKDCacheError(f"rank 0 failed: {message}")
         cache = cache_mod.open_cache(s.out, mode="r+")
+        codec = cache.codec  # with its basis, checked against the recorded hash (every rank reads the same one)
         for stale in (Path(s.out) / "_dkd" / "done").glob("*.partial"):
             stale.unlink(missing_ok=True)  # a record torn by a crash is not a record
 
@@ -263,6 +272,20 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
     return DumpReport(path=str(s.out), shards_done=len(jobs), samples=n_samples, views_written=views_written,
                       skipped=skipped, seconds=seconds, images_per_s=views_written / max(seconds, 1e-9),
                       complete=complete)
+
+
+def fit_codec(codec, indexes, urls, meta: cache_mod.CacheMeta, model, s: DumpSettings):
+    """A learned codec fitted on the teacher's logits of the calibration sample (calibration.py), before any row."""
+    by_name = {shard_name(u): u for u in urls}
+    names = [e.name for e in meta.manifest.shards]
+    plan = calibration_plan(indexes, meta.views, s.calibration_views)
+    device = next(model.parameters()).device
+    renders = render_plan(plan, [by_name[n] for n in names], names, meta.seed, meta.recipe, meta.num_classes,
+                          s.skip_bad)
+    policy = ComputePolicy.from_dict(meta.compute)  # the teacher runs exactly as for the cache's rows
+    logits = calibration_logits(renders, lambda x: teacher_forward(model, x, policy), meta.recipe, device,
+                                s.batch_size)
+    return codec.fit(logits)
 
 
 def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_samples, show) -> tuple[int, int]:

@@ -193,6 +193,7 @@ class Codec:
 
     kind: ClassVar[str] = ""
     decodes_full: ClassVar[bool] = True
+    learned: ClassVar[bool] = False  # True: needs `fit` on calibration logits before it can encode
 
     @property
     def name(self) -> str:  # the spec string, e.g. "topk:10+q4"
@@ -570,10 +571,12 @@ def _sym_quantise(r: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
 class LowRankCodec(Codec):
     """`lowrank:R+top:M+sparse:K`: a basis fitted once per cache, R coefficients per view, two residual corrections.
 
-    Per view: R int8 coefficient codes (the approximation z~ above); the residual z - z~ of the M classes ranked
-    highest by z~ (no indices: the decoder ranks z~ exactly as the encoder did) in 4 bits with a float16 scale;
-    then the K classes where the remaining residual weighs most in the loss (|residual| x softmax(z), chosen by
-    the encoder) as int16 class + int8 residual with a float16 scale. Decodes to the full vector (float32).
+    Per view: R coefficient codes in [-127, 127] stored as uint8 code + 128 (the approximation z~ above); the
+    residual z - z~ of the M classes ranked highest by z~ (no indices: the decoder ranks z~ exactly as the encoder
+    did) in 4 bits (code + 8, packed) with a float16 scale; then the K classes where the remaining residual weighs
+    most in the loss (|residual| x softmax(z), chosen by the encoder) as int16 class + residual code + 128 (uint8)
+    with a float16 scale. Decodes to the full vector (float32). Stored codes are unsigned so that no real entry
+    equals the cache's fill sentinel.
     The basis (`basis`) comes from `fit` on calibration logits, or from a cache (`with_state`); `record` holds
     its SHA-256 and fit statistics and travels in the cache's metadata, so a basis that does not match is refused.
     """
@@ -585,6 +588,7 @@ class LowRankCodec(Codec):
     basis: LowRankBasis | None = dataclasses.field(default=None, compare=False, repr=False)
     _on_device: dict = dataclasses.field(default_factory=dict, compare=False, repr=False, init=False)
     kind: ClassVar[str] = "lowrank"
+    learned: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         for field, low in (("rank", 1), ("top", 0), ("sparse", 0)):
@@ -675,14 +679,14 @@ class LowRankCodec(Codec):
 
     def arrays(self, num_classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         c = self._check(num_classes)
-        out = {"coef": ((self.rank,), np.dtype(np.int8))}
+        out = {"coef": ((self.rank,), np.dtype(np.uint8))}
         if self.top:
             out.update({"top_scale": ((), np.dtype(np.float16)),
                         "top_codes": ((packed_length(self.top, 4),), np.dtype(np.uint8))})
         if self.sparse:
             out.update({"sparse_idx": ((self.sparse,), TopKCodec.index_dtype(c)),
                         "sparse_scale": ((), np.dtype(np.float16)),
-                        "sparse_codes": ((self.sparse,), np.dtype(np.int8))})
+                        "sparse_codes": ((self.sparse,), np.dtype(np.uint8))})
         return out
 
     def encode(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
@@ -691,7 +695,7 @@ class LowRankCodec(Codec):
         basis = self._basis()
         codes = basis.encode_np(x)
         score, approx = basis.approx_np(codes)
-        out = {"coef": codes}
+        out = {"coef": (codes.astype(np.int16) + 128).astype(np.uint8)}
         if self.top:
             order = _order(score, self.top)
             resid = np.take_along_axis(x, order, 1) - np.take_along_axis(approx, order, 1)
@@ -705,7 +709,7 @@ class LowRankCodec(Codec):
             idx = np.sort(np.argsort(-(np.abs(resid) * weight), axis=1, kind="stable")[:, :self.sparse], axis=1)
             scale, q = _sym_quantise(np.take_along_axis(resid, idx, 1), _LR_SPARSE)
             out.update({"sparse_idx": idx.astype(TopKCodec.index_dtype(c)), "sparse_scale": scale,
-                        "sparse_codes": q})
+                        "sparse_codes": (q.astype(np.int16) + 128).astype(np.uint8)})
         return out
 
     def _device_basis(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -722,14 +726,14 @@ class LowRankCodec(Codec):
         coef = t["coef"]
         mean, basis, mult = self._device_basis(coef.device)
         # exact integers in float64 (see LowRankBasis), on the entries' device
-        score = torch.addmm(mean.unsqueeze(0).expand(batch, -1), coef.double() * mult, basis)
+        score = torch.addmm(mean.unsqueeze(0).expand(batch, -1), (coef.double() - 128) * mult, basis)
         full = (score * self._basis().grid).float()
         if self.top:
             order = torch.topk(_rank_keys(score, num_classes), self.top, dim=1, sorted=True).indices  # distinct keys
             q = unpack_bits(t["top_codes"], 4, self.top).float().sub_(8)
             full.scatter_add_(1, order, q.mul_(t["top_scale"].float().unsqueeze(1)))
         if self.sparse:
-            q = t["sparse_codes"].float().mul_(t["sparse_scale"].float().unsqueeze(1))
+            q = t["sparse_codes"].float().sub_(128).mul_(t["sparse_scale"].float().unsqueeze(1))
             full.scatter_add_(1, t["sparse_idx"].long(), q)
         return Decoded(full=full)
 

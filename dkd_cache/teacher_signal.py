@@ -170,8 +170,11 @@ def dkd_from_entries(student_logits: torch.Tensor, labels: torch.Tensor, entries
                      reduction: str = "mean") -> torch.Tensor:
     """DKD of the student logits against a batch of stored entries (see `encode_entries` for their names).
 
-    Codecs that decode every logit give exact DKD on the decoded logits; top-k codecs give the cached form
-    (loss.dkd_loss_topk with `rule`), which needs lse at `temperature` among the stored temperatures.
+    Codecs that decode every logit give DKD on the decoded logits with TCKD exact: the stored target logit replaces
+    the decoded one, and at a stored temperature the stored lse gives p_t = exp(z_t / T - lse) exactly (at another
+    temperature the lse comes from the decoded non-target logits and the exact z_t); NCKD reads only the decoded
+    non-target logits. Top-k codecs give the cached form (loss.dkd_loss_topk with `rule`), which needs lse at
+    `temperature` among the stored temperatures.
     reduction "mean": float32 scalar, the batch mean; "none": (B,) per-sample losses."""
     if reduction not in REDUCTIONS:
         raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -181,7 +184,13 @@ def dkd_from_entries(student_logits: torch.Tensor, labels: torch.Tensor, entries
     labels = labels.to(device)
     decoded = storage.codec.decode(arrays, storage.num_classes)
     if decoded.full is not None:
-        return dkd_loss(student_logits, decoded.full, labels, alpha, beta, temperature, reduction=reduction)
+        target_logit = torch.as_tensor(entries[TARGET]).to(device).float()
+        full = decoded.full.scatter(1, labels.long().view(-1, 1), target_logit.view(-1, 1))
+        if float(temperature) not in storage.temperatures:
+            return dkd_loss(student_logits, full, labels, alpha, beta, temperature, reduction=reduction)
+        lse = torch.as_tensor(entries[LSE]).to(device)[:, storage.temperature_index(temperature)]
+        return dkd_loss(student_logits, full, labels, alpha, beta, temperature, reduction=reduction,
+                        target_logit=target_logit, teacher_lse=lse)
     ti = storage.temperature_index(temperature)
     lse = torch.as_tensor(entries[LSE]).to(device)[:, ti]
     target_logit = torch.as_tensor(entries[TARGET]).to(device)

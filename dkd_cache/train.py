@@ -26,7 +26,6 @@ from . import dist as dist_mod
 from .data import expand_shards, scan_shards, shard_name
 from .errors import CacheMismatchError, CheckpointError, ConfigError, DKDCacheError
 from .loader import RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch, skips_for
-from .logit_codecs import codec_from_dict
 from .loss import total_loss
 from .progress import Progress
 from .teacher import build_model, load_teacher, save_checkpoint
@@ -188,7 +187,7 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         if cfg.recipe is not None and Recipe.from_dict(cfg.recipe) != recipe:
             raise ConfigError("the config's [recipe] contradicts the cache's recipe; the cache's recipe is used "
                               "for training: remove [recipe] or re-dump with it")
-        codec = codec_from_dict(cache.meta.codec)
+        codec = cache.codec  # a learned codec comes with its basis, checked against the recorded hash
         full_codec = codec.decodes_full
         if cfg.loss == "dkd" and not cfg.live_teacher and not full_codec and \
                 cfg.temperature not in cache.meta.temperatures:

@@ -76,7 +76,7 @@ import torch
 from . import cache as cache_mod
 from .data import IMAGE_EXTS, expand_shards, iter_raw_samples, keys_digest, parse_sample, scan_shard, shard_name
 from .errors import BadSampleError, CheckpointError, ConfigError, DKDCacheError, ShardError
-from .logit_codecs import Codec, FloatCodec, codec_from_dict
+from .logit_codecs import Codec, FloatCodec
 from .teacher import build_model, load_teacher, read_checkpoint
 from .teacher_signal import (ComputePolicy, Storage, dkd_from_entries, encode_entries, lse_at, policy_scope,
                              select_rows, teacher_forward)
@@ -744,7 +744,7 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
     timings: dict[str, float] = {}
     cache = cache_mod.open_cache(s.cache)
     meta = cache.meta
-    codec = codec_from_dict(meta.codec)
+    codec = cache.codec  # a learned codec comes with its basis, checked against the recorded hash
     m = meta.manifest
     device = torch.device(s.device)
     if device.type == "cuda" and not torch.cuda.is_available():

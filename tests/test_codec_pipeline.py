@@ -15,7 +15,7 @@ from dkd_cache.train import TrainConfig, train_student
 from .conftest import dump_settings
 
 
-@pytest.mark.parametrize("codec", ["topk:3+q2", "topk:3+q4", "q8", "fp16", "fp32"])
+@pytest.mark.parametrize("codec", ["topk:3+q2", "topk:3+q4", "q8", "fp16", "fp32", "lowrank:4+top:4+sparse:2"])
 def test_codec_cache_dumps_trains_and_verifies(codec, shards, teacher_ckpt, tmp_path):
     cache = tmp_path / "c.zarr"
     report = dump_teacher(dump_settings(shards, teacher_ckpt, cache, codec=codec, views=1), progress=False)

@@ -33,9 +33,9 @@ def test_spec_parse_and_arrays():
     assert (codec.rank, codec.top, codec.sparse, codec.name) == (8, 16, 4, "lowrank:8+top:16+sparse:4")
     assert parse_codec("lowrank:8", C).name == "lowrank:8" and parse_codec("lowrank:8+sparse:3", C).sparse == 3
     spec = codec.arrays(C)
-    assert spec == {"coef": ((8,), np.dtype(np.int8)), "top_scale": ((), np.dtype(np.float16)),
+    assert spec == {"coef": ((8,), np.dtype(np.uint8)), "top_scale": ((), np.dtype(np.float16)),
                     "top_codes": ((8,), np.dtype(np.uint8)), "sparse_idx": ((4,), np.dtype(np.int16)),
-                    "sparse_scale": ((), np.dtype(np.float16)), "sparse_codes": ((4,), np.dtype(np.int8))}
+                    "sparse_scale": ((), np.dtype(np.float16)), "sparse_codes": ((4,), np.dtype(np.uint8))}
     assert codec.bytes_per_entry(C) == 8 + 2 + 8 + 8 + 2 + 4
     for bad in ("lowrank:", "lowrank:0", "lowrank:8+sparse:2+top:3", "lowrank:8+top:x", "lowrank:41"):
         with pytest.raises(ConfigError):
@@ -70,7 +70,7 @@ def test_decode_is_integer_exact_and_batch_independent():
         assert torch.equal(codec.decode({k: v[i:i + 1] for k, v in arr.items()}, C).full, whole[i:i + 1])
     # the approximation is g * (an integer): the same integers whatever the summation order
     b = codec.basis
-    coef = arr["coef"].numpy().astype(np.int64)
+    coef = arr["coef"].numpy().astype(np.int64) - 128
     score = b.mean.astype(np.int64) + (coef * b.mult.astype(np.int64)) @ b.basis.astype(np.int64)
     approx = LowRankCodec(rank=5, record=codec.record, basis=b).decode({"coef": arr["coef"]}, C).full
     assert torch.equal(approx, torch.from_numpy((score.astype(np.float64) * b.grid).astype(np.float32)))
