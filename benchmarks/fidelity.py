@@ -51,7 +51,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_REAL = REPO.parent / "shared" / "data" / "imagenet-real-logits" / "logits.npz"
 CODECS = ("topk:1", "topk:5", "topk:10", "topk:20", "topk:50", "topk:10+q2", "topk:10+q4", "topk:10+q8", "topk:20+q4",
-          "q8", "fp16", "fp32")
+          "q8", "fp16", "fp32", "lowrank:16+top:32+sparse:8", "lowrank:32+top:32+sparse:8", "lowrank:32+top:64+sparse:8",
+          "lowrank:32+top:64+sparse:16", "lowrank:48+top:64+sparse:8", "lowrank:64+top:128+sparse:16",
+          "lowrank:128+top:128+sparse:32", "lowrank:64+sparse:16")
+FEATURE_CODECS = ("q8", "fp16")  # codecs applied to the penultimate features (a feature cache)
 RULES = ("uniform", "bucket")
 SETTINGS = {1.0: (1.0, 0.5), 4.0: (1.0, 8.0)}  # T -> (alpha, beta)
 UNTRAINED_STD = 0.1
@@ -85,14 +88,44 @@ def untrained(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
     return torch.randn(shape, generator=g) * UNTRAINED_STD
 
 
-def real_source(path: str) -> dict[str, Any]:
+def held_out(source: dict[str, Any], fit: np.ndarray, name: str, how: str) -> dict[str, Any]:
+    """The source split in two: codecs that learn (lowrank) fit on the `fit` rows; every codec is measured on the
+    others, so no figure is in-sample."""
+    fit = torch.from_numpy(np.asarray(fit, bool))
+    ev = ~fit
+    out = {"name": name, "teacher": source["teacher"][ev].clone(), "labels": source["labels"][ev].clone(),
+           "calibration": source["teacher"][fit].clone(),
+           "students": {k: v[ev].clone() for k, v in source["students"].items()},
+           "about": f"{source['about']}; {how}: fit on {int(fit.sum())} rows, measured on {int(ev.sum())}"}
+    if "features" in source:
+        out.update(features=source["features"][ev].clone(), fc=source["fc"])
+    return out
+
+
+def alternate_within(groups: np.ndarray) -> np.ndarray:
+    """True for every other row of each group (the group's 1st, 3rd, ... row in file order)."""
+    out = np.zeros(len(groups), bool)
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        out[rows[::2]] = True
+    return out
+
+
+def real_sources(path: str) -> list[dict[str, Any]]:
+    """Two held-out splits of the real logits: 'real' fits on half the views of every photo and is measured on
+    the other views (other crops of the same photos: a calibration sample that covers the data's content, as a
+    sample of a whole training set does); 'real-photos' fits on 8 photos and is measured on the 8 others
+    (content the fit never saw: the pessimistic case, harsher than any calibration sample of the data itself)."""
     d = np.load(path, allow_pickle=False)
     z = torch.from_numpy(np.asarray(d["teacher_logits"], np.float32))
-    return {"name": "real", "teacher": z, "labels": torch.from_numpy(np.asarray(d["labels"]).astype(np.int64)),
-            "students": {"trained": torch.from_numpy(np.asarray(d["student_logits"], np.float32)),
-                         "untrained": untrained(tuple(z.shape))},
-            "about": f"{path}: EfficientNet-Lite0 teacher, EfficientNet-Lite1 student, {z.shape[0]} views, "
-                     f"{z.shape[1]} classes"}
+    photo = np.asarray(d["image_index"]).astype(np.int64)
+    whole = {"teacher": z, "labels": torch.from_numpy(np.asarray(d["labels"]).astype(np.int64)),
+             "students": {"trained": torch.from_numpy(np.asarray(d["student_logits"], np.float32)),
+                          "untrained": untrained(tuple(z.shape))},
+             "about": f"{path}: EfficientNet-Lite0 teacher, EfficientNet-Lite1 student, {z.shape[0]} views of "
+                      f"{len(np.unique(photo))} photos, {z.shape[1]} classes"}
+    return [held_out(whole, alternate_within(photo), "real", "held-out views (every other view of each photo)"),
+            held_out(whole, photo % 2 == 0, "real-photos", "held-out photos (even photos fit, odd measured)")]
 
 
 def demo_source(a: argparse.Namespace) -> dict[str, Any]:
@@ -141,6 +174,8 @@ def demo_source(a: argparse.Namespace) -> dict[str, Any]:
         model, _ = load_teacher(a.student_arch, a.student)
         students["trained"] = model
     out: dict[str, list[torch.Tensor]] = {"teacher": [], **{k: [] for k in students if students[k] is not None}}
+    feats: list[torch.Tensor] = []  # the teacher's penultimate features: the input of its final layer
+    hook = teacher.fc.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].float()))
     with torch.inference_mode():
         for i in range(0, len(x), 128):
             xb = normalize(x[i:i + 128], meta.recipe)
@@ -148,6 +183,7 @@ def demo_source(a: argparse.Namespace) -> dict[str, Any]:
             for k, mdl in students.items():
                 if mdl is not None:
                     out[k].append(mdl(xb).float())
+    hook.remove()
     z = torch.cat(out["teacher"])
     stud = {k: torch.cat(v) for k, v in out.items() if k != "teacher"}
     stud["untrained"] = untrained(tuple(z.shape))
@@ -155,14 +191,19 @@ def demo_source(a: argparse.Namespace) -> dict[str, Any]:
     # The ground truth must be the cache's teacher on the cache's views: its target logits match the stored ones.
     stored = np.array([cache.read_rows("logits/target", r, r + 1, view=v)[0] for r, v in want], np.float32)
     gap = float((z.gather(1, y[:, None])[:, 0] - torch.from_numpy(stored)).abs().max())
-    return {"name": "demo", "teacher": z.clone(), "labels": y, "students": {k: v.clone() for k, v in stud.items()},
-            "about": f"{a.cache}: {meta.teacher['arch']} teacher, {len(want)} (sample, view) entries, "
-                     f"{meta.num_classes} classes; re-rendered teacher vs stored target logit: max |diff| {gap:.2e}"}
+    whole = {"teacher": z.clone(), "labels": y, "students": {k: v.clone() for k, v in stud.items()},
+             "features": torch.cat(feats).clone(),
+             "fc": (teacher.fc.weight.detach().float().clone(), teacher.fc.bias.detach().float().clone()),
+             "about": f"{a.cache}: {meta.teacher['arch']} teacher, {len(want)} (sample, view) entries, "
+                      f"{meta.num_classes} classes; re-rendered teacher vs stored target logit: max |diff| {gap:.2e}"}
+    sample = np.array([r for r, _ in want])
+    return held_out(whole, np.isin(sample, np.unique(sample)[::2]), "demo", "held-out samples (every other sample)")
 
 
 # ------------------------------------------------------------------------------------------------ measures
 def disk_bytes_per_view(codec, z: torch.Tensor, chunk_rows: int, temperature: float = 1.0) -> dict[str, float]:
-    """Encode z, write the codec's arrays + target + lse like the cache does, return bytes per entry."""
+    """Encode z, write the codec's arrays + target + lse like the cache does, return bytes per entry.
+    A learned basis is stored once per cache (not per view): reported beside as basis_bytes."""
     import zarr
 
     from dkd_cache.cache import COMPRESSORS
@@ -182,7 +223,8 @@ def disk_bytes_per_view(codec, z: torch.Tensor, chunk_rows: int, temperature: fl
             arr[:] = values
         data = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file() and p.name != "zarr.json")
     raw = codec.bytes_per_entry(c) + 8
-    return {"disk_bytes_per_view": data / n, "raw_bytes_per_view": raw}
+    basis = sum(a.nbytes for a in codec.state_arrays().values())
+    return {"disk_bytes_per_view": data / n, "raw_bytes_per_view": raw, "basis_bytes": basis}
 
 
 def loss_and_grad(fn, s: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -192,19 +234,32 @@ def loss_and_grad(fn, s: torch.Tensor) -> tuple[float, torch.Tensor]:
     return float(loss.detach()), s.grad.detach()
 
 
-def fidelity(codec, rule: str | None, z: torch.Tensor, s: torch.Tensor, y: torch.Tensor, temperature: float,
-             alpha: float, beta: float, exact: tuple[float, torch.Tensor]) -> dict[str, float]:
-    from dkd_cache.logit_codecs import roundtrip
-    from dkd_cache.loss import dkd_loss, dkd_loss_topk
+def cached_loss_fn(codec, rule: str | None, z: torch.Tensor, y: torch.Tensor, temperature: float, alpha: float,
+                   beta: float):
+    """DKD of a student against z stored with `codec`: teacher_signal.encode_entries, then dkd_from_entries (the
+    function training runs on every batch; full-decoding codecs get TCKD from the stored target logit and lse)."""
+    from dkd_cache.teacher_signal import Storage, dkd_from_entries, encode_entries
 
-    dec = roundtrip(codec, z)
-    if dec.full is not None:
-        fn = lambda st: dkd_loss(st, dec.full, y, alpha, beta, temperature)  # noqa: E731
-    else:
-        target_logit = z.gather(1, y[:, None])[:, 0]
-        lse = torch.logsumexp(z / temperature, dim=1)
-        fn = lambda st: dkd_loss_topk(st, dec.topk_idx, dec.topk_val, target_logit, lse, y,  # noqa: E731
-                                      alpha, beta, temperature, rule=rule)
+    storage = Storage(codec=codec, num_classes=z.shape[1], temperatures=(temperature,))
+    entries = encode_entries(z, y, storage)
+    return lambda st: dkd_from_entries(st, y, entries, storage, alpha=alpha, beta=beta,  # noqa: E731
+                                       temperature=temperature, rule=rule or "uniform")
+
+
+def feature_loss_fn(codec, feats: torch.Tensor, fc: tuple[torch.Tensor, torch.Tensor], z: torch.Tensor,
+                    y: torch.Tensor, temperature: float, alpha: float, beta: float):
+    """A feature cache: the teacher's penultimate features stored with `codec`, logits = fc(decoded features),
+    with the exact target logit and lse stored beside them (TCKD exact, as for full-decoding codecs)."""
+    from dkd_cache.logit_codecs import roundtrip
+    from dkd_cache.loss import dkd_loss
+
+    logits = torch.nn.functional.linear(roundtrip(codec, feats).full, fc[0], fc[1])
+    zt, lse = z.gather(1, y[:, None])[:, 0], torch.logsumexp(z / temperature, dim=1)
+    return lambda st: dkd_loss(st, logits, y, alpha, beta, temperature, target_logit=zt,  # noqa: E731
+                               teacher_lse=lse)
+
+
+def fidelity(fn, s: torch.Tensor, exact: tuple[float, torch.Tensor]) -> dict[str, float]:
     loss, grad = loss_and_grad(fn, s)
     l0, g0 = exact
     cos = torch.nn.functional.cosine_similarity(grad.double(), g0.double(), dim=1).numpy()
@@ -214,36 +269,50 @@ def fidelity(codec, rule: str | None, z: torch.Tensor, s: torch.Tensor, y: torch
 
 
 def study(source: dict[str, Any], codecs: list[str], chunk_rows: int) -> list[dict[str, Any]]:
-    from dkd_cache.logit_codecs import parse_codec
+    from dkd_cache.logit_codecs import LowRankCodec, parse_codec
     from dkd_cache.loss import dkd_loss
 
     z, y = source["teacher"], source["labels"]
     c = z.shape[1]
     rows = []
-    sizes = {}
+    sizes, fitted = {}, {}
     for spec in codecs:
         codec = parse_codec(spec, c)
+        if isinstance(codec, LowRankCodec):
+            codec = codec.fit(source["calibration"])
+        fitted[spec] = codec
         sizes[spec] = disk_bytes_per_view(codec, z, chunk_rows)
+    # the teacher's penultimate features (sources that have them): fc kept once per cache, features per view
+    feature_codecs = {spec: parse_codec(spec, source["features"].shape[1]) for spec in FEATURE_CODECS} \
+        if "features" in source else {}
+    for spec, codec in feature_codecs.items():
+        sizes[f"features:{spec}"] = {**disk_bytes_per_view(codec, source["features"], chunk_rows),
+                                     "basis_bytes": sum(t.numel() * 4 for t in source["fc"])}
     for student, s in source["students"].items():
         for temperature, (alpha, beta) in SETTINGS.items():
             exact = loss_and_grad(lambda st: dkd_loss(st, z, y, alpha, beta, temperature), s)
             for spec in codecs:
-                codec = parse_codec(spec, c)
+                codec = fitted[spec]
                 for rule in (RULES if not codec.decodes_full else (None,)):
-                    f = fidelity(codec, rule, z, s, y, temperature, alpha, beta, exact)
+                    f = fidelity(cached_loss_fn(codec, rule, z, y, temperature, alpha, beta), s, exact)
                     rows.append({"source": source["name"], "student": student, "T": temperature, "alpha": alpha,
                                  "beta": beta, "codec": spec, "rule": rule or "-", **sizes[spec], **f})
+            for spec, codec in feature_codecs.items():
+                f = fidelity(feature_loss_fn(codec, source["features"], source["fc"], z, y, temperature, alpha,
+                                             beta), s, exact)
+                rows.append({"source": source["name"], "student": student, "T": temperature, "alpha": alpha,
+                             "beta": beta, "codec": f"features:{spec}", "rule": "-", **sizes[f"features:{spec}"], **f})
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ output
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| source | student | T (alpha, beta) | codec | rule | bytes/view disk (raw) | rel. loss error | "
-             "cos median | cos p5 |", "|---|---|---|---|---|---|---|---|---|"]
+             "cos median | cos p5 | cos worst |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['source']} | {r['student']} | {r['T']:g} ({r['alpha']:g}, {r['beta']:g}) | {r['codec']} | "
                      f"{r['rule']} | {r['disk_bytes_per_view']:.1f} ({r['raw_bytes_per_view']}) | "
-                     f"{r['rel_loss_error']:.2e} | {r['cos_median']:.6f} | {r['cos_p5']:.6f} |")
+                     f"{r['rel_loss_error']:.2e} | {r['cos_median']:.6f} | {r['cos_p5']:.6f} | {r['cos_min']:.4f} |")
     return "\n".join(lines)
 
 
@@ -251,6 +320,19 @@ def choose(rows: list[dict[str, Any]], source: str = "real", student: str = "tra
     ok = [r for r in rows if r["source"] == source and r["student"] == student and r["T"] == temperature
           and r["cos_median"] >= MEDIAN_COS and r["cos_p5"] >= P5_COS]
     return min(ok, key=lambda r: (r["disk_bytes_per_view"], r["codec"])) if ok else None
+
+
+def choose_everywhere(rows: list[dict[str, Any]], student: str = "trained", temperature: float = 1.0):
+    """The default's rule: the smallest codec (bytes on the first source) meeting the bar on every source."""
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    passing = None
+    for src in sources:
+        ok = {(r["codec"], r["rule"]) for r in rows if r["source"] == src and r["student"] == student
+              and r["T"] == temperature and r["cos_median"] >= MEDIAN_COS and r["cos_p5"] >= P5_COS}
+        passing = ok if passing is None else passing & ok
+    first = [r for r in rows if r["source"] == sources[0] and r["student"] == student and r["T"] == temperature
+             and (r["codec"], r["rule"]) in (passing or set())]
+    return (min(first, key=lambda r: (r["disk_bytes_per_view"], r["codec"])) if first else None), sources
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -261,11 +343,14 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
     floor = 1e-9
     series = sorted({(r["source"], r["student"]) for r in rows})
-    colours = dict(zip(series, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")))
+    colours = dict(zip(series, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+                                "tab:pink", "tab:olive")))
 
     def marker(r):
         if r["codec"].startswith("topk") and "+q" not in r["codec"]:
             return "o" if r["rule"] == "uniform" else "s"
+        if r["codec"].startswith("lowrank"):
+            return "P"
         return {"q8": "D", "fp16": "v", "fp32": "*"}.get(r["codec"], "^")
 
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), sharey=True)
@@ -292,8 +377,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     handles = [plt.Line2D([], [], marker="o", ls="", color=colours[s], label=f"{s[0]} / {s[1]} student")
                for s in series]
     handles += [plt.Line2D([], [], marker=m, ls="", color="grey", label=l) for m, l in
-                (("o", "topk:K uniform"), ("s", "topk:K bucket"), ("^", "topk:K+qB"), ("D", "q8"), ("v", "fp16"),
-                 ("*", "fp32"))]
+                (("o", "topk:K uniform"), ("s", "topk:K bucket"), ("^", "topk:K+qB"), ("P", "lowrank (held out)"),
+                 ("D", "q8"), ("v", "fp16"), ("*", "fp32"))]
     axes[1].legend(handles=handles, fontsize=8, loc="upper right")
     fig.suptitle("DKD cache codecs: size against gradient fidelity (labels: real logits, trained student)")
     fig.tight_layout()
@@ -307,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     codecs = [c.strip() for c in a.codecs.split(",") if c.strip()]
     sources, rows = [], []
     if not a.no_real:
-        sources.append(real_source(a.real_logits))
+        sources.extend(real_sources(a.real_logits))
     if a.cache:
         sources.append(demo_source(a))
     for src in sources:
@@ -322,12 +407,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"p5 {best['cos_p5']:.5f}, loss error {best['rel_loss_error']:.1e})")
     elif not a.no_real:
         print(f"\nNo codec reaches median cosine >= {MEDIAN_COS} and p5 >= {P5_COS} at T=1 on the real logits")
+    default, names = choose_everywhere(rows) if rows else (None, [])
+    print(f"Default by the rule (smallest meeting median >= {MEDIAN_COS} and p5 >= {P5_COS} at T=1, trained "
+          f"student, on every source: {', '.join(names)}): " + (default["codec"] if default else "none"))
     if a.plot:
         plot(rows, a.plot)
         print(f"frontier plot: {a.plot}")
     seconds = time.perf_counter() - t0
     print(f"wall time {seconds:.0f} s")
-    result = {"rows": rows, "best": best, "sources": [s["about"] for s in sources], "settings":
+    result = {"rows": rows, "best": best, "default": default, "sources": [s["about"] for s in sources], "settings":
               {str(k): {"alpha": v[0], "beta": v[1]} for k, v in SETTINGS.items()},
               "untrained_student": f"N(0, {UNTRAINED_STD}^2) logits, seed 0", "seconds": seconds}
     if a.json_out:

@@ -526,7 +526,8 @@ def fit_lowrank_basis(logits: Any, rank: int) -> tuple[LowRankBasis, dict[str, A
     x = _as_logits(logits).cpu().numpy().astype(np.float64)
     n, c = x.shape
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(n, c):
-        raise ConfigError(f"a rank-{rank} basis needs 1 <= rank <= min(calibration views {n}, classes {c})")
+        raise ConfigError(f"a rank-{rank} basis needs at least {rank} calibration views and classes (got {n} views, "
+                          f"{c} classes): dump more calibration views (--calibration-views) or choose a smaller rank")
     mu = x.mean(axis=0)
     _, sv, vt = np.linalg.svd(x - mu, full_matrices=False)
     vt = vt[:rank]
@@ -595,7 +596,7 @@ class LowRankCodec(Codec):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"codec field {field!r} must be an integer >= {low}, got {v!r}")
-        if self.basis is not None and self.basis.rank != self.rank:
+        if self.basis is not None and self.basis.rank != min(self.rank, self.basis.num_classes):
             raise ConfigError(f"codec {self.name}: the basis has rank {self.basis.rank}")
 
     def __eq__(self, other: object) -> bool:
@@ -640,7 +641,7 @@ class LowRankCodec(Codec):
         """This codec with a basis fitted to calibration logits (N, C); the record holds its hash and statistics."""
         x = _as_logits(calibration_logits)
         self._check(x.shape[1])
-        basis, stats = fit_lowrank_basis(x, self.rank)
+        basis, stats = fit_lowrank_basis(x, self.sizes(x.shape[1])[0])
         return dataclasses.replace(self, basis=basis, record={"sha256": basis.sha256, "grid": basis.grid, **stats})
 
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -659,7 +660,7 @@ class LowRankCodec(Codec):
             raise CacheMismatchError(f"codec {self.name}: the stored basis has SHA-256 {basis.sha256[:16]}..., the "
                                      f"cache records {str(self.record['sha256'])[:16]}...; the basis was changed "
                                      "after the dump: re-dump the cache")
-        if basis.rank != self.rank:
+        if basis.rank != self.sizes(basis.num_classes)[0]:
             raise CacheError(f"codec {self.name}: the stored basis has rank {basis.rank}")
         return dataclasses.replace(self, basis=basis)
 
@@ -669,24 +670,29 @@ class LowRankCodec(Codec):
                               "does) or load it from its cache (Cache.codec)")
         return self.basis
 
+    def sizes(self, num_classes: int) -> tuple[int, int, int]:
+        """(rank, top, sparse) for this class count: each at most the class count (a larger one keeps every class),
+        so one spec applies to any teacher."""
+        c = _check_classes(num_classes)
+        return min(self.rank, c), min(self.top, c), min(self.sparse, c)
+
     def _check(self, num_classes: int) -> int:
         c = _check_classes(num_classes)
-        if self.rank > c or self.top > c or self.sparse > c:
-            raise ConfigError(f"codec {self.name}: rank, top and sparse must be <= {c} classes")
         if self.basis is not None and self.basis.num_classes != c:
             raise ConfigError(f"codec {self.name}: the basis has {self.basis.num_classes} classes, not {c}")
         return c
 
     def arrays(self, num_classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         c = self._check(num_classes)
-        out = {"coef": ((self.rank,), np.dtype(np.uint8))}
-        if self.top:
+        r, m, k = self.sizes(c)
+        out = {"coef": ((r,), np.dtype(np.uint8))}
+        if m:
             out.update({"top_scale": ((), np.dtype(np.float16)),
-                        "top_codes": ((packed_length(self.top, 4),), np.dtype(np.uint8))})
-        if self.sparse:
-            out.update({"sparse_idx": ((self.sparse,), TopKCodec.index_dtype(c)),
+                        "top_codes": ((packed_length(m, 4),), np.dtype(np.uint8))})
+        if k:
+            out.update({"sparse_idx": ((k,), TopKCodec.index_dtype(c)),
                         "sparse_scale": ((), np.dtype(np.float16)),
-                        "sparse_codes": ((self.sparse,), np.dtype(np.uint8))})
+                        "sparse_codes": ((k,), np.dtype(np.uint8))})
         return out
 
     def encode(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
@@ -696,17 +702,18 @@ class LowRankCodec(Codec):
         codes = basis.encode_np(x)
         score, approx = basis.approx_np(codes)
         out = {"coef": (codes.astype(np.int16) + 128).astype(np.uint8)}
-        if self.top:
-            order = _order(score, self.top)
+        _, m, k = self.sizes(c)
+        if m:
+            order = _order(score, m)
             resid = np.take_along_axis(x, order, 1) - np.take_along_axis(approx, order, 1)
             scale, q = _sym_quantise(resid, _LR_TOP)
             np.add.at(approx, (np.arange(len(x))[:, None], order), q.astype(np.float32) * scale.astype(np.float32)[:, None])
             out.update({"top_scale": scale, "top_codes": pack_bits((q + 8).astype(np.uint8), 4)})
-        if self.sparse:
+        if k:
             resid = x - approx
             shifted = x - x.max(axis=1, keepdims=True)
             weight = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-            idx = np.sort(np.argsort(-(np.abs(resid) * weight), axis=1, kind="stable")[:, :self.sparse], axis=1)
+            idx = np.sort(np.argsort(-(np.abs(resid) * weight), axis=1, kind="stable")[:, :k], axis=1)
             scale, q = _sym_quantise(np.take_along_axis(resid, idx, 1), _LR_SPARSE)
             out.update({"sparse_idx": idx.astype(TopKCodec.index_dtype(c)), "sparse_scale": scale,
                         "sparse_codes": (q.astype(np.int16) + 128).astype(np.uint8)})
@@ -728,11 +735,12 @@ class LowRankCodec(Codec):
         # exact integers in float64 (see LowRankBasis), on the entries' device
         score = torch.addmm(mean.unsqueeze(0).expand(batch, -1), (coef.double() - 128) * mult, basis)
         full = (score * self._basis().grid).float()
-        if self.top:
-            order = torch.topk(_rank_keys(score, num_classes), self.top, dim=1, sorted=True).indices  # distinct keys
-            q = unpack_bits(t["top_codes"], 4, self.top).float().sub_(8)
+        _, m, k = self.sizes(num_classes)
+        if m:
+            order = torch.topk(_rank_keys(score, num_classes), m, dim=1, sorted=True).indices  # distinct keys
+            q = unpack_bits(t["top_codes"], 4, m).float().sub_(8)
             full.scatter_add_(1, order, q.mul_(t["top_scale"].float().unsqueeze(1)))
-        if self.sparse:
+        if k:
             q = t["sparse_codes"].float().sub_(128).mul_(t["sparse_scale"].float().unsqueeze(1))
             full.scatter_add_(1, t["sparse_idx"].long(), q)
         return Decoded(full=full)

@@ -37,9 +37,14 @@ def test_spec_parse_and_arrays():
                     "top_codes": ((8,), np.dtype(np.uint8)), "sparse_idx": ((4,), np.dtype(np.int16)),
                     "sparse_scale": ((), np.dtype(np.float16)), "sparse_codes": ((4,), np.dtype(np.uint8))}
     assert codec.bytes_per_entry(C) == 8 + 2 + 8 + 8 + 2 + 4
-    for bad in ("lowrank:", "lowrank:0", "lowrank:8+sparse:2+top:3", "lowrank:8+top:x", "lowrank:41"):
+    for bad in ("lowrank:", "lowrank:0", "lowrank:8+sparse:2+top:3", "lowrank:8+top:x", "lowrank:-1"):
         with pytest.raises(ConfigError):
             parse_codec(bad, C)
+    # sizes above the class count keep every class: one spec serves any teacher
+    big = parse_codec("lowrank:64+top:128+sparse:50", C)
+    assert big.sizes(C) == (C, C, C) and big.arrays(C)["top_codes"][0] == (C // 2,)
+    x = structured(n=60)
+    assert float((roundtrip(big.fit(x), x).full - x).abs().max()) < 0.05  # full rank, every class corrected
 
 
 def test_fit_roundtrip_shapes_and_accuracy():
