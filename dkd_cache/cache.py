@@ -16,7 +16,9 @@ of C and are padded to one, so two writers never touch the same chunk or Zarr sh
     logits/lse      float32 (V, N, T)  exact logsumexp(z / T) for each configured temperature
     logits/<codec>  ...     (V, N, …)  the codec's arrays (see logit_codecs.py)
     _dkd/done/SSSSSS.json              one record per finished tar shard (skipped samples, counts);
-                                       written atomically after the shard's chunks
+                                       written after the shard's chunks, as one create-only object
+The store is a local folder or an s3:// prefix (store.py); the commit protocol is the same on both: whole
+chunks, then per-shard records, then the completeness marker, each one object.
 Fill values are sentinels real data never holds (NaN, -1, 65535 for boxes, 255 for flips); padding rows hold 0.
 Arrays of shape (V, N, …) are Zarr-sharded: one Zarr shard holds (V, C) rows, inner chunks are (1, C),
 so training reads one view of C rows at a time. Codecs: zstd then crc32c, so a damaged chunk fails to decode.
@@ -26,12 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
-import os
 import platform
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,8 +40,9 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from . import FORMAT_VERSION, __version__
 from .data import ShardIndex, keys_digest
-from .errors import CacheError, CacheLockedError, CacheMismatchError, ConfigError
+from .errors import CacheError, CacheMismatchError, ConfigError
 from .logit_codecs import Codec, codec_from_dict
+from .store import CREATING, DiskLocation, ObjectLocation, location
 from .views import Recipe
 
 STATUS_PADDING, STATUS_OK, STATUS_SKIPPED = 0, 1, 2
@@ -201,9 +200,14 @@ def _array_specs(meta: CacheMeta, key_len: int, codec_arrays: dict[str, tuple[tu
 class Cache:
     """An open cache: its metadata and arrays. Plain data plus small methods; no hidden state."""
 
-    path: Path
+    location: DiskLocation | ObjectLocation
     meta: CacheMeta
     group: zarr.Group
+
+    @property
+    def path(self) -> str:
+        """The cache's folder or s3:// url, for messages."""
+        return self.location.url
 
     def array(self, name: str) -> zarr.Array:
         try:
@@ -230,20 +234,22 @@ class Cache:
         return sorted(k for k in _group_members(self.group, "logits") if k not in ("target", "lse"))
 
     # -- completion records
-    def done_path(self, shard: int) -> Path:
-        return self.path / "_dkd" / "done" / f"{shard:06d}.json"
+    def done_key(self, shard: int) -> str:
+        return f"_dkd/done/{shard:06d}.json"
 
     def shard_record(self, shard: int) -> dict | None:
-        p = self.done_path(shard)
-        try:
-            return json.loads(p.read_text())
-        except FileNotFoundError:
+        raw = self.location.read(self.done_key(shard))
+        if raw is None:
             return None
+        try:
+            return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None  # a torn record means the shard is not done; it will be redone
 
     def pending_shards(self) -> list[int]:
-        return [i for i in range(len(self.meta.manifest.shards)) if self.shard_record(i) is None]
+        done = set(self.location.keys("_dkd/done"))  # one listing, not a read per shard
+        return [i for i in range(len(self.meta.manifest.shards))
+                if f"{i:06d}.json" not in done or self.shard_record(i) is None]
 
     # -- reads, a chunk-aligned block at a time
     def read_rows(self, name: str, start: int, stop: int, view: int | None = None) -> np.ndarray:
@@ -305,15 +311,14 @@ def check_chunks_present(cache: Cache, name: str, start: int, stop: int, ndim: i
 
     `ndim`: the array's rank when the caller already holds the array (each lookup re-reads its zarr.json)."""
     c = cache.meta.chunk_rows
-    arr_dir = cache.path / name
     sharded = name.startswith(("views/", "logits/"))
     missing = []
     if ndim is None:
         ndim = len(cache.array(name).shape)
     tail = "/0" * (ndim - (2 if sharded else 1))
     for chunk in range(start // c, -(-stop // c)):
-        key = arr_dir / ("c/0/%d%s" % (chunk, tail) if sharded else "c/%d%s" % (chunk, tail))
-        if not key.exists():
+        key = f"{name}/" + ("c/0/%d%s" % (chunk, tail) if sharded else "c/%d%s" % (chunk, tail))
+        if not cache.location.exists(key):
             missing.append(chunk)
     if missing:
         rows = [(m * c, m * c + c - 1) for m in missing[:3]]
@@ -340,20 +345,23 @@ def create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex
     codec_state: the codec's own arrays (a learned codec's basis), written once as `codec/<name>` before the
     metadata, so a cache that exists always holds the basis its metadata records.
 
-    Built in a hidden sibling folder and renamed into place when whole: a crash during creation leaves no
-    half-made cache at `path`, only a `.NAME.partial-*` folder that the next dump removes.
+    Staged (store.py): on disk, built in a hidden sibling folder renamed into place when whole; on an object
+    store, under a 'creating' marker deleted when whole. A crash during creation leaves nothing that opens as a
+    cache; the next dump clears it (remove_stale_partials).
     """
     with _store_writes(path, "the new cache"):
-        return _create_cache(path, meta, indexes, codec_arrays, codec_state or {})
+        final = location(path)
+        with final.staged_creation() as staging:
+            _create_cache(staging, meta, indexes, codec_arrays, codec_state or {})
+        return open_cache(path, mode="r+")
 
 
-def _create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex],
-                  codec_arrays: dict[str, tuple[tuple[int, ...], Any]], codec_state: dict[str, np.ndarray]) -> Cache:
-    path = Path(path)
-    final, path = path, path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
+def _create_cache(loc: DiskLocation | ObjectLocation, meta: CacheMeta, indexes: Sequence[ShardIndex],
+                  codec_arrays: dict[str, tuple[tuple[int, ...], Any]], codec_state: dict[str, np.ndarray]) -> None:
     keys = [k for ix in indexes for k in ix.keys]
     key_len = max(16, -(-max(len(k.encode()) for k in keys) // 8) * 8)
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    # "a", not "w-": an object-store prefix already holds the lease and the creation marker (no zarr.json yet)
+    group = zarr.open_group(loc.zarr_store(), mode="a", zarr_format=3)
     for name, (shape, dtype, chunks, shards, fill) in _array_specs(meta, key_len, codec_arrays).items():
         group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, fill_value=fill,
                            compressors=COMPRESSORS, config={"write_empty_chunks": True})
@@ -380,46 +388,42 @@ def _create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardInde
         arr = group.create_array(f"codec/{name}", shape=values.shape, dtype=values.dtype, chunks=values.shape,
                                  compressors=COMPRESSORS)
         arr[...] = values
-    (path / "_dkd" / "done").mkdir(parents=True, exist_ok=True)
+    if isinstance(loc, DiskLocation):
+        (loc.path / "_dkd" / "done").mkdir(parents=True, exist_ok=True)
     group.attrs["dkd_cache"] = meta.to_dict()  # written after the arrays exist; state "writing"
-    os.rename(path, final)
-    return open_cache(final, mode="r+")
 
 
 def remove_stale_partials(path: str | Path) -> None:
-    """Remove what a crash leaves (call while holding the writer lock): creation folders, and the temporary
-    `*.partial` files of writes cut short inside the cache (Zarr's chunk and metadata writes, shard records)."""
-    path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if (path / "zarr.json").is_file():
-        for stale in path.rglob("*.partial"):
-            if stale.is_file():
-                stale.unlink(missing_ok=True)
+    """Remove what a crash leaves (call while holding the writer lease): on disk, creation folders and the
+    temporary `*.partial` files of writes cut short; on an object store, a creation cut short."""
+    location(path).remove_stale()
 
 
 def open_cache(path: str | Path, *, mode: str = "r") -> Cache:
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
-        if path.exists() and any(path.iterdir()):
+    loc = location(path)
+    path = loc.url
+    if not loc.exists("zarr.json") or loc.exists(CREATING):
+        if loc.exists(CREATING):
+            raise CacheError(f"{path}: the cache's creation was cut short; rerun dump-teacher to create it again")
+        if not loc.is_empty():
             raise CacheError(f"{path} exists but is not a dkd-cache store (no zarr.json); choose another path")
         raise CacheError(f"{path}: no cache there (no zarr.json); run dkd-cache dump-teacher first")
     try:
-        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        group = zarr.open_group(loc.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
         raw = group.attrs.get("dkd_cache")
     except Exception as e:
         raise CacheError(f"{path}: the cache's metadata (zarr.json) is damaged ({type(e).__name__}: {e}); "
                          "re-dump the cache") from e
     if not isinstance(raw, dict):
         raise CacheError(f"{path} is a Zarr store but not a dkd-cache (no 'dkd_cache' attribute)")
-    for node in sorted(path.glob("*/zarr.json")) + sorted(path.glob("*/*/zarr.json")):
+    for node in loc.glob("*/zarr.json") + loc.glob("*/*/zarr.json"):
         try:  # a torn or damaged array's metadata is named here, not met later as a bare JSON error
-            json.loads(node.read_bytes())
+            json.loads(loc.read(node) or b"")
         except (ValueError, OSError) as e:
-            name = node.parent.relative_to(path).as_posix()
+            name = node.rsplit("/", 1)[0]
             raise CacheError(f"{path}: the metadata of {name!r} ({name}/zarr.json) is damaged "
                              f"({type(e).__name__}: {e}); re-dump the cache") from e
-    return Cache(path=path, meta=CacheMeta.from_dict(raw), group=group)
+    return Cache(location=loc, meta=CacheMeta.from_dict(raw), group=group)
 
 
 def write_meta(cache: Cache, meta: CacheMeta) -> Cache:
@@ -428,13 +432,15 @@ def write_meta(cache: Cache, meta: CacheMeta) -> Cache:
     return dataclasses.replace(cache, meta=meta)
 
 
-def write_shard(cache: Cache, shard: int, block: dict[str, np.ndarray], record: dict[str, Any]) -> None:
-    """Write one tar shard's rows for every array, then its completion record (atomically, last)."""
+def write_shard(cache: Cache, shard: int, block: dict[str, np.ndarray], record: dict[str, Any],
+                lease=None) -> None:
+    """Write one tar shard's rows for every array (whole chunks and Zarr shards only), then its completion
+    record: one create-only object, written last, and only while `lease` (store.Lease) is still ours."""
     with _store_writes(cache.path, f"shard {cache.meta.manifest.shards[shard].name}'s rows"):
-        _write_shard(cache, shard, block, record)
+        _write_shard(cache, shard, block, record, lease)
 
 
-def _write_shard(cache: Cache, shard: int, block: dict[str, np.ndarray], record: dict[str, Any]) -> None:
+def _write_shard(cache: Cache, shard: int, block: dict[str, np.ndarray], record: dict[str, Any], lease) -> None:
     entry = cache.meta.manifest.shards[shard]
     rows = slice(entry.row_start, entry.row_stop)
     for name, values in block.items():
@@ -443,17 +449,18 @@ def _write_shard(cache: Cache, shard: int, block: dict[str, np.ndarray], record:
             arr[rows] = values
         else:
             arr[:, rows] = values
-    target = cache.done_path(shard)
-    tmp = target.with_suffix(f".json.{os.getpid()}.partial")
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    if lease is not None:
+        lease.check()
+    if not cache.location.create(cache.done_key(shard), json.dumps(record).encode()):
+        raise CacheError(f"{cache.path}: shard {entry.name} already has a done record although this dump wrote it; "
+                         "two dumps wrote this cache at once. Check it with dkd-cache verify")
 
 
-def finalize(cache: Cache) -> Cache:
-    """Mark the cache complete once every shard has its record: the last write of a dump."""
+def finalize(cache: Cache, lease=None) -> Cache:
+    """Mark the cache complete once every shard has its record: the last write of a dump (zarr.json, one
+    whole object)."""
+    if lease is not None:
+        lease.check()
     pending = cache.pending_shards()
     if pending:
         raise CacheError(f"{cache.path}: {len(pending)} shard(s) not dumped yet, first "
@@ -476,25 +483,14 @@ def decode_keys(raw: np.ndarray) -> list[str]:
 
 
 def disk_bytes(path: str | Path, prefix: str = "") -> int:
-    root = Path(path) / prefix
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    return location(path).nbytes(prefix)
 
 
 @contextlib.contextmanager
 def writer_lock(path: str | Path, rank: int = 0) -> Iterator[None]:
-    """One dump at a time per cache: an flock per rank; a second dump of the same cache is refused at once."""
-    lock_dir = Path(path).parent / f".{Path(path).name}.locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_dir / f"rank{rank}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CacheLockedError(f"{path} is being written by another dump-teacher process (lock held); "
-                                   "wait for it to finish, or use another --out") from None
+    """One dump at a time per local cache (store.DiskLocation.writer_lease: an flock per rank)."""
+    with location(path).writer_lease(rank):
         yield
-    finally:
-        os.close(fd)
 
 
 def parse_chunk_rows(value: int) -> int:

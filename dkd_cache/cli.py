@@ -79,7 +79,7 @@ def make_shards_cmd(
 def dump_teacher_cmd(
     shards: Annotated[str, typer.Option(help="Shards: brace pattern, glob, folder or .txt list")],
     weights: Annotated[Path, typer.Option(help="Teacher weights: torchvision .pth, .safetensors, mmpretrain or dkd-cache checkpoint")],
-    out: Annotated[Path, typer.Option(help="The cache to create or complete (a Zarr v3 folder)")],
+    out: Annotated[str, typer.Option(help="The cache to create or complete: a Zarr v3 folder or an s3:// prefix")],
     config: Annotated[Optional[Path], typer.Option(help="Pipeline TOML ([recipe] and [dump] tables)")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Teacher architecture (any torchvision classifier)")] = None,
     views: Annotated[Optional[int], typer.Option(help="Augmented views per sample (one per epoch)")] = None,
@@ -99,6 +99,8 @@ def dump_teacher_cmd(
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per Zarr chunk")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad samples, recording each and why in the cache")] = False,
     allow_pipe: Annotated[bool, typer.Option(help="Allow 'pipe:' shard urls (they run shell commands)")] = False,
+    lease_seconds: Annotated[Optional[float], typer.Option(
+        help="s3:// caches: a killed dump's writer lease lapses after this many seconds")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
     """Run the teacher once per recorded view and store its logits in a Zarr v3 cache (resumable)."""
@@ -117,6 +119,7 @@ def dump_teacher_cmd(
             arch=arch, views=views, codec=codec_spec, temperatures=tuple(temperature) if temperature else None,
             batch_size=batch_size, workers=workers, seed=seed, device=device, amp=amp, chunk_rows=chunk_rows,
             calibration_views=calibration_views,
+            lease_seconds=lease_seconds,
         ), where=f"{config} [dump]", fixed={"shards": shards, "weights": str(weights), "out": str(out),
                                             "recipe": recipe, "skip_bad": skip_bad or file["dump"].get("skip_bad", False),
                                             "allow_pipe": allow_pipe})
@@ -132,7 +135,7 @@ def dump_teacher_cmd(
 def train_student_cmd(
     shards: Annotated[str, typer.Option(help="Training shards (the same as the dump's)")],
     out: Annotated[Path, typer.Option(help="Run directory: config.json, metrics.jsonl, checkpoint.pt")],
-    cache: Annotated[Optional[Path], typer.Option(help="The teacher cache (DKD from cached logits)")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="The teacher cache (a folder or s3:// prefix)")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Pipeline TOML ([train] table)")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Student architecture")] = None,
     epochs: Annotated[Optional[int], typer.Option()] = None,
@@ -181,7 +184,7 @@ def train_student_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    cache: Annotated[Path, typer.Argument(help="A cache made by dump-teacher")],
+    cache: Annotated[str, typer.Argument(help="A cache made by dump-teacher (a folder or s3:// prefix)")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text")] = False,
 ) -> None:
     """Recipe, teacher, shards, completeness, size on disk and bytes per view."""
@@ -193,7 +196,7 @@ def inspect_cmd(
 
 @app.command("verify")
 def verify_cmd(
-    cache: Annotated[Path, typer.Option(help="The cache to check")],
+    cache: Annotated[str, typer.Option(help="The cache to check (a folder or s3:// prefix)")],
     shards: Annotated[str, typer.Option(help="The shards it was dumped from")],
     weights: Annotated[Path, typer.Option(help="The teacher's weights")],
     samples: Annotated[int, typer.Option(help="(view, sample) entries to re-render and compare")] = 64,

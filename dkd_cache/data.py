@@ -20,7 +20,8 @@ from pathlib import Path
 
 import braceexpand
 
-from .errors import BadSampleError, ConfigError, ShardError, ShardNotFoundError
+from . import remote_shards
+from .errors import BadSampleError, ConfigError, RemoteReadError, ShardError, ShardNotFoundError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 KEPT_EXTS = (*IMAGE_EXTS, "cls", "json")
@@ -82,6 +83,8 @@ def expand_shards(spec: str | Sequence[str], *, allow_pipe: bool = False) -> lis
 
 
 def _expand_one(spec: str, allow_pipe: bool) -> list[str]:
+    if spec.startswith("s3://"):
+        return remote_shards.expand(spec, lambda line: _expand_one(line, allow_pipe))
     if spec.startswith(REMOTE_PREFIXES):
         if spec.startswith("pipe:") and not allow_pipe:
             raise ConfigError(f"{spec!r}: 'pipe:' shard urls run a shell command; pass --allow-pipe to permit them")
@@ -115,6 +118,12 @@ def _expand_one(spec: str, allow_pipe: bool) -> list[str]:
 
 
 def _open_tar(url: str) -> tarfile.TarFile:
+    if url.startswith("s3://"):  # streamed, transient failures retried (remote_shards.RetryingReader)
+        stream = remote_shards.open_shard(url)
+        try:
+            return tarfile.open(fileobj=stream, mode="r|*")
+        except (tarfile.TarError, EOFError) as e:
+            raise ShardError(f"{url}: not a readable tar file ({e}); re-create or re-upload the shard") from e
     if url.startswith(REMOTE_PREFIXES):
         from webdataset.gopen import gopen  # handles pipe: and http(s) streams
 
@@ -137,9 +146,11 @@ def iter_raw_samples(url: str, *, want: Callable[[str], bool] = lambda ext: True
     seen: set[str] = set()
     current: dict | None = None
     last_key = None
+    member_name = None  # the member being read, for errors
     try:
         try:
             for member in tar:
+                member_name = f"member {member.name!r}"
                 if not member.isfile():
                     continue
                 name = member.name[2:] if member.name.startswith("./") else member.name
@@ -164,8 +175,12 @@ def iter_raw_samples(url: str, *, want: Callable[[str], bool] = lambda ext: True
                     current[ext] = f.read() if f is not None else b""
                 else:
                     current[ext] = None
+                member_name = f"the member after {member.name!r}"
+        except RemoteReadError as e:
+            raise RemoteReadError(e.url, offset=e.offset, attempts=e.attempts, cause=e.cause,
+                                  member=member_name) from e
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            if isinstance(e, BadSampleError):
+            if isinstance(e, (BadSampleError, ShardNotFoundError)):
                 raise
             where = f"after sample {last_key!r}" if last_key else "at its start"
             raise ShardError(f"{url}: tar is truncated or corrupt {where} ({type(e).__name__}: {e}); "

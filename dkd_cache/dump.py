@@ -11,6 +11,7 @@ Decoding and cropping run in DataLoader workers, overlapped with teacher compute
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import FORMAT_VERSION
 from . import cache as cache_mod
 from . import dist as dist_mod
+from . import store as store_mod
 from .data import keep_as_is, expand_shards, iter_raw_samples, parse_sample, scan_shards, shard_name
 from .errors import BadSampleError, CacheMismatchError, ConfigError, DKDCacheError, ShardError
 from .calibration import calibration_logits, calibration_plan, render_plan
@@ -54,6 +56,7 @@ class DumpSettings:
     allow_pipe: bool = False
     amp: str | None = None  # None: fp32 on CPU, bf16 on CUDA; "none" forces fp32; "bf16" forces bf16
     calibration_views: int = 4096  # learned codecs (lowrank): views the basis is fitted on, before any row is written
+    lease_seconds: float = 120.0  # object-store caches: the writer lease lapses this long after its last renewal
 
     def __post_init__(self) -> None:
         for name in ("views", "batch_size", "chunk_rows", "calibration_views"):
@@ -64,6 +67,8 @@ class DumpSettings:
             raise ConfigError(f"temperatures must be positive and finite, got {list(self.temperatures)}")
         if self.amp not in (None, "none", "bf16"):
             raise ConfigError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        if not (self.lease_seconds > 0 and math.isfinite(self.lease_seconds)):
+            raise ConfigError(f"lease_seconds must be positive, got {self.lease_seconds}")
         if not self.device.startswith(("cpu", "cuda")):
             raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
 
@@ -95,6 +100,10 @@ class RenderedSample:
 
 def check_out_path(out: str, urls: Sequence[str]) -> None:
     """Refuse an output that is an input shard, holds input shards, or sits inside a folder of input shards."""
+    if store_mod.is_remote(out):
+        if out.rstrip("/") + "/" in [u.rsplit("/", 1)[0] + "/" for u in urls]:
+            raise ConfigError(f"--out {out} would sit among the input shards; choose another prefix")
+        return
     out_p = Path(out).resolve()
     for u in urls:
         if u.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
@@ -216,19 +225,28 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
     codec = parse_codec(s.codec, tinfo.num_classes)
     codec_arrays = codec.arrays(tinfo.num_classes)
 
-    with cache_mod.writer_lock(s.out, dinfo.rank):
-        # Rank 0 indexes the shards and creates (or checks) the store; the others wait, then open it.
+    out = store_mod.location(s.out)
+    with contextlib.ExitStack() as held:
+        # Rank 0 takes the writer lease, indexes the shards and creates (or checks) the store; the others wait,
+        # then open it. On disk every rank holds its own flock; on an object store rank 0 holds the lease object
+        # and the other ranks check, before each commit, that it is still rank 0's.
         error: DKDCacheError | None = None
-        if dinfo.is_main:
+        lease = None
+        if dinfo.is_main or not out.is_remote:
             try:
-                cache_mod.remove_stale_partials(s.out)
+                lease = held.enter_context(out.writer_lease(dinfo.rank, seconds=s.lease_seconds))
+            except DKDCacheError as e:
+                error = e
+        if dinfo.is_main and error is None:
+            try:
+                out.remove_stale()
                 indexes = scan_shards(urls, tinfo.num_classes, s.skip_bad, threads=max(2, s.workers * 2))
                 meta = cache_mod.CacheMeta(
                     format_version=FORMAT_VERSION, teacher=tinfo.to_dict(), recipe=s.recipe, seed=s.seed,
                     views=s.views, codec=codec.to_dict(), temperatures=tuple(float(t) for t in s.temperatures),
                     chunk_rows=s.chunk_rows, manifest=cache_mod.build_manifest(indexes, s.chunk_rows),
                     versions=cache_mod.library_versions(), compute=compute)
-                if (Path(s.out) / "zarr.json").exists():
+                if out.exists("zarr.json"):
                     existing = cache_mod.open_cache(s.out, mode="r+")
                     if codec_from_dict(existing.meta.codec).name == codec.name:
                         # the same codec: a learned one keeps its stored basis (resume never refits)
@@ -237,7 +255,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                     if diffs:
                         raise CacheMismatchError(f"{s.out} holds a cache made with other settings; refusing to mix "
                                                  "them. Differences: " + "; ".join(diffs) + ". Use another --out.")
-                elif Path(s.out).exists() and any(Path(s.out).iterdir()):
+                elif not out.is_empty() and not (out.is_remote and out.keys("_dkd") == ["lease.json"]):
                     raise cache_mod.CacheError(f"{s.out} exists and is not a dkd-cache store; choose another --out")
                 else:
                     if codec.learned:
@@ -246,15 +264,17 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                     cache_mod.create_cache(s.out, meta, indexes, codec_arrays, codec.state_arrays())
             except DKDCacheError as e:
                 error = e
-        message = dist_mod.broadcast_object(dinfo, None if error is None else f"{type(error).__name__}: {error}")
+        shared = dist_mod.broadcast_object(dinfo, (None if error is None else f"{type(error).__name__}: {error}",
+                                                   None if lease is None else lease.owner))
+        message, owner = shared
         if error is not None:
             raise error
         if message is not None:
             raise DKDCacheError(f"rank 0 failed: {message}")
+        if lease is None:  # a rank > 0 on an object store: checks rank 0's lease
+            lease = held.enter_context(out.writer_lease(dinfo.rank, seconds=s.lease_seconds, owner=owner))
         cache = cache_mod.open_cache(s.out, mode="r+")
         codec = cache.codec  # with its basis, checked against the recorded hash (every rank reads the same one)
-        for stale in (Path(s.out) / "_dkd" / "done").glob("*.partial"):
-            stale.unlink(missing_ok=True)  # a record torn by a crash is not a record
 
         pending = cache.pending_shards()
         mine = pending[dinfo.rank :: dinfo.world]  # whole shards per rank: each rank writes only its own chunks
@@ -262,12 +282,15 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
         jobs = [(i, by_name[cache.meta.manifest.shards[i].name]) for i in mine]
         n_samples = sum(cache.meta.manifest.shards[i].samples for i in mine)
         views_written, skipped = _run(cache, model, codec, codec_arrays, jobs, s, device, n_samples,
-                                      progress and dinfo.is_main)
+                                      progress and dinfo.is_main, lease)
 
-        # Whoever finds every shard recorded marks the cache complete (idempotent if two ranks do it).
+        # Whoever finds every shard recorded marks the cache complete (idempotent if two ranks do it). On an
+        # object store rank 0 must still hold the lease then: it waits for the others before releasing it.
         complete = not cache.pending_shards()
         if complete:
-            cache = cache_mod.finalize(cache)
+            cache = cache_mod.finalize(cache, lease)
+        if out.is_remote:
+            dist_mod.barrier(dinfo)
     seconds = time.perf_counter() - t0
     return DumpReport(path=str(s.out), shards_done=len(jobs), samples=n_samples, views_written=views_written,
                       skipped=skipped, seconds=seconds, images_per_s=views_written / max(seconds, 1e-9),
@@ -321,7 +344,7 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
         for sh in [sh for sh, b in buffers.items() if b.filled == b.expected and b.pending_views == 0]:
             b = buffers.pop(sh)
             cache_mod.write_shard(cache, sh, b.block, {"shard": b.entry.name, "samples": b.expected,
-                                                       "skipped": b.skipped, "views": meta.views})
+                                                       "skipped": b.skipped, "views": meta.views}, lease)
             skipped += len(b.skipped)
 
     # Teacher batches hold views of one shard only, in (sample, view) order, cut every batch_size views: the

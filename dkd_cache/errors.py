@@ -57,3 +57,21 @@ class NonFiniteLossError(DKDCacheError, FloatingPointError):
 
 class PeerError(DKDCacheError, RuntimeError):
     """Another rank failed (rank 0's error handed to every rank, or a collective whose peer went away)."""
+
+
+class RemoteReadError(ShardError, ConnectionError):
+    """Reading a shard from object storage kept failing after retries (names url, member and attempts)."""
+
+    def __init__(self, url: str, *, offset: int, attempts: int, cause: str, member: str | None = None):
+        self.url, self.offset, self.attempts, self.cause, self.member = url, offset, attempts, cause, member
+        where = member or "its first member"
+        super().__init__(f"{url}: reading {where} (byte {offset}) failed {attempts} times with backoff ({cause}); "
+                         "the store is unreachable or failing: check AWS_ENDPOINT_URL, the credentials and the "
+                         "network, then rerun (dump-teacher continues where it stopped)")
+
+    def __reduce__(self):
+        return (_remote_read_error, (self.url, self.offset, self.attempts, self.cause, self.member))
+
+
+def _remote_read_error(url, offset, attempts, cause, member):
+    return RemoteReadError(url, offset=offset, attempts=attempts, cause=cause, member=member)

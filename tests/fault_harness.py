@@ -54,17 +54,17 @@ def apply(spec: dict) -> None:
 
         zlocal._put = put
 
-    if armed and "record" in spec:  # SIGKILL after the Nth shard record is written, before its rename
-        real_replace, records = os.replace, [0]
+    if armed and "record" in spec:  # SIGKILL after the Nth shard record is written, before it is linked in place
+        real_link, records = os.link, [0]
 
-        def replace(src, dst, *a, **k):
+        def link(src, dst, *a, **k):
             if str(src).endswith(".partial") and "_dkd" in str(src):
                 records[0] += 1
                 if records[0] == spec["record"]:
                     die()
-            return real_replace(src, dst, *a, **k)
+            return real_link(src, dst, *a, **k)
 
-        os.replace = replace
+        os.link = link
 
     if "fsize" in spec:  # a file size limit: writes past it fail with EFBIG (SIGXFSZ ignored), like a full disk
         import resource

@@ -60,7 +60,7 @@ def test_basis_is_recorded_reused_on_resume_and_checked(shards, teacher_ckpt, tm
     # an interrupted dump: two shards lose their records; the rerun (asking for another calibration size) must
     # complete them with the stored basis, never refit
     for shard in (0, 2):
-        cache.done_path(shard).unlink()
+        cache.location.delete(cache.done_key(shard))
     report = _cache(shards, teacher_ckpt, out, calibration_views=7)
     assert report.complete and report.shards_done == 2
     again = cache_mod.open_cache(out)

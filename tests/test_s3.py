@@ -1,0 +1,279 @@
+"""Shards and caches on object storage, against a real S3 server: moto's, started here on 127.0.0.1.
+
+Every test gets its own bucket; the endpoint and credentials reach the code only through the standard AWS
+environment variables, as on a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from moto.server import ThreadedMotoServer
+
+from dkd_cache import cache as cache_mod
+from dkd_cache import store as store_mod
+from dkd_cache.data import expand_shards, iter_raw_samples, scan_shard
+from dkd_cache.dump import dump_teacher
+from dkd_cache.errors import CacheError, CacheLockedError, RemoteReadError, ShardError, ShardNotFoundError
+
+from .conftest import dump_settings
+from .helpers import sample_members, write_tar
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    def __init__(self):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+
+    def start(self):
+        self.server.start()
+
+    def stop(self):
+        self.server.stop()
+
+    def restart(self):
+        """A new server on the same port; the objects live in moto's process-wide state and come back."""
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    srv = S3Server()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch) -> str:
+    """A fresh bucket; the AWS environment points at the local server (and nothing else)."""
+    # AWS_MAX_ATTEMPTS=1: botocore does not retry on its own, so the tests see our retries (and stay fast)
+    for k, v in {**AWS_ENV, "AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    name = f"dkd-{uuid.uuid4().hex[:12]}"
+    store_mod.object_fs().mkdir(name)
+    return name
+
+
+def upload_shards(shards: dict, bucket: str, split: str = "train") -> list[str]:
+    fs = store_mod.object_fs()
+    urls = []
+    for p in shards[split]:
+        url = f"s3://{bucket}/data/{split}/{Path(p).name}"
+        fs.put_file(str(p), url[len("s3://"):])
+        urls.append(url)
+    return urls
+
+
+def remote_settings(shards, teacher, out: str, urls: list[str], **kw):
+    """The session cache's settings (tests/conftest.py), shards and cache on S3."""
+    return dataclasses.replace(dump_settings(shards, teacher, out, **kw), shards=urls)
+
+
+# ============================================================================================== reads
+def test_shards_from_s3_read_exactly_like_local_ones(shards, bucket, tmp_path):
+    urls = upload_shards(shards, bucket)
+    local = [str(p) for p in shards["train"]]
+    names = sorted(Path(u).name for u in urls)
+    stem = names[0].rsplit("-", 1)[0]
+    # a brace pattern, a glob, a folder, and a listing file (on S3, with relative lines) all give the same urls
+    pattern = f"s3://{bucket}/data/train/{stem}-{{000000..{len(names) - 1:06d}}}.tar"
+    assert expand_shards(pattern) == sorted(urls)
+    assert expand_shards(f"s3://{bucket}/data/train/*.tar") == sorted(urls)
+    assert expand_shards(f"s3://{bucket}/data/train/") == sorted(urls)
+    store_mod.object_fs().pipe_file(f"{bucket}/data/train.txt", "\n".join(f"train/{n}" for n in names).encode())
+    assert expand_shards(f"s3://{bucket}/data/train.txt") == sorted(urls)
+    listing = tmp_path / "remote.txt"  # a local listing of remote urls
+    listing.write_text("\n".join(sorted(urls)))
+    assert expand_shards(str(listing)) == sorted(urls)
+
+    for url, path in zip(sorted(urls), sorted(local)):
+        remote = list(iter_raw_samples(url))
+        here = list(iter_raw_samples(path))
+        assert [{k: v for k, v in r.items() if k != "__shard__"} for r in remote] == \
+               [{k: v for k, v in r.items() if k != "__shard__"} for r in here]
+        assert scan_shard(url) == scan_shard(path).__class__(**{**scan_shard(path).__dict__, "url": url})
+
+
+def test_remote_shard_errors_name_the_object(shards, bucket, tmp_path):
+    fs = store_mod.object_fs()
+    with pytest.raises(ShardNotFoundError, match="not found"):
+        expand_shards(f"s3://{bucket}/data/train-{{000000..000002}}.tar")
+    with pytest.raises(ShardNotFoundError, match="not found"):
+        list(iter_raw_samples(f"s3://{bucket}/nothing.tar"))
+    # a truncated shard: the same strict error as on local disk, naming the url and the last good sample
+    members = [m for i in range(6) for m in sample_members(f"k{i:03d}", i % 3, seed=i)]
+    tar = write_tar(tmp_path / "whole.tar", members).read_bytes()
+    fs.pipe_file(f"{bucket}/cut.tar", tar[: len(tar) // 2 + 100])
+    with pytest.raises(ShardError, match=rf"s3://{bucket}/cut.tar: tar is truncated or corrupt after sample 'k00"):
+        list(iter_raw_samples(f"s3://{bucket}/cut.tar"))
+    # a duplicate key: the same BadSampleError as local
+    fs.pipe_file(f"{bucket}/dup.tar", write_tar(tmp_path / "dup.tar", members[:4] + members[:2]).read_bytes())
+    with pytest.raises(ShardError, match="duplicate key"):
+        list(iter_raw_samples(f"s3://{bucket}/dup.tar"))
+
+
+def test_a_transient_outage_is_retried_and_a_lasting_one_is_named(shards, bucket, s3_server, monkeypatch):
+    from dkd_cache import remote_shards
+
+    (url,) = upload_shards({"train": shards["train"][:1]}, bucket)
+    whole = Path(shards["train"][0]).read_bytes()
+    monkeypatch.setattr(remote_shards, "BACKOFF_S", 0.4)
+    monkeypatch.setattr(remote_shards, "BLOCK_BYTES", 4096)  # one ranged GET per 4 KiB: the outage hits mid-shard
+
+    # the server goes away after the first block and comes back 1 s later: the read resumes where it stopped
+    reader = remote_shards.RetryingReader(url)
+    first = reader.read(4096)
+    s3_server.stop()
+    threading.Timer(1.0, s3_server.restart).start()
+    rest = b"".join(iter(lambda: reader.read(65536), b""))
+    assert first + rest == whole and reader.failures >= 1
+
+    # it goes away for good in the middle of the shard: the error names the url, the member and the attempts
+    monkeypatch.setattr(remote_shards, "ATTEMPTS", 3)
+    monkeypatch.setattr(remote_shards, "BACKOFF_S", 0.05)
+    stream = iter_raw_samples(url)
+    next(stream)
+    s3_server.stop()
+    try:
+        with pytest.raises(RemoteReadError) as err:
+            list(stream)
+    finally:
+        s3_server.restart()
+    e = err.value
+    assert e.url == url and e.attempts == 3 and "member" in str(e) and "failed 3 times" in str(e)
+    assert isinstance(e, ShardError) and isinstance(e, ConnectionError)
+
+
+# ============================================================================================== the cache
+def test_dump_to_s3_equals_the_local_cache_and_other_readers_read_it(shards, teacher_ckpt, cache_path, bucket):
+    urls = upload_shards(shards, bucket)
+    out = f"s3://{bucket}/caches/c.zarr"
+    report = dump_teacher(remote_settings(shards, teacher_ckpt, out, urls), progress=False)
+    assert report.complete
+    cache = cache_mod.open_cache(out)
+    assert cache.meta.state == "complete" and cache.pending_shards() == []
+    assert_same_arrays(cache_path, out)
+    fs = store_mod.object_fs()
+    assert not fs.exists(f"{bucket}/caches/c.zarr/_dkd/lease.json"), "the lease is released at the end"
+    assert not fs.exists(f"{bucket}/caches/c.zarr/{store_mod.CREATING}")
+    # a rerun is a no-op
+    again = dump_teacher(remote_settings(shards, teacher_ckpt, out, urls), progress=False)
+    assert again.complete and again.views_written == 0
+
+
+def assert_same_arrays(local: Path, remote: str) -> None:
+    ga = zarr.open_group(str(local), mode="r")
+    gb = zarr.open_group(store_mod.location(remote).zarr_store(read_only=True), mode="r")
+    names = sorted(f"{g}/{k}" for g in ("samples", "views", "logits") for k, _ in ga[g].members())
+    assert names == sorted(f"{g}/{k}" for g in ("samples", "views", "logits") for k, _ in gb[g].members())
+    for name in names:
+        x, y = ga[name][...], gb[name][...]
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"{name} differs"
+    assert dict(ga.attrs["dkd_cache"]) == dict(gb.attrs["dkd_cache"])
+
+
+def test_a_live_lease_refuses_a_second_dump_and_a_stale_one_is_taken_over(shards, teacher_ckpt, bucket):
+    urls = upload_shards(shards, bucket)
+    out = f"s3://{bucket}/c.zarr"
+    loc = store_mod.location(out)
+    first = store_mod.acquire_lease(loc, seconds=60)  # another dump holds the cache (never renewed here)
+    with pytest.raises(CacheLockedError, match="being written by another dump-teacher"):
+        dump_teacher(remote_settings(shards, teacher_ckpt, out, urls), progress=False)
+    assert not loc.exists("zarr.json"), "a refused dump writes nothing"
+    first.check()  # still the holder
+
+    stale = store_mod.acquire_lease(store_mod.location(f"s3://{bucket}/d.zarr"), seconds=0.5)
+    time.sleep(0.6)  # its holder died: nobody renews it
+    report = dump_teacher(remote_settings(shards, teacher_ckpt, f"s3://{bucket}/d.zarr", urls,
+                                          lease_seconds=5), progress=False)
+    assert report.complete
+    with pytest.raises(CacheLockedError, match="lost its writer lease"):
+        stale.check()  # the old holder, were it alive, would commit nothing more
+
+
+def _cli_dump(shards, teacher, out: str, urls: list[str], *extra) -> list[str]:
+    """The session cache's settings as a dump-teacher command line (a fresh process, killable for real)."""
+    listing = Path(teacher).parent / "remote-shards.txt"
+    listing.write_text("\n".join(urls))
+    return [sys.executable, "-m", "dkd_cache", "dump-teacher", "--shards", str(listing), "--weights", str(teacher),
+            "--out", out, "--arch", "resnet18", "--views", "2", "--codec", "topk:4", "--temperature", "1",
+            "--temperature", "4", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--chunk-rows", "8",
+            "--no-progress", *extra]
+
+
+def _kill_when(cmd: list[str], ready, timeout: float = 240) -> None:
+    """Start the command and SIGKILL it the moment `ready()` sees the state we want to cut it in."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"the dump ended (rc {proc.returncode}) before the kill point: {proc.stdout.read()!r}")
+            if time.monotonic() > deadline:
+                pytest.fail("the kill point never came")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_dump_killed_on_s3_then_rerun_equals_uninterrupted(shards, teacher_ckpt, cache_path, bucket):
+    urls = upload_shards(shards, bucket)
+    out = f"s3://{bucket}/k.zarr"
+    loc = store_mod.location(out)
+    cmd = _cli_dump(shards, teacher_ckpt, out, urls, "--lease-seconds", "4")
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+    # 1. killed during creation: the 'creating' marker is there, no cache opens
+    _kill_when(cmd, lambda: store_mod.location(out).exists(store_mod.CREATING))
+    with pytest.raises(CacheError, match="creation was cut short"):
+        cache_mod.open_cache(out)
+    # an immediate rerun finds the killed dump's lease still live: refused, nothing written
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 2 and "being written by another dump-teacher" in r.stdout + r.stderr, r.stdout + r.stderr
+
+    # 2. once the lease lapsed, the rerun takes it over, re-creates the cache, and is killed after one shard
+    time.sleep(4.5)
+    _kill_when(cmd, lambda: len(store_mod.location(out).keys("_dkd/done")) >= 1)
+    done = store_mod.location(out).keys("_dkd/done")
+    assert 1 <= len(done) < 4 and cache_mod.open_cache(out).meta.state == "writing"
+
+    # 3. the next run (after the lapse) completes only what is missing; the result equals an uninterrupted dump
+    time.sleep(4.5)
+    report = dump_teacher(remote_settings(shards, teacher_ckpt, out, urls, lease_seconds=4), progress=False)
+    manifest = cache_mod.open_cache(out).meta.manifest
+    assert report.complete
+    assert report.views_written == 2 * (manifest.samples - sum(manifest.shards[int(d[:6])].samples for d in done))
+    assert_same_arrays(cache_path, out)
+    assert not loc.exists(store_mod.LEASE) and not loc.exists(store_mod.CREATING)
