@@ -311,7 +311,8 @@ def fit_codec(codec, indexes, urls, meta: cache_mod.CacheMeta, model, s: DumpSet
     return codec.fit(logits)
 
 
-def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_samples, show) -> tuple[int, int]:
+def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_samples, show,
+         lease) -> tuple[int, int]:
     meta = cache.meta
     if not jobs:
         return 0, 0
