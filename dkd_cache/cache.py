@@ -318,7 +318,7 @@ def check_chunks_present(cache: Cache, name: str, start: int, stop: int, ndim: i
     tail = "/0" * (ndim - (2 if sharded else 1))
     for chunk in range(start // c, -(-stop // c)):
         key = f"{name}/" + ("c/0/%d%s" % (chunk, tail) if sharded else "c/%d%s" % (chunk, tail))
-        if not cache.location.exists(key):
+        if not cache.location.chunk_exists(key):
             missing.append(chunk)
     if missing:
         rows = [(m * c, m * c + c - 1) for m in missing[:3]]

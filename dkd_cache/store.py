@@ -8,6 +8,7 @@ operations the cache's commit protocol needs, done right on each kind of store.
     loc.create(key, data)       create-only: False when the key exists (disk: link(2); object store:
                                 PUT with If-None-Match: *)
     loc.exists / keys / delete / nbytes / is_empty
+    loc.chunk_exists(key)       exists, answered from one listing per folder on object stores
     loc.staged_creation()       build a new cache so that a crash leaves nothing that looks like one
     loc.remove_stale()          clear what a killed writer left (call while holding the writer lease)
     loc.writer_lease(...)       one dump at a time (disk: flock; object store: a lease object with expiry)
@@ -120,6 +121,9 @@ class DiskLocation:
             tmp.unlink(missing_ok=True)
 
     def exists(self, key: str) -> bool:
+        return (self.path / key).exists()
+
+    def chunk_exists(self, key: str) -> bool:
         return (self.path / key).exists()
 
     def keys(self, prefix: str) -> list[str]:
@@ -238,8 +242,11 @@ class ObjectLocation:
             return False
 
     def exists(self, key: str) -> bool:
-        """Looked up in one listing per folder, made once per location (chunk lookups would otherwise cost a
-        request each); writes through this location refresh it."""
+        return self.fs.exists(self._p(key))
+
+    def chunk_exists(self, key: str) -> bool:
+        """For chunk lookups in a cache being read: one listing per folder, made once per location (a request
+        per chunk would cost more than the read). Writes through this location refresh it."""
         folder, _, name = key.rpartition("/")
         if folder not in self._listed:
             try:
