@@ -223,7 +223,6 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
     # fp32 means fp32 (TF32 would move logits by ~1e-3 relative); set around each forward, never left global
     compute = resolve_policy(device, s.amp).to_dict()
     codec = parse_codec(s.codec, tinfo.num_classes)
-    codec_arrays = codec.arrays(tinfo.num_classes)
 
     out = store_mod.location(s.out)
     with contextlib.ExitStack() as held:
@@ -261,7 +260,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                     if codec.learned:
                         codec = fit_codec(codec, indexes, urls, meta, model, s)
                         meta = dataclasses.replace(meta, codec=codec.to_dict())
-                    cache_mod.create_cache(s.out, meta, indexes, codec_arrays, codec.state_arrays())
+                    cache_mod.create_cache(s.out, meta, indexes, codec.arrays(tinfo.num_classes), codec.state_arrays())
             except DKDCacheError as e:
                 error = e
         shared = dist_mod.broadcast_object(dinfo, (None if error is None else f"{type(error).__name__}: {error}",
@@ -275,6 +274,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
             lease = held.enter_context(out.writer_lease(dinfo.rank, seconds=s.lease_seconds, owner=owner))
         cache = cache_mod.open_cache(s.out, mode="r+")
         codec = cache.codec  # with its basis, checked against the recorded hash (every rank reads the same one)
+        codec_arrays = codec.arrays(tinfo.num_classes)
 
         pending = cache.pending_shards()
         mine = pending[dinfo.rank :: dinfo.world]  # whole shards per rank: each rank writes only its own chunks

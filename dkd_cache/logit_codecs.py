@@ -596,7 +596,7 @@ class LowRankCodec(Codec):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"codec field {field!r} must be an integer >= {low}, got {v!r}")
-        if self.basis is not None and self.basis.rank != min(self.rank, self.basis.num_classes):
+        if self.basis is not None and self.basis.rank > min(self.rank, self.basis.num_classes):
             raise ConfigError(f"codec {self.name}: the basis has rank {self.basis.rank}")
 
     def __eq__(self, other: object) -> bool:
@@ -632,8 +632,8 @@ class LowRankCodec(Codec):
         d = _check_fields(d, cls.kind, ("rank", "top", "sparse", "fit"))
         fit = d.get("fit")
         if fit is not None and not (isinstance(fit, Mapping) and isinstance(fit.get("sha256"), str)
-                                    and isinstance(fit.get("grid"), float)):
-            raise ConfigError(f"codec field 'fit' must be a table with 'sha256' and 'grid', got {fit!r}")
+                                    and isinstance(fit.get("grid"), float) and isinstance(fit.get("rank"), int)):
+            raise ConfigError(f"codec field 'fit' must be a table with 'sha256', 'grid' and 'rank', got {fit!r}")
         return cls(rank=_int_field(d, "rank"), top=_int_field(d, "top") if "top" in d else 0,
                    sparse=_int_field(d, "sparse") if "sparse" in d else 0, record=None if fit is None else dict(fit))
 
@@ -641,8 +641,9 @@ class LowRankCodec(Codec):
         """This codec with a basis fitted to calibration logits (N, C); the record holds its hash and statistics."""
         x = _as_logits(calibration_logits)
         self._check(x.shape[1])
-        basis, stats = fit_lowrank_basis(x, self.sizes(x.shape[1])[0])
-        return dataclasses.replace(self, basis=basis, record={"sha256": basis.sha256, "grid": basis.grid, **stats})
+        basis, stats = fit_lowrank_basis(x, min(self.sizes(x.shape[1])[0], x.shape[0]))
+        return dataclasses.replace(self, basis=basis, record={"sha256": basis.sha256, "grid": basis.grid,
+                                                              "rank": basis.rank, **stats})
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         return self._basis().arrays()
@@ -660,7 +661,7 @@ class LowRankCodec(Codec):
             raise CacheMismatchError(f"codec {self.name}: the stored basis has SHA-256 {basis.sha256[:16]}..., the "
                                      f"cache records {str(self.record['sha256'])[:16]}...; the basis was changed "
                                      "after the dump: re-dump the cache")
-        if basis.rank != self.sizes(basis.num_classes)[0]:
+        if basis.rank != self.record.get("rank", self.sizes(basis.num_classes)[0]):
             raise CacheError(f"codec {self.name}: the stored basis has rank {basis.rank}")
         return dataclasses.replace(self, basis=basis)
 
@@ -672,9 +673,11 @@ class LowRankCodec(Codec):
 
     def sizes(self, num_classes: int) -> tuple[int, int, int]:
         """(rank, top, sparse) for this class count: each at most the class count (a larger one keeps every class),
-        so one spec applies to any teacher."""
+        so one spec applies to any teacher; the rank is also at most the calibration views it was fitted on (the
+        fitted rank, recorded in `record["rank"]`)."""
         c = _check_classes(num_classes)
-        return min(self.rank, c), min(self.top, c), min(self.sparse, c)
+        rank = self.basis.rank if self.basis is not None else (self.record or {}).get("rank", self.rank)
+        return min(rank, c), min(self.top, c), min(self.sparse, c)
 
     def _check(self, num_classes: int) -> int:
         c = _check_classes(num_classes)

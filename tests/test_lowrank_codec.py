@@ -164,3 +164,14 @@ def test_real_logits_held_out_views_beat_topk_of_the_same_size():
     assert float(cos.median()) > 0.999 and float(cos.quantile(0.05)) > 0.99, (float(cos.median()),
                                                                               float(cos.quantile(0.05)))
     assert float(cos.quantile(0.05)) > float(cos_top.quantile(0.05))
+
+
+def test_rank_is_capped_by_the_calibration_sample():
+    x = structured(n=12)
+    codec = parse_codec("lowrank:20+top:8", C).fit(x)
+    assert codec.basis.rank == 12 and codec.record["rank"] == 12 and codec.sizes(C) == (12, 8, 0)
+    assert codec.arrays(C)["coef"][0] == (12,)
+    loaded = codec_from_dict(codec.to_dict())
+    assert loaded.arrays(C) == codec.arrays(C)  # the metadata alone gives the stored layout
+    back = loaded.with_state(codec.state_arrays())
+    assert torch.equal(roundtrip(back, x).full, roundtrip(codec, x).full)
