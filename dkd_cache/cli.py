@@ -62,6 +62,10 @@ def make_shards_cmd(
     classes: Annotated[int, typer.Option(help="Number of classes")] = 100,
     train_per_class: Annotated[int, typer.Option(help="Training images per class")] = 30,
     val_per_class: Annotated[int, typer.Option(help="Validation images per class")] = 10,
+    extra_per_class: Annotated[int, typer.Option(
+        help="Images per class in a third split OUT/extra (e.g. for a teacher that sees more than its students)")] = 0,
+    clutter: Annotated[int, typer.Option(help="At most this many distractor shapes per image (0: none)")] = 5,
+    textures: Annotated[int, typer.Option(help="Textures classes draw from, 1..7 (1: plain; shape and hue only)")] = 7,
     shard_size: Annotated[int, typer.Option(help="Samples per shard")] = 500,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes byte-identical shards")] = 0,
     writer: Annotated[Writer, typer.Option(help="webdataset's ShardWriter or plain tar")] = Writer.webdataset,
@@ -70,8 +74,10 @@ def make_shards_cmd(
     from .synth import make_shards
 
     summary = _run(make_shards, out, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
-                   shard_size=shard_size, seed=seed, writer=writer.value)
-    typer.echo(f"wrote {summary['train_samples']} train and {summary['val_samples']} val samples, "
+                   shard_size=shard_size, seed=seed, writer=writer.value, extra_per_class=extra_per_class,
+                   clutter=clutter, textures=textures)
+    extra = f", {summary['extra_samples']} extra" if extra_per_class else ""
+    typer.echo(f"wrote {summary['train_samples']} train{extra} and {summary['val_samples']} val samples, "
                f"{summary['classes']} classes, to {out}")
 
 
@@ -227,6 +233,19 @@ def verify_cmd(
     if not report["passed"]:
         typer.echo("verify FAILED: " + "; ".join(report["failures"]), err=True)
         raise typer.Exit(code=1)
+
+
+@app.command("plot")
+def plot_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="train-student run directories (config.json + metrics.jsonl)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write")],
+    title: Annotated[Optional[str], typer.Option(help="Figure title")] = None,
+) -> None:
+    """Validation top-1 and training loss against epochs; runs of one mode drawn thin, their mean bold."""
+    from .plot import plot_runs
+
+    path = _run(plot_runs, run_dirs, out, title=title)
+    typer.echo(f"wrote {path}")
 
 
 @app.command("demo")

@@ -1,11 +1,23 @@
-"""`dkd-cache demo`: the whole pipeline on synthetic shards, then a table of accuracy, time and speed."""
+"""`dkd-cache demo`: distillation you can see, on synthetic shards, in minutes on a CPU.
+
+Stages (each skipped when its output already exists, so a rerun of the same WORKDIR resumes)::
+
+    make-shards  -> WORKDIR/shards/{train,extra,val}.txt     students see train; the teacher train + extra
+    teacher (CE) -> WORKDIR/runs/teacher/checkpoint.pt       trained on more images and epochs than the students
+    dump-teacher -> WORKDIR/teacher.zarr                     one view per student epoch
+    students     -> WORKDIR/runs/<seed dir>/student-{ce,dkd-cache,dkd-live}   one seed, the three modes, same views
+    verify, a table that says what each number means, and WORKDIR/curves.png
+
+`benchmarks/parity.py` runs the same stages with several seeds (`prepare` once, `train_modes` per seed).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import cache as cache_mod
 from .config import load_toml, merge
@@ -15,81 +27,213 @@ from .synth import make_shards
 from .train import TrainConfig, train_student
 from .views import Recipe
 
-DEMO_KEYS = {"classes": 100, "train_per_class": 30, "val_per_class": 10, "shard_size": 400,
-             "teacher_arch": "resnet34", "teacher_epochs": 6, "teacher_lr": 0.02}
+DEMO_KEYS = {"classes": 40, "train_per_class": 15, "extra_per_class": 135, "val_per_class": 25,
+             "shard_size": 500, "min_side": 36, "max_side": 56, "clutter": 2, "textures": 7, "data_seed": 0, "seed": 0,
+             "teacher_arch": "resnet18", "teacher_epochs": 8, "teacher_lr": 0.1, "teacher_batch_size": 128}
+MODES = (("student-ce", "CE only"), ("student-dkd-cache", "DKD from cache"), ("student-dkd-live", "DKD live teacher"))
 
 
-def run_demo(workdir: str | Path, config: str | Path, *, echo=print) -> dict[str, Any]:
-    work = Path(workdir)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoSetup:
+    """The resolved demo: config file, its tables, and where everything lives under the work directory."""
+
+    work: Path
+    config: Path
+    file: dict[str, dict[str, Any]]
+    demo: dict[str, Any]
+    recipe: Recipe
+
+    @property
+    def shards(self) -> Path:
+        return self.work / "shards"
+
+    @property
+    def teacher_ckpt(self) -> Path:
+        return self.work / "runs" / "teacher" / "checkpoint.pt"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.work / "teacher.zarr"
+
+
+def load_setup(workdir: str | Path, config: str | Path) -> DemoSetup:
     file = load_toml(config)
     unknown = set(file["demo"]) - set(DEMO_KEYS)
     if unknown:
         raise ConfigError(f"{config} [demo]: unknown key(s) {sorted(unknown)}; known: {sorted(DEMO_KEYS)}")
     demo = {**DEMO_KEYS, **file["demo"]}
+    if file["dump"].get("arch", demo["teacher_arch"]) != demo["teacher_arch"]:
+        raise ConfigError(f"{config}: [dump] arch {file['dump']['arch']!r} differs from [demo] teacher_arch "
+                          f"{demo['teacher_arch']!r}; the dump runs the demo's teacher")
     recipe = merge(Recipe, file["recipe"], {}, where=f"{config} [recipe]")
-    rows: list[dict[str, Any]] = []
+    return DemoSetup(work=Path(workdir), config=Path(config), file=file, demo=demo, recipe=recipe)
 
-    def stage(name: str, fn, **info):
-        echo(f"== {name}")
-        t0 = time.perf_counter()
-        out = fn()
-        rows.append({"stage": name, "seconds": time.perf_counter() - t0, **info, **(out or {})})
-        return out
 
-    shards_dir = work / "shards"
-    if not (shards_dir / "train.txt").exists():
-        stage("make-shards", lambda: {"samples": make_shards(
-            shards_dir, classes=demo["classes"], train_per_class=demo["train_per_class"],
-            val_per_class=demo["val_per_class"], shard_size=demo["shard_size"], seed=0)["train_samples"]})
-    train_shards, val_shards = str(shards_dir / "train.txt"), str(shards_dir / "val.txt")
+def _timed(rows: list[dict[str, Any]], echo: Callable[[str], Any], name: str, fn: Callable[[], dict | None],
+           **info) -> dict:
+    echo(f"== {name}")
+    t0 = time.perf_counter()
+    out = fn() or {}
+    rows.append({"stage": name, "seconds": time.perf_counter() - t0, **info, **out})
+    return out
 
-    def train(name: str, **overrides) -> dict:
-        out = work / "runs" / name
-        cfg = merge(TrainConfig, file["train"], {}, where=f"{config} [train]",
-                    fixed={"shards": train_shards, "val_shards": val_shards, "out": str(out), **overrides})
-        r = train_student(cfg, resume=out.exists(), progress=True)
-        return {"val_top1": r.get("val_top1"), "images_per_s": r.get("images_per_s")}
 
-    teacher_ckpt = work / "runs" / "teacher" / "checkpoint.pt"
-    stage("train teacher (CE)", lambda: train(
-        "teacher", arch=demo["teacher_arch"], loss="ce", cache=None, num_classes=demo["classes"],
-        epochs=demo["teacher_epochs"], lr=demo["teacher_lr"], lr_milestones=(int(demo["teacher_epochs"] * 0.75),),
-        recipe=recipe.to_dict()))
+def prepare(setup: DemoSetup, *, echo: Callable[[str], Any] = print, progress: bool = True) -> list[dict[str, Any]]:
+    """Shards, the teacher and its cache: the part every seed shares. Returns one timing row per stage run."""
+    d, rows = setup.demo, []
+    shards = setup.shards
+    if not (shards / "val.txt").exists():
+        _timed(rows, echo, "make-shards", lambda: {"samples": (lambda s: s["train_samples"] + s.get("extra_samples", 0))(
+            make_shards(shards, classes=d["classes"], train_per_class=d["train_per_class"],
+                        val_per_class=d["val_per_class"], extra_per_class=d["extra_per_class"],
+                        shard_size=d["shard_size"], min_side=d["min_side"], max_side=d["max_side"],
+                        clutter=d["clutter"], textures=d["textures"], seed=d["data_seed"]))})
+    teacher_shards = (str(shards / "train.txt"),) + ((str(shards / "extra.txt"),) if d["extra_per_class"] else ())
+    teacher_run = setup.teacher_ckpt.parent
+    if not _finished(teacher_run, d["teacher_epochs"]):
+        epochs = d["teacher_epochs"]
+        cfg = merge(TrainConfig, setup.file["train"], {}, where=f"{setup.config} [train]", fixed={
+            "shards": teacher_shards, "val_shards": str(shards / "val.txt"), "out": str(teacher_run),
+            "arch": d["teacher_arch"], "loss": "ce", "cache": None, "live_teacher": None,
+            "num_classes": d["classes"], "epochs": epochs, "lr": d["teacher_lr"],
+            "batch_size": d["teacher_batch_size"], "lr_batch": d["teacher_batch_size"],
+            "lr_milestones": (max(1, int(epochs * 0.75)),), "seed": d["data_seed"], "recipe": setup.recipe.to_dict()})
+        _timed(rows, echo, f"teacher {d['teacher_arch']} (CE)", lambda: _result(
+            train_student(cfg, resume=teacher_run.exists(), progress=progress)),
+               images=(d["train_per_class"] + d["extra_per_class"]) * d["classes"], epochs=epochs)
+    if not _cache_complete(setup.cache_path):
+        dump = merge(DumpSettings, setup.file["dump"], {}, where=f"{setup.config} [dump]", fixed={
+            "shards": str(shards / "train.txt"), "weights": str(setup.teacher_ckpt), "out": str(setup.cache_path),
+            "recipe": setup.recipe, "arch": d["teacher_arch"]})
+        _timed(rows, echo, "dump-teacher", lambda: {"images_per_s": dump_teacher(dump).images_per_s})
+    return rows
 
-    cache_path = work / "teacher.zarr"
-    dump = merge(DumpSettings, file["dump"], {}, where=f"{config} [dump]",
-                 fixed={"shards": train_shards, "weights": str(teacher_ckpt), "out": str(cache_path), "recipe": recipe})
-    stage("dump-teacher", lambda: (lambda r: {"images_per_s": r.images_per_s})(dump_teacher(dump)))
-    size = cache_mod.disk_bytes(cache_path)
-    stage("student CE only", lambda: train("student-ce", loss="ce", cache=str(cache_path)))
-    stage("student DKD from cache", lambda: train("student-dkd-cache", loss="dkd", cache=str(cache_path)))
-    stage("student DKD live teacher", lambda: train("student-dkd-live", loss="dkd", cache=str(cache_path),
-                                                    live_teacher=str(teacher_ckpt), teacher_arch=demo["teacher_arch"]))
+
+def train_modes(setup: DemoSetup, seed: int, run_root: Path, *, echo: Callable[[str], Any] = print,
+                progress: bool = True) -> list[dict[str, Any]]:
+    """The three students of one seed, on the same stored views: CE only, DKD from the cache, DKD live."""
+    shards, rows = setup.shards, []
+    student_arch = setup.file["train"].get("arch", TrainConfig.__dataclass_fields__["arch"].default)
+    for name, mode in MODES:
+        out = run_root / name
+        overrides: dict[str, Any] = {"loss": "ce"} if mode == "CE only" else {"loss": "dkd"}
+        if mode == "DKD live teacher":
+            overrides.update(live_teacher=str(setup.teacher_ckpt), teacher_arch=setup.demo["teacher_arch"])
+        cfg = merge(TrainConfig, setup.file["train"], {}, where=f"{setup.config} [train]", fixed={
+            "shards": str(shards / "train.txt"), "val_shards": str(shards / "val.txt"), "out": str(out),
+            "cache": str(setup.cache_path), "seed": seed, **overrides})
+        if _finished(out, cfg.epochs):
+            rows.append({"stage": f"student {mode}", "mode": mode, "seed": seed, "run_dir": str(out),
+                         "seconds": None, **_final(out)})
+            continue
+        _timed(rows, echo, f"student {mode}", lambda: {**_result(train_student(cfg, resume=out.exists(),
+                                                                               progress=progress)),
+                                                       "run_dir": str(out)},
+               mode=mode, seed=seed, arch=student_arch)
+    return rows
+
+
+def _result(r: dict[str, Any]) -> dict[str, Any]:
+    return {"val_top1": r.get("val_top1"), "images_per_s": r.get("images_per_s")}
+
+
+def _final(run_dir: Path) -> dict[str, Any]:
+    """val top-1 and images/s of a finished run's last epoch record."""
+    last: dict[str, Any] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if '"epoch"' in line:
+            rec = json.loads(line)
+            if rec.get("event") == "epoch":
+                last = rec
+    return _result(last)
+
+
+def _finished(run_dir: Path, epochs: int) -> bool:
+    """True when the run logged its last epoch (a killed run resumes from its checkpoint instead)."""
+    m = run_dir / "metrics.jsonl"
+    if not m.exists():
+        return False
+    for line in m.read_text().splitlines():
+        if '"event": "epoch"' in line and json.loads(line).get("epoch") == epochs - 1:
+            return True
+    return False
+
+
+def _cache_complete(path: Path) -> bool:
+    if not path.exists():
+        return False
     try:
-        from .verify import VerifySettings, verify
+        cache_mod.require_complete(cache_mod.open_cache(str(path)))
+    except Exception:  # incomplete or damaged: dump-teacher resumes or explains
+        return False
+    return True
 
-        report = stage("verify", lambda: (lambda r: {"verdict": "passed" if r["passed"] else "FAILED: " + "; ".join(
-            r["failures"])})(verify(VerifySettings(cache=str(cache_path), shards=train_shards,
-                                                   weights=str(teacher_ckpt), samples=64))))
-    except ImportError:  # verify lands separately
-        report = None
-    table = render_table(rows, size)
+
+def run_demo(workdir: str | Path, config: str | Path, *, echo=print, progress: bool = True) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    setup = load_setup(workdir, config)
+    rows = prepare(setup, echo=echo, progress=progress)
+    seed = int(setup.demo["seed"])
+    students = train_modes(setup, seed, setup.work / "runs" / f"seed-{seed}", echo=echo, progress=progress)
+    rows += students
+    from .verify import VerifySettings, verify
+
+    report = _timed(rows, echo, "verify", lambda: (lambda r: {"verdict": "passed" if r["passed"] else
+                                                             "FAILED: " + "; ".join(r["failures"])})(
+        verify(VerifySettings(cache=str(setup.cache_path), shards=str(setup.shards / "train.txt"),
+                              weights=str(setup.teacher_ckpt), samples=64))))
+    size = cache_mod.disk_bytes(setup.cache_path)
+    teacher_top1 = _final(setup.teacher_ckpt.parent)["val_top1"]
+    from .plot import plot_runs
+
+    png = plot_runs([r["run_dir"] for r in students], setup.work / "curves.png",
+                    title=f"demo students, seed {seed}: {setup.file['train'].get('arch', 'resnet18')} "
+                          f"taught by {setup.demo['teacher_arch']}")
+    summary = {"stages": rows, "cache_bytes": size, "teacher_val_top1": teacher_top1, "seed": seed,
+               "demo": setup.demo, "wall_seconds": time.perf_counter() - t0, "curves": str(png),
+               "verify": report.get("verdict")}
+    table = render_table(summary)
     echo(table)
-    (work / "demo.json").write_text(json.dumps({"stages": rows, "cache_bytes": size}, indent=2))
-    return {"stages": rows, "cache_bytes": size, "verify": report}
+    (setup.work / "demo.json").write_text(json.dumps(summary, indent=2))
+    (setup.work / "demo.txt").write_text(table + "\n")
+    return summary
 
 
-def render_table(rows: list[dict[str, Any]], cache_bytes: int) -> str:
-    lines = [f"{'stage':<28}{'seconds':>9}{'img/s':>9}{'val top-1':>11}", "-" * 57]
+def render_table(summary: dict[str, Any]) -> str:
+    """The demo's result: time per stage, the accuracies, and the two differences that answer its questions."""
+    d = summary["demo"]
+    rows = summary["stages"]
+    top1 = {r.get("mode"): r.get("val_top1") for r in rows if r.get("mode")}
+    student_arch = next((r.get("arch") for r in rows if r.get("arch")), "student")
+    lines = [f"{'stage':<30}{'seconds':>9}{'img/s':>9}{'val top-1':>11}", "-" * 59]
     for r in rows:
-        top1 = r.get("val_top1")
-        ips = r.get("images_per_s")
-        lines.append(f"{r['stage']:<28}{r['seconds']:>9.1f}{(f'{ips:.0f}' if ips else '-'):>9}"
-                     f"{(f'{100 * top1:.1f}%' if top1 is not None else '-'):>11}")
-        if "verdict" in r:
-            lines[-1] += f"   {r['verdict']}"
-    lines.append(f"cache on disk: {cache_bytes / 2**20:.2f} MiB")
+        secs, ips, acc = r.get("seconds"), r.get("images_per_s"), r.get("val_top1")
+        lines.append(f"{r['stage']:<30}{(f'{secs:.1f}' if secs is not None else 'kept'):>9}"
+                     f"{(f'{ips:.0f}' if ips else '-'):>9}{(f'{100 * acc:.1f}%' if acc is not None else '-'):>11}"
+                     + (f"   {r['verdict']}" if "verdict" in r else ""))
+    lines.append(f"cache on disk: {summary['cache_bytes'] / 2**20:.2f} MiB; wall time "
+                 f"{int(summary['wall_seconds'] // 60)}m{summary['wall_seconds'] % 60:02.0f}s")
+    ce, cached, live = top1.get("CE only"), top1.get("DKD from cache"), top1.get("DKD live teacher")
+    chance = 1.0 / d["classes"]
+    lines += ["", "what the numbers mean (validation top-1 on "
+              f"{d['classes'] * d['val_per_class']:,} held-out images, {d['classes']} classes, chance {100 * chance:.1f}%):",
+              f"  teacher {d['teacher_arch']:<22}{_pct(summary['teacher_val_top1'])}  trained with CE on "
+              f"{(d['train_per_class'] + d['extra_per_class'])} images/class for {d['teacher_epochs']} epochs",
+              f"  student {student_arch}, CE only    {_pct(ce)}  the same student without a teacher: "
+              f"{d['train_per_class']} images/class",
+              f"  student, DKD from cache   {_pct(cached)}  the teacher's logits read from {Path('teacher.zarr')}",
+              f"  student, DKD live teacher {_pct(live)}  the teacher run on every step (what the cache replaces)"]
+    if None not in (ce, cached, live):
+        gain, diff = cached - ce, cached - live
+        lines += [f"  distillation gain (cache - CE)   {100 * gain:+.1f} points: "
+                  + (f"the teacher's soft labels teach what {d['train_per_class']} images/class alone do not" if gain >= 0.03 else
+                     "below the 3-point target: distillation did not visibly pay in this run"),
+                  f"  cache - live                     {100 * diff:+.1f} points: both see the same views and teacher;"
+                  " they differ by the codec's rounding, which training's chaos grows to seed-to-seed size",
+                  "  is that difference noise? benchmarks/parity.py repeats this over seeds: its committed result "
+                  "(README, 'Cached = live, over seeds') gives the seed spread and the paired cache - live interval"]
     return "\n".join(lines)
 
 
-
+def _pct(x: float | None) -> str:
+    return f"{100 * x:5.1f}%" if x is not None else "    -"

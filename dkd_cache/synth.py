@@ -3,10 +3,12 @@
 Layout written by `make_shards(out)`::
 
     out/train/train-000000.tar ...   out/val/val-000000.tar ...   out/train.txt   out/val.txt
+    out/extra/extra-000000.tar ...   out/extra.txt      (only with extra_per_class > 0)
 
 Each sample has three members: ``KEY.jpg`` (JPEG, quality 90), ``KEY.cls`` (class as ASCII digits) and
 ``KEY.json`` (``{"class": c, "synset": "s0017"}``). Train keys look like ``s0017_000042``, val keys like
-``s0017_v000042``, so keys are unique across both splits and never contain a dot.
+``s0017_v000042``, extra keys (a held-back training split, e.g. for a teacher that sees more data than its
+students) like ``s0017_x000042``, so keys are unique across splits and never contain a dot.
 
 A class is a combination of a shape kind, a texture (kind and frequency) and a hue. Each image shows one
 object of its class at a random position, scale and rotation, over a random colour gradient with a few
@@ -33,7 +35,8 @@ from PIL import Image, ImageDraw
 
 from .errors import ConfigError
 
-SPLITS = {"train": 0, "val": 1}
+SPLITS = {"train": 0, "val": 1, "extra": 2}
+_KEY_TAG = {"train": "", "val": "v", "extra": "x"}
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon", "crescent", "arrow")
 # (texture kind, cycles across the object); "plain" has no frequency.
 TEXTURES = (("plain", 0), ("stripes", 3), ("stripes", 6), ("checker", 2), ("checker", 4), ("dots", 3), ("dots", 5))
@@ -85,18 +88,20 @@ _UNIT_SHAPES: dict[str, list[tuple[list[tuple[float, float]], int]]] = {
 }
 
 
-def class_specs(classes: int, seed: int = 0) -> list[ClassSpec]:
+def class_specs(classes: int, seed: int = 0, textures: int = len(TEXTURES)) -> list[ClassSpec]:
     """Distinct (shape, texture, hue) combinations for `classes` classes, drawn by a seeded permutation.
 
+    Only the first `textures` entries of TEXTURES are used (1: plain objects, classes differ by shape and hue).
     The hue grid has at least 8 steps and grows so that the grid always holds enough combinations.
     """
-    n_hue = max(8, math.ceil(classes / (len(SHAPES) * len(TEXTURES))))
-    grid = len(SHAPES) * len(TEXTURES) * n_hue
+    n_tex = textures
+    n_hue = max(8, math.ceil(classes / (len(SHAPES) * n_tex)))
+    grid = len(SHAPES) * n_tex * n_hue
     rng = np.random.default_rng(np.random.SeedSequence([seed, _CLASSDEF_TAG]))
     picks = rng.permutation(grid)[:classes]
     specs = []
     for p in picks.tolist():
-        shape_i, rest = divmod(p, len(TEXTURES) * n_hue)
+        shape_i, rest = divmod(p, n_tex * n_hue)
         tex_i, hue_i = divmod(rest, n_hue)
         kind, freq = TEXTURES[tex_i]
         specs.append(ClassSpec(SHAPES[shape_i], kind, freq, hue_i / n_hue, 1.0 / n_hue))
@@ -140,8 +145,9 @@ def _texture(spec: ClassSpec, size: int, angle: float, c1, c2, rng: np.random.Ge
     return Image.fromarray(out, "RGB")
 
 
-def render_image(spec: ClassSpec, rng: np.random.Generator, min_side: int = 48, max_side: int = 160) -> Image.Image:
-    """Draw one RGB image of class `spec` with every random choice taken from `rng`."""
+def render_image(spec: ClassSpec, rng: np.random.Generator, min_side: int = 48, max_side: int = 160,
+                 clutter: int = 5) -> Image.Image:
+    """Draw one RGB image of class `spec` with every random choice taken from `rng`; 1..`clutter` distractors."""
     w, h = (int(x) for x in rng.integers(min_side, max_side + 1, size=2))
     short = min(w, h)
 
@@ -155,7 +161,7 @@ def render_image(spec: ClassSpec, rng: np.random.Generator, min_side: int = 48, 
     img = Image.composite(Image.new("RGB", (w, h), b2), Image.new("RGB", (w, h), b1), Image.fromarray(t, "L"))
 
     # Clutter: a few small plain shapes of any kind and colour, behind the main object.
-    for _ in range(int(rng.integers(1, 6))):
+    for _ in range(int(rng.integers(1, clutter + 1)) if clutter else 0):
         size = max(4, int(short * rng.uniform(0.1, 0.3)))
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = _rgb(rng.random(), rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0))
@@ -211,14 +217,15 @@ def _unit_noise(rng: np.random.Generator, gaussian: bool, shape: tuple[int, ...]
 
 def sample_key(split: str, cls: int, j: int) -> str:
     """Key of the j-th sample of class `cls` in `split` (no dots; unique across splits)."""
-    return f"s{cls:04d}_{j:06d}" if split == "train" else f"s{cls:04d}_v{j:06d}"
+    return f"s{cls:04d}_{_KEY_TAG[split]}{j:06d}"
 
 
-def encode_sample(spec: ClassSpec, split: str, cls: int, j: int, *, seed: int, min_side: int, max_side: int) -> dict:
+def encode_sample(spec: ClassSpec, split: str, cls: int, j: int, *, seed: int, min_side: int, max_side: int,
+                  clutter: int = 5) -> dict:
     """The members of one sample as bytes: {"__key__", "jpg", "cls", "json"}; deterministic in its arguments."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split], cls, j]))
     buf = io.BytesIO()
-    render_image(spec, rng, min_side, max_side).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    render_image(spec, rng, min_side, max_side, clutter).save(buf, format="JPEG", quality=JPEG_QUALITY)
     meta = json.dumps({"class": cls, "synset": f"s{cls:04d}"}).encode()
     return {"__key__": sample_key(split, cls, j), "jpg": buf.getvalue(), "cls": str(cls).encode(), "json": meta}
 
@@ -241,9 +248,11 @@ def _write_shard_tar(path: Path, samples: list[dict]) -> None:
                 tf.addfile(info, io.BytesIO(s[ext]))
 
 
-def _check_args(classes, train_per_class, val_per_class, shard_size, seed, min_side, max_side, writer) -> None:
+def _check_args(classes, train_per_class, val_per_class, shard_size, seed, min_side, max_side, writer,
+                extra_per_class=0, clutter=5, textures=len(TEXTURES)) -> None:
     ints = dict(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
-                shard_size=shard_size, seed=seed, min_side=min_side, max_side=max_side)
+                shard_size=shard_size, seed=seed, min_side=min_side, max_side=max_side,
+                extra_per_class=extra_per_class, clutter=clutter, textures=textures)
     for name, v in ints.items():
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ConfigError(f"{name} must be an integer, got {v!r}")
@@ -252,7 +261,11 @@ def _check_args(classes, train_per_class, val_per_class, shard_size, seed, min_s
             raise ConfigError(f"{name} must be positive, got {ints[name]}")
     if classes > MAX_CLASSES:
         raise ConfigError(f"classes must be at most {MAX_CLASSES} (keys hold 4 digits), got {classes}")
-    if max(train_per_class, val_per_class) > MAX_PER_CLASS:
+    if not 1 <= textures <= len(TEXTURES):
+        raise ConfigError(f"textures must lie in 1..{len(TEXTURES)}, got {textures}")
+    if extra_per_class < 0 or clutter < 0:
+        raise ConfigError(f"extra_per_class and clutter must be >= 0, got {extra_per_class} and {clutter}")
+    if max(train_per_class, val_per_class, extra_per_class) > MAX_PER_CLASS:
         raise ConfigError(f"at most {MAX_PER_CLASS} samples per class and split")
     if seed < 0:
         raise ConfigError(f"seed must be non-negative, got {seed}")
@@ -272,29 +285,35 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def make_shards(out: str | Path, *, classes: int = 100, train_per_class: int = 30, val_per_class: int = 10,
                 shard_size: int = 500, seed: int = 0, min_side: int = 48, max_side: int = 160,
-                writer: Literal["webdataset", "tar"] = "webdataset") -> dict:
+                writer: Literal["webdataset", "tar"] = "webdataset", extra_per_class: int = 0,
+                clutter: int = 5, textures: int = len(TEXTURES)) -> dict:
     """Write a synthetic dataset of `classes` classes as train and val tar shards under `out`.
 
     Samples of each split are in a seeded shuffled order across classes, `shard_size` per shard (the last
     shard may hold fewer). `writer="webdataset"` writes with `webdataset.TarWriter`; `writer="tar"` with
     Python's `tarfile` (GNU format, like `tar cf`). Shards are written as `NAME.tar.tmp` and renamed.
-    Also writes `out/train.txt` and `out/val.txt` with one absolute shard path a line.
+    Also writes `out/train.txt` and `out/val.txt` with one absolute shard path a line. `extra_per_class` > 0
+    adds a third split, `out/extra` and `out/extra.txt`: more training images of the same classes, drawn like
+    the train split but from their own seeds (a teacher may train on train + extra; students see train only).
 
-    Returns {"train": [paths], "val": [paths], "classes", "train_samples", "val_samples"}.
+    Returns {"train": [paths], "val": [paths], "classes", "train_samples", "val_samples"} (and "extra",
+    "extra_samples" with an extra split).
     Raises ConfigError for invalid arguments, or when `out/train` or `out/val` exists and is not empty.
     """
-    _check_args(classes, train_per_class, val_per_class, shard_size, seed, min_side, max_side, writer)
+    _check_args(classes, train_per_class, val_per_class, shard_size, seed, min_side, max_side, writer,
+                extra_per_class, clutter, textures)
+    splits = {"train": train_per_class, "val": val_per_class, **({"extra": extra_per_class} if extra_per_class else {})}
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a folder")
-    for split in SPLITS:
+    for split in splits:
         d = out / split
         if d.exists() and (not d.is_dir() or any(d.iterdir())):
             raise ConfigError(f"{d} already exists and is not empty: pick another output folder or delete it")
-    specs = class_specs(classes, seed)
+    specs = class_specs(classes, seed, textures)
     write = _write_shard_webdataset if writer == "webdataset" else _write_shard_tar
     summary: dict = {"classes": classes}
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+    for split, per_class in splits.items():
         d = out / split
         d.mkdir(parents=True, exist_ok=True)
         order = [(c, j) for c in range(classes) for j in range(per_class)]
@@ -302,7 +321,8 @@ def make_shards(out: str | Path, *, classes: int = 100, train_per_class: int = 3
         order = [order[i] for i in perm.tolist()]
         paths = []
         for n, start in enumerate(range(0, len(order), shard_size)):
-            samples = [encode_sample(specs[c], split, c, j, seed=seed, min_side=min_side, max_side=max_side)
+            samples = [encode_sample(specs[c], split, c, j, seed=seed, min_side=min_side, max_side=max_side,
+                                     clutter=clutter)
                        for c, j in order[start:start + shard_size]]
             path = d / f"{split}-{n:06d}.tar"
             tmp = path.with_name(path.name + ".tmp")

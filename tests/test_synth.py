@@ -111,7 +111,8 @@ def test_class_specs_distinct():
     [
         dict(classes=0), dict(classes=10001), dict(classes=2.5), dict(train_per_class=0), dict(val_per_class=-1),
         dict(shard_size=0), dict(seed=-1), dict(min_side=100, max_side=50), dict(min_side=8),
-        dict(max_side=5000), dict(writer="zip"), dict(classes=True),
+        dict(max_side=5000), dict(writer="zip"), dict(classes=True), dict(extra_per_class=-1), dict(clutter=-1),
+        dict(textures=0), dict(textures=8),
     ],
 )
 def test_bad_args(tmp_path, bad):
@@ -140,3 +141,36 @@ def test_empty_existing_split_folders_are_fine(tmp_path):
     (tmp_path / "val").mkdir()
     summary = make_shards(tmp_path, **dict(SMALL, classes=2, train_per_class=1, val_per_class=1))
     assert len(summary["train"]) == len(summary["val"]) == 1
+
+
+def test_extra_split_holds_more_images_of_the_same_classes_under_their_own_keys(tmp_path):
+    base = make_shards(tmp_path / "a", seed=3, **SMALL)
+    more = make_shards(tmp_path / "b", seed=3, extra_per_class=4, **SMALL)
+    assert more["extra_samples"] == 20 and (tmp_path / "b" / "extra.txt").read_text().splitlines() == more["extra"]
+    assert "extra" not in base and not (tmp_path / "a" / "extra").exists()
+    # train and val are unchanged by the extra split: the students' data does not depend on the teacher's
+    for split in ("train", "val"):
+        assert [Path(p).read_bytes() for p in base[split]] == [Path(p).read_bytes() for p in more[split]]
+    extra = {k: v for p in more["extra"] for k, v in read_shard(p).items()}
+    train = {k: v for p in more["train"] for k, v in read_shard(p).items()}
+    assert all("_x" in k for k in extra) and not set(extra) & set(train)
+    assert Counter(int(v["cls"]) for v in extra.values()) == Counter({c: 4 for c in range(5)})
+    assert not {v["jpg"] for v in extra.values()} & {v["jpg"] for v in train.values()}
+
+
+def test_plain_textures_give_classes_that_differ_by_shape_and_hue_only():
+    specs = class_specs(40, textures=1)
+    assert {s.texture for s in specs} == {"plain"}
+    assert len({(s.shape, s.hue) for s in specs}) == 40
+    assert class_specs(40) == class_specs(40, textures=7)  # the default is every texture, as before
+
+
+def test_clutter_zero_draws_no_distractors(tmp_path):
+    import numpy as np
+
+    from dkd_cache.synth import render_image
+
+    spec = class_specs(1, textures=1)[0]
+    a = render_image(spec, np.random.default_rng(0), 64, 64, clutter=0)
+    b = render_image(spec, np.random.default_rng(0), 64, 64, clutter=5)
+    assert a.size == b.size == (64, 64) and a.tobytes() != b.tobytes()

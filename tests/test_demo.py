@@ -1,0 +1,159 @@
+"""The demo end to end on a tiny config, the curves it draws, `dkd-cache plot`, and parity.py's statistics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dkd_cache.cli import app
+from dkd_cache.demo import run_demo
+from dkd_cache.errors import ConfigError, DKDCacheError
+from dkd_cache.plot import MODE_CACHE, MODE_CE, MODE_LIVE, plot_runs, read_run
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = """
+[demo]
+classes = 4
+train_per_class = 6
+extra_per_class = 4
+val_per_class = 3
+shard_size = 20
+min_side = 32
+max_side = 40
+teacher_arch = "resnet18"
+teacher_epochs = 2
+teacher_lr = 0.05
+teacher_batch_size = 16
+
+[recipe]
+image_size = 32
+
+[dump]
+views = 2
+temperatures = [4.0]
+batch_size = 16
+workers = 0
+
+[train]
+arch = "resnet18"
+epochs = 2
+batch_size = 8
+lr = 0.02
+lr_batch = 8
+lr_milestones = [1]
+temperature = 4.0
+beta = 8.0
+workers = 0
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("demo")
+    config = root / "tiny.toml"
+    config.write_text(TINY)
+    lines: list[str] = []
+    summary = run_demo(root / "work", config, echo=lines.append, progress=False)
+    return root / "work", {"summary": summary, "printed": "\n".join(lines), "config": config}
+
+
+def test_demo_runs_every_stage_and_explains_its_table(demo_run):
+    work, r = demo_run
+    summary, printed = r["summary"], r["printed"]
+    stages = [s["stage"] for s in summary["stages"]]
+    assert stages == ["make-shards", "teacher resnet18 (CE)", "dump-teacher", "student CE only",
+                      "student DKD from cache", "student DKD live teacher", "verify"]
+    # the teacher saw train + extra (40 images), the students the train split (24) only
+    assert summary["stages"][1]["images"] == 40
+    assert json.loads((work / "runs" / "teacher" / "config.json").read_text())["shards"][1].endswith("extra.txt")
+    for name in ("student-ce", "student-dkd-cache", "student-dkd-live"):
+        cfg = json.loads((work / "runs" / "seed-0" / name / "config.json").read_text())
+        assert cfg["shards"].endswith("train.txt") and cfg["cache"].endswith("teacher.zarr")
+    assert summary["verify"] == "passed"
+    for needle in ("what the numbers mean", "teacher resnet18", "distillation gain (cache - CE)", "cache - live",
+                   "benchmarks/parity.py"):
+        assert needle in printed
+    assert (work / "demo.txt").read_text().strip() == printed.split("\n== verify\n")[-1].strip()
+    png = Image.open(work / "curves.png")
+    assert png.format == "PNG" and png.size[0] > 600
+
+
+def test_demo_rerun_keeps_finished_stages_and_reports_the_same_numbers(demo_run):
+    work, r = demo_run
+    again = run_demo(work, r["config"], echo=lambda s: None, progress=False)
+    stages = {s["stage"]: s for s in again["stages"]}
+    assert "make-shards" not in stages and "dump-teacher" not in stages
+    first = {s["stage"]: s.get("val_top1") for s in r["summary"]["stages"] if s.get("mode")}
+    assert {k: v["val_top1"] for k, v in stages.items() if v.get("mode")} == first
+    assert all(v["seconds"] is None for v in stages.values() if v.get("mode"))  # kept, not retrained
+
+
+def test_demo_refuses_unknown_keys_and_a_dump_arch_other_than_the_teacher(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY.replace("classes = 4", "classes = 4\nteacher_epoch = 3"))
+    with pytest.raises(ConfigError, match="teacher_epoch"):
+        run_demo(tmp_path / "w", bad, echo=lambda s: None)
+    bad.write_text(TINY.replace("views = 2", "views = 2\narch = \"resnet34\""))
+    with pytest.raises(ConfigError, match="teacher_arch"):
+        run_demo(tmp_path / "w", bad, echo=lambda s: None)
+
+
+def test_read_run_gives_per_epoch_top1_and_mean_step_losses(demo_run):
+    work, _ = demo_run
+    run = work / "runs" / "seed-0" / "student-dkd-cache"
+    curves = read_run(run)
+    assert curves.label == f"resnet18 {MODE_CACHE}" and curves.seed == 0 and curves.epochs == (1, 2)
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    ep1 = [r["loss"] for r in records if r["event"] == "step" and r["epoch"] == 1]
+    assert math.isclose(curves.train_loss[1], sum(ep1) / len(ep1))
+    assert curves.val_top1[1] == [r for r in records if r["event"] == "epoch"][-1]["val_top1"]
+    labels = {read_run(work / "runs" / "seed-0" / n).label.split(" ", 1)[1]
+              for n in ("student-ce", "student-dkd-cache", "student-dkd-live")}
+    assert labels == {MODE_CE, MODE_CACHE, MODE_LIVE}
+
+
+def test_plot_command_writes_a_png_and_refuses_what_is_not_a_run(demo_run, tmp_path):
+    work, _ = demo_run
+    runs = [str(work / "runs" / "seed-0" / n) for n in ("student-ce", "student-dkd-cache", "student-dkd-live")]
+    out = tmp_path / "p.png"
+    r = CliRunner().invoke(app, ["plot", *runs, "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert Image.open(out).format == "PNG"
+    r = CliRunner().invoke(app, ["plot", str(tmp_path), "-o", str(tmp_path / "q.png")])
+    assert r.exit_code == 2 and "config.json is missing" in r.output and not (tmp_path / "q.png").exists()
+    with pytest.raises(ConfigError, match="PNG"):
+        plot_runs(runs, tmp_path / "p.svg")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "metrics.jsonl").write_text('{"event": "step", "epoch": 0, "loss": 1.0, "ce": 1.0}\n{"event": ')
+    with pytest.raises(DKDCacheError, match="line 2"):
+        read_run(broken)
+
+
+def _parity():
+    spec = importlib.util.spec_from_file_location("parity", REPO / "benchmarks" / "parity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parity_interval_is_the_t_interval_and_the_verdict_follows_it():
+    parity = _parity()
+    s = parity.summary([0.01, -0.01, 0.02, 0.0, -0.02])
+    assert math.isclose(s["mean"], 0.0, abs_tol=1e-12)
+    std = math.sqrt((0.01**2 * 2 + 0.02**2 * 2) / 4)
+    assert math.isclose(s["std"], std)
+    assert math.isclose(s["half_width"], 2.776 * std / math.sqrt(5))
+    gain = parity.summary([0.05, 0.06, 0.04, 0.05, 0.07])
+    v = parity.verdict(s, gain, {"CE only": 0.01})
+    assert v[0].startswith("cache = live") and v[1].startswith("distillation pays")
+    shifted = parity.summary([0.03, 0.04, 0.035, 0.05, 0.03])
+    v = parity.verdict(shifted, parity.summary([0.0, 0.01, -0.01, 0.0, 0.02]), {"CE only": 0.01})
+    assert v[0].startswith("the cache differs") and v[1].startswith("distillation is not shown")
