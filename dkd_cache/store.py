@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import CacheError, CacheLockedError, ConfigError
+from .errors import CacheLockedError, ConfigError
 
 OBJECT_SCHEMES = ("s3://",)
 CREATING = "_dkd/creating.json"  # object stores: present while a cache is being created, deleted when whole

@@ -23,12 +23,15 @@ import pytest
 import torch
 import zarr
 from moto.server import ThreadedMotoServer
+from typer.testing import CliRunner
 
 from dkd_cache import cache as cache_mod
 from dkd_cache import store as store_mod
+from dkd_cache.cli import app
 from dkd_cache.data import expand_shards, iter_raw_samples, scan_shard
 from dkd_cache.dump import dump_teacher
 from dkd_cache.errors import CacheError, CacheLockedError, RemoteReadError, ShardError, ShardNotFoundError
+from dkd_cache.verify import VerifySettings, verify
 
 from .conftest import dump_settings
 from .helpers import sample_members, write_tar
@@ -187,6 +190,13 @@ def test_dump_to_s3_equals_the_local_cache_and_other_readers_read_it(shards, tea
     # a rerun is a no-op
     again = dump_teacher(remote_settings(shards, teacher_ckpt, out, urls), progress=False)
     assert again.complete and again.views_written == 0
+    # inspect and verify read it where it is
+    r = CliRunner().invoke(app, ["inspect", out, "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["state"] == "complete" and info["shards_done"] == 4 and info["bytes_on_disk"] > 0
+    report = verify(VerifySettings(cache=out, shards=urls, weights=str(teacher_ckpt), samples=8))
+    assert report["passed"], report["failures"]
 
 
 def assert_same_arrays(local: Path, remote: str) -> None:
@@ -285,3 +295,51 @@ def test_dump_killed_on_s3_then_rerun_equals_uninterrupted(shards, teacher_ckpt,
     assert_same_arrays(cache_path, out)
     assert not loc.exists(store_mod.LEASE) and not loc.exists(store_mod.CREATING)
 
+
+
+def _two_nodes(args: list[str], timeout: float = 400) -> list[subprocess.CompletedProcess]:
+    """`torchrun --nnodes 2 --nproc_per_node 2 --rdzv-backend c10d` twice on this machine, on loopback: two node
+    agents standing in for two machines, four ranks in all."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", uuid.uuid4().hex[:8],
+           "--local-addr", "127.0.0.1", "-m", "dkd_cache", *args]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the two-node run did not finish in time")
+        outs.append(subprocess.CompletedProcess(cmd, p.returncode, out, ""))
+    return outs
+
+
+@pytest.mark.slow
+def test_two_node_torchrun_dump_and_train_with_shards_and_cache_on_s3(shards, teacher_ckpt, cache_path, bucket,
+                                                                      tmp_path):
+    urls = upload_shards(shards, bucket)
+    out = f"s3://{bucket}/nodes.zarr"
+    dump_args = _cli_dump(shards, teacher_ckpt, out, urls)[3:]  # without `python -m dkd_cache`
+    runs = _two_nodes(dump_args)
+    assert all(r.returncode == 0 for r in runs), "\n".join(r.stdout[-3000:] for r in runs)
+    # four ranks, one whole shard each; the cache equals the one-process dump, array for array
+    assert_same_arrays(cache_path, out)
+    assert not store_mod.location(out).exists(store_mod.LEASE)
+
+    run = tmp_path / "run"
+    listing = Path(teacher_ckpt).parent / "remote-shards.txt"
+    runs = _two_nodes(["train-student", "--shards", str(listing), "--cache", out, "--out", str(run),
+                       "--epochs", "1", "--batch-size", "20", "--lr", "0.05", "--workers", "0", "--no-progress"])
+    assert all(r.returncode == 0 for r in runs), "\n".join(r.stdout[-3000:] for r in runs)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (epoch,) = [r for r in records if r["event"] == "epoch"]
+    # 80 samples in shards of 25/25/25/5 over 4 ranks: one shard each, padded to 25; 5 per rank per step
+    assert len(epoch["rank_steps"]) == 4 and len(set(epoch["rank_steps"])) == 1
+    assert epoch["samples"] == 100 and epoch["padding"] == 20
+    steps = [r for r in records if r["event"] == "step"]
+    assert steps and all(np.isfinite(r["dkd"]) and r["dkd"] > 0 for r in steps), "DKD from the remote cache"
