@@ -43,6 +43,7 @@ from .data import ShardIndex, keys_digest
 from .errors import CacheError, CacheMismatchError, ConfigError
 from .logit_codecs import Codec, codec_from_dict
 from .store import CREATING, DiskLocation, ObjectLocation, location
+from .renderers import RendererInfo
 from .views import Recipe
 
 STATUS_PADDING, STATUS_OK, STATUS_SKIPPED = 0, 1, 2
@@ -118,6 +119,8 @@ class CacheMeta:
     manifest: Manifest
     versions: dict[str, str]
     compute: dict[str, Any] = dataclasses.field(default_factory=dict)  # device type, amp, tf32 of the teacher run
+    # how views became pixels (renderers.py); caches written before it was recorded used the cpu renderer
+    renderer: RendererInfo = dataclasses.field(default_factory=lambda: RendererInfo.from_dict(None))
     state: str = "writing"  # "writing" | "complete"
     skipped: tuple[dict[str, Any], ...] = ()
 
@@ -130,7 +133,7 @@ class CacheMeta:
                 "seed": self.seed, "views": self.views, "codec": self.codec,
                 "temperatures": list(self.temperatures), "chunk_rows": self.chunk_rows,
                 "manifest": self.manifest.to_dict(), "versions": self.versions, "compute": self.compute,
-                "state": self.state,
+                "renderer": self.renderer.to_dict(), "state": self.state,
                 "skipped": list(self.skipped)}
 
     @classmethod
@@ -144,7 +147,7 @@ class CacheMeta:
                        seed=int(d["seed"]), views=int(d["views"]), codec=dict(d["codec"]),
                        temperatures=tuple(float(t) for t in d["temperatures"]), chunk_rows=int(d["chunk_rows"]),
                        manifest=Manifest.from_dict(d["manifest"]), versions=dict(d["versions"]),
-                       compute=dict(d.get("compute", {})),
+                       compute=dict(d.get("compute", {})), renderer=RendererInfo.from_dict(d.get("renderer")),
                        state=str(d.get("state", "writing")), skipped=tuple(d.get("skipped", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"cache metadata is damaged or incomplete ({type(e).__name__}: {e})") from e
@@ -156,6 +159,8 @@ class CacheMeta:
         for field in ("teacher", "recipe", "seed", "views", "codec", "temperatures", "chunk_rows"):
             if a[field] != b[field]:
                 out.append(f"{field}: cache has {a[field]}, this run has {b[field]}")
+        if self.renderer.name != other.renderer.name:
+            out.append(f"renderer: cache rendered with {self.renderer.name!r}, this run with {other.renderer.name!r}")
         if a["compute"].get("amp") != b["compute"].get("amp"):
             out.append(f"amp: cache computed with {a['compute'].get('amp')}, this run with {b['compute'].get('amp')}")
         ma, mb = self.manifest, other.manifest

@@ -35,6 +35,11 @@ class Rule(str, enum.Enum):
     bucket = "bucket"
 
 
+class RendererName(str, enum.Enum):
+    cpu = "cpu"
+    device = "device"
+
+
 class Writer(str, enum.Enum):
     webdataset = "webdataset"
     tar = "tar"
@@ -103,6 +108,9 @@ def dump_teacher_cmd(
     device: Annotated[Device, typer.Option(help="cpu or cuda")] = Device.cpu,
     amp: Annotated[Optional[Amp], typer.Option(help="bf16 autocast (default: on for cuda, off for cpu)")] = None,
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per Zarr chunk")] = None,
+    renderer: Annotated[Optional[RendererName], typer.Option(
+        help="How views become pixels: cpu (per view in workers) or device (decode in workers, crop/resize/flip "
+             "batched on --device); recorded in the cache")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad samples, recording each and why in the cache")] = False,
     allow_pipe: Annotated[bool, typer.Option(help="Allow 'pipe:' shard urls (they run shell commands)")] = False,
     lease_seconds: Annotated[Optional[float], typer.Option(
@@ -126,6 +134,7 @@ def dump_teacher_cmd(
             batch_size=batch_size, workers=workers, seed=seed, device=device, amp=amp, chunk_rows=chunk_rows,
             calibration_views=calibration_views,
             lease_seconds=lease_seconds,
+            renderer=renderer,
         ), where=f"{config} [dump]", fixed={"shards": shards, "weights": str(weights), "out": str(out),
                                             "recipe": recipe, "skip_bad": skip_bad or file["dump"].get("skip_bad", False),
                                             "allow_pipe": allow_pipe})
@@ -163,6 +172,16 @@ def train_student_cmd(
     seed: Annotated[Optional[int], typer.Option()] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Also checkpoint every N steps")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N steps (quick checks)")] = None,
+    renderer: Annotated[Optional[RendererName], typer.Option(
+        help="Renderer (default: the cache's); another than the cache's needs --allow-other-renderer")] = None,
+    allow_other_renderer: Annotated[Optional[bool], typer.Option(
+        "--allow-other-renderer", help="Train with another renderer than the cache's (see verify --renderer)")] = None,
+    views_per_decode: Annotated[Optional[int], typer.Option(
+        help="M stored views per decoded image in one pass; a pass counts as M epochs")] = None,
+    image_size: Annotated[Optional[int], typer.Option(
+        help="The student's input size (default: the cache's); boxes are re-rendered at it")] = None,
+    image_size_schedule: Annotated[Optional[str], typer.Option(
+        help="Per-epoch student size, EPOCH:SIZE pairs from epoch 0, e.g. 0:160,30:192,90:224")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
@@ -178,7 +197,8 @@ def train_student_cmd(
             teacher_arch=teacher_arch,
             residual_rule=residual_rule, val_shards=val_shards, workers=workers, amp=amp, device=device,
             num_classes=num_classes, seed=seed, checkpoint_every=checkpoint_every, max_steps=max_steps,
-            cache=str(cache) if cache else None,
+            cache=str(cache) if cache else None, renderer=renderer, allow_other_renderer=allow_other_renderer,
+            views_per_decode=views_per_decode, image_size=image_size, image_size_schedule=image_size_schedule,
         ), where=f"{config} [train]", fixed={"shards": shards, "out": str(out),
                                              **({"recipe": file["recipe"]} if file["recipe"] else {})})
         result = train_student(cfg, resume=resume, progress=progress)
@@ -214,6 +234,9 @@ def verify_cmd(
     loss_tol: Annotated[Optional[float], typer.Option(help="Max relative DKD loss error allowed")] = None,
     cosine_tol: Annotated[Optional[float], typer.Option(help="Min median gradient cosine allowed")] = None,
     device: Annotated[Device, typer.Option()] = Device.cpu,
+    renderer: Annotated[Optional[RendererName], typer.Option(
+        help="Also render the entries with this renderer and report the logit and gradient drift against the "
+             "cache's renderer")] = None,
 ) -> None:
     """Re-render stored views, run the live teacher, and report how far the cache is from it (exit 1 if too far)."""
     from .verify import VerifySettings, render_report, verify
@@ -223,7 +246,7 @@ def verify_cmd(
               if v is not None}
         settings = VerifySettings(cache=str(cache), shards=shards, weights=str(weights), samples=samples, seed=seed,
                                   student=str(student) if student else None, train_steps=train_steps,
-                                  device=device.value, **kw)
+                                  device=device.value, renderer=renderer.value if renderer else None, **kw)
         report = verify(settings)
     except DKDCacheError as e:
         _fail(e)

@@ -32,6 +32,7 @@ from .errors import BadSampleError, CacheMismatchError, ConfigError, DKDCacheErr
 from .calibration import calibration_logits, calibration_plan, render_plan
 from .logit_codecs import codec_from_dict, parse_codec
 from .progress import Progress
+from . import renderers
 from .teacher import load_teacher
 from .teacher_signal import LSE, TARGET, ComputePolicy, Storage, encode_entries, resolve_policy, teacher_forward
 from .views import Recipe, decode, draw_view, normalize, parse_positive_int, render_decoded
@@ -57,6 +58,7 @@ class DumpSettings:
     amp: str | None = None  # None: fp32 on CPU, bf16 on CUDA; "none" forces fp32; "bf16" forces bf16
     calibration_views: int = 4096  # learned codecs (lowrank): views the basis is fitted on, before any row is written
     lease_seconds: float = 120.0  # object-store caches: the writer lease lapses this long after its last renewal
+    renderer: str = "cpu"  # renderers.RENDERERS: recorded in the cache; training and verify use it by default
 
     def __post_init__(self) -> None:
         for name in ("views", "batch_size", "chunk_rows", "calibration_views"):
@@ -71,6 +73,8 @@ class DumpSettings:
             raise ConfigError(f"lease_seconds must be positive, got {self.lease_seconds}")
         if not self.device.startswith(("cpu", "cuda")):
             raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
+        renderers.parse_renderer(self.renderer)
+        renderers.check_recipe(self.renderer, self.recipe)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,7 +93,7 @@ class DumpReport:
 class RenderedSample:
     shard: int
     pos: int  # position in the shard (row = shard's row_start + pos)
-    images: torch.Tensor | None  # uint8 (V, 3, S, S); None when skipped
+    images: torch.Tensor | None  # uint8 (V, 3, S, S); device renderer: the decoded (3, H, W); None when skipped
     boxes: np.ndarray  # (V, 4)
     flips: np.ndarray  # (V,)
     height: int
@@ -135,6 +139,7 @@ class _RenderStream(IterableDataset):
 def render_shard(shard: int, url: str, meta: cache_mod.CacheMeta, skip_bad: bool) -> Iterator[RenderedSample]:
     entry = meta.manifest.shards[shard]
     recipe, v = meta.recipe, meta.views
+    on_device = meta.renderer.name == "device"
     pos = 0
     for raw in iter_raw_samples(url):
         if pos >= entry.samples:
@@ -144,7 +149,7 @@ def render_shard(shard: int, url: str, meta: cache_mod.CacheMeta, skip_bad: bool
         try:
             sample = parse_sample(raw, meta.num_classes)
             try:
-                img = decode(sample.image)
+                img = (renderers.decode_for_device if on_device else decode)(sample.image)
             except Exception as e:
                 raise BadSampleError(entry.name, sample.key, f"image cannot be decoded ({e})") from None
             h, w = int(img.shape[1]), int(img.shape[2])
@@ -152,12 +157,13 @@ def render_shard(shard: int, url: str, meta: cache_mod.CacheMeta, skip_bad: bool
                 raise BadSampleError(entry.name, sample.key, f"image side {max(h, w)} exceeds 65535 pixels")
             boxes = np.zeros((v, 4), np.uint16)
             flips = np.zeros(v, np.uint8)
-            images = torch.empty((v, 3, recipe.image_size, recipe.image_size), dtype=torch.uint8)
+            images = img if on_device else torch.empty((v, 3, recipe.image_size, recipe.image_size), dtype=torch.uint8)
             for view in range(v):
                 top, left, bh, bw, flip = draw_view(meta.seed, view, sample.key, h, w, recipe)
                 boxes[view] = (top, left, bh, bw)
                 flips[view] = flip
-                images[view] = render_decoded(img, (top, left, bh, bw), flip, recipe)
+                if not on_device:  # the device renderer renders whole batches in the main process
+                    images[view] = render_decoded(img, (top, left, bh, bw), flip, recipe)
             yield dataclasses.replace(empty, images=images, boxes=boxes, flips=flips, height=h, width=w,
                                       label=sample.label)
         except BadSampleError as e:
@@ -244,7 +250,8 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                     format_version=FORMAT_VERSION, teacher=tinfo.to_dict(), recipe=s.recipe, seed=s.seed,
                     views=s.views, codec=codec.to_dict(), temperatures=tuple(float(t) for t in s.temperatures),
                     chunk_rows=s.chunk_rows, manifest=cache_mod.build_manifest(indexes, s.chunk_rows),
-                    versions=cache_mod.library_versions(), compute=compute)
+                    versions=cache_mod.library_versions(), compute=compute,
+                    renderer=renderers.renderer_info(s.renderer))
                 if out.exists("zarr.json"):
                     existing = cache_mod.open_cache(s.out, mode="r+")
                     if codec_from_dict(existing.meta.codec).name == codec.name:
@@ -325,7 +332,12 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
 
     def flush_batch(items) -> None:
         nonlocal views_written
-        x = normalize(torch.stack([it[3] for it in items]).to(device, non_blocking=True), meta.recipe)
+        if meta.renderer.name == "device":  # it[3] is the decoded image, it[5] the view's (box, flip)
+            pixels = renderers.render_batch([it[3] for it in items], np.stack([it[5][0] for it in items]),
+                                            np.array([it[5][1] for it in items]), meta.recipe, device)
+        else:
+            pixels = torch.stack([it[3] for it in items]).to(device, non_blocking=True)
+        x = normalize(pixels, meta.recipe)
         labels = torch.tensor([it[4] for it in items], device=device)
         stored = encode_entries(teacher_forward(model, x, policy), labels, storage)
         target_np, lse_np = stored.pop(TARGET).cpu().numpy(), stored.pop(LSE).cpu().numpy()
@@ -362,8 +374,10 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
             buf.add_sample(item)
             queue = queues.setdefault(item.shard, [])
             if item.images is not None:
+                on_device = meta.renderer.name == "device"
                 for view in range(meta.views):
-                    queue.append((item.shard, item.pos, view, item.images[view], item.label))
+                    queue.append((item.shard, item.pos, view, item.images if on_device else item.images[view],
+                                  item.label, (item.boxes[view], item.flips[view])))
                 buf.pending_views += meta.views
                 buf.filled += 1
             while len(queue) >= s.batch_size or (queue and buf.filled == buf.expected):

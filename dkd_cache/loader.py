@@ -28,6 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import cache as cache_mod
 from .data import keep_as_is, iter_raw_samples, parse_sample, shard_name
 from .errors import BadSampleError, CacheMismatchError, DKDCacheError, ShardError
+from . import renderers
+from .renderers import Packed
 from .views import Recipe, center_crop, decode, draw_view, render_decoded
 
 
@@ -145,6 +147,13 @@ class StreamSpec:
     num_classes: int | None = None
     shuffle_buffer: int = 256
     evaluation: bool = False  # centre crop, no shuffling, no cache
+    renderer: str = "cpu"  # renderers.RENDERERS; "device": workers decode only, the main process renders batches
+    image_size: int | None = None  # the size views are rendered at (the student's); None: the recipe's
+    views_per_decode: int = 1  # M: each decoded sample gives views view .. view + M - 1 (mod the cache's views)
+
+    @property
+    def size(self) -> int:
+        return self.image_size or self.recipe.image_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +176,7 @@ ITEMS_PER_TRANSFER = 16
 class ItemGroup:
     worker: int
     seq0: int  # the group holds seqs seq0, seq0 + 1, ...
-    images: torch.Tensor | None  # uint8 (m, 3, S, S); None when the items carry no image
+    images: torch.Tensor | Packed | None  # uint8 (m, 3, S, S); Packed decoded images (device renderer); None
     labels: np.ndarray  # int64 (m,)
     entries: dict[str, np.ndarray]  # name -> (m, …)
 
@@ -175,8 +184,9 @@ class ItemGroup:
         return len(self.labels)
 
     def item(self, i: int) -> Item:
-        return Item(self.worker, self.seq0 + i, None if self.images is None else self.images[i], int(self.labels[i]),
-                    {k: v[i] for k, v in self.entries.items()})
+        image = self.images.slice(i, i + 1).unpack()[0] if isinstance(self.images, Packed) else \
+            None if self.images is None else self.images[i]
+        return Item(self.worker, self.seq0 + i, image, int(self.labels[i]), {k: v[i] for k, v in self.entries.items()})
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
@@ -191,21 +201,24 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
         yield buf
 
 
-def group_items(items: Iterable[Item], size: int = ITEMS_PER_TRANSFER) -> Iterator[ItemGroup]:
-    """Consecutive Items of one worker and one canonical block (seq // size) -> ItemGroup."""
+def group_items(items: Iterable[Item], size: int = ITEMS_PER_TRANSFER, *, packed: bool = False
+                ) -> Iterator[ItemGroup]:
+    """Consecutive Items of one worker and one canonical block (seq // size) -> ItemGroup (images stacked, or
+    `packed` when they are decoded images of several sizes)."""
     buf: list[Item] = []
     for item in items:
         if buf and (item.worker != buf[0].worker or item.seq // size != buf[0].seq // size
                     or item.seq != buf[-1].seq + 1):
-            yield _group(buf)
+            yield _group(buf, packed)
             buf = []
         buf.append(item)
     if buf:
-        yield _group(buf)
+        yield _group(buf, packed)
 
 
-def _group(buf: list[Item]) -> ItemGroup:
-    images = None if buf[0].image is None else torch.stack([i.image for i in buf])
+def _group(buf: list[Item], packed: bool = False) -> ItemGroup:
+    images = None if buf[0].image is None else \
+        renderers.pack([i.image for i in buf]) if packed else torch.stack([i.image for i in buf])
     entries = {k: np.stack([i.entry[k] for i in buf]) for k in buf[0].entry}
     return ItemGroup(buf[0].worker, buf[0].seq, images, np.array([i.label for i in buf], np.int64), entries)
 
@@ -220,39 +233,49 @@ class _WorkerStream(IterableDataset):
         worker_ids = range(len(self.plan.workers)) if info is None else [wid]
         try:
             for w in worker_ids:  # without DataLoader workers, the main process runs every worker's stream in turn
-                yield from group_items(worker_items(self.spec, self.plan.workers[w], w, self.skips[w]))
+                yield from group_items(worker_items(self.spec, self.plan.workers[w], w, self.skips[w]),
+                                       packed=self.spec.renderer == "device" and not self.spec.evaluation)
         except DKDCacheError as e:  # re-raised by the main process with the same class and message
             yield ("error", e)  # pickled to the main process whole, raised there as its own class
 
 
+def stream_views(spec: StreamSpec, cache_views: int | None) -> list[int]:
+    """The views one decode gives: view, view + 1, ... (M of them), modulo the cache's view count."""
+    return [(spec.view + j) % cache_views if cache_views else spec.view + j for j in range(spec.views_per_decode)]
+
+
 def _cache_rows(cache: cache_mod.Cache, shard: int, spec: StreamSpec):
-    """The shard's cache rows for this epoch's view: a chunk-aligned block read per array."""
+    """The shard's cache rows for this pass's views: a chunk-aligned block read per array and view.
+    Returns keys, labels, status and, per view, {array name: rows}."""
     e = cache.meta.manifest.shards[shard]
     keys = cache_mod.decode_keys(cache.read_rows("samples/key", e.row_start, e.row_start + e.samples))
     labels = cache.read_rows("samples/label", e.row_start, e.row_stop)
     status = cache.read_rows("samples/status", e.row_start, e.row_stop)
-    arrays = {name: cache.read_rows(name, e.row_start, e.row_stop, view=spec.view) for name in spec.entry_arrays}
     ok = status == cache_mod.STATUS_OK
-    for name, values in arrays.items():
-        cache_mod.check_filled(cache, name, values, ok, e.row_start, spec.view)
-    return keys, labels, status, arrays
+    per_view = []
+    for view in stream_views(spec, cache.meta.views):
+        arrays = {name: cache.read_rows(name, e.row_start, e.row_stop, view=view) for name in spec.entry_arrays}
+        for name, values in arrays.items():
+            cache_mod.check_filled(cache, name, values, ok, e.row_start, view)
+        per_view.append(arrays)
+    return keys, labels, status, per_view
 
 
 def joined_samples(spec: StreamSpec, task: Task, cache: cache_mod.Cache | None):
-    """raw samples of one task joined to their cache rows: yields (raw, label, entry); skipped rows dropped."""
+    """raw samples of one task joined to their cache rows: yields (raw, label, [entry per view]); skipped rows
+    dropped. Without a cache the entries are empty dicts."""
     url = spec.urls[task.shard]
     name = shard_name(url)
     if cache is not None:
         cshard = cache.meta.manifest.shard_index(name)
-        keys, labels, status, arrays = _cache_rows(cache, cshard, spec)
+        keys, labels, status, per_view = _cache_rows(cache, cshard, spec)
     taken = 0
     for pos, raw in enumerate(iter_raw_samples(url)):
         if task.limit is not None and taken >= task.limit:
             return
         key = raw["__key__"]
         if cache is None:
-            entry = {}
-            yield raw, None, entry
+            yield raw, None, [{} for _ in range(spec.views_per_decode)]
             taken += 1
             continue
         if pos >= len(keys) or keys[pos] != key:
@@ -261,15 +284,17 @@ def joined_samples(spec: StreamSpec, task: Task, cache: cache_mod.Cache | None):
                                      "the shards changed since the dump or belong to another cache")
         if status[pos] == cache_mod.STATUS_SKIPPED:
             continue  # recorded as skipped in the cache at dump time
-        entry = {n: a[pos] for n, a in arrays.items()}
-        yield raw, int(labels[pos]), entry
+        yield raw, int(labels[pos]), [{n: a[pos] for n, a in arrays.items()} for arrays in per_view]
         taken += 1
 
 
 def worker_items(spec: StreamSpec, tasks: Sequence[Task], worker: int, skip: int) -> Iterator[Item]:
+    """A worker's Items: sample i gives seqs i M .. i M + M - 1 (M = views_per_decode); the first `skip` seqs are
+    dropped, whole samples without decoding."""
     cache = cache_mod.open_cache(spec.cache_path) if spec.cache_path else None
+    m = spec.views_per_decode
 
-    def joined() -> Iterator:  # shape: (raw, cache label or None, entry)
+    def joined() -> Iterator:  # shape: (raw, cache label or None, [entry per view])
         for task in tasks:
             yield from joined_samples(spec, task, cache)
 
@@ -277,29 +302,46 @@ def worker_items(spec: StreamSpec, tasks: Sequence[Task], worker: int, skip: int
     if not spec.evaluation:
         stream = shuffle_buffer(stream, spec.shuffle_buffer, seeded_rng("samples", spec.seed, spec.epoch, spec.rank,
                                                                         worker))
-    for seq, (raw, cache_label, entry) in enumerate(stream):
-        if seq < skip:
+    for i, (raw, cache_label, entries) in enumerate(stream):
+        if (i + 1) * m <= skip:
             continue
-        yield render_item(spec, raw, cache_label, entry, worker, seq)
+        yield from render_items(spec, raw, cache_label, entries, worker, i * m, max(0, skip - i * m))
 
 
-def render_item(spec: StreamSpec, raw: dict, cache_label: int | None, entry: dict, worker: int, seq: int) -> Item:
+def render_items(spec: StreamSpec, raw: dict, cache_label: int | None, entries: Sequence[dict], worker: int,
+                 seq0: int, first: int = 0) -> list[Item]:
+    """Decode one sample once and render its views first .. M - 1 (cpu renderer), or hand the decoded image with
+    each view's box and flip to the main process (device renderer)."""
     sample = parse_sample(raw, spec.num_classes)
     if cache_label is not None and sample.label != cache_label:
         raise CacheMismatchError(f"{sample.shard}: sample {sample.key!r} has label {sample.label} in the shard but "
                                  f"{cache_label} in the cache; the shards changed since the dump")
+    if spec.evaluation:
+        try:
+            image = center_crop(sample.image, dataclasses.replace(spec.recipe, image_size=spec.size))
+        except Exception as e:
+            raise BadSampleError(sample.shard, sample.key, f"image cannot be decoded ({e})") from None
+        return [Item(worker, seq0, image, sample.label, entries[0])]
+    on_device = spec.renderer == "device"
     try:
-        img = decode(sample.image)
+        img = (renderers.decode_for_device if on_device else decode)(sample.image)
     except Exception as e:
         raise BadSampleError(sample.shard, sample.key, f"image cannot be decoded ({e})") from None
-    if spec.evaluation:
-        image = center_crop(sample.image, spec.recipe)
-    elif "views/box" in entry:
-        image = render_decoded(img, tuple(int(v) for v in entry["views/box"]), bool(entry["views/flip"]), spec.recipe)
-    else:
-        top, left, h, w, flip = draw_view(spec.seed, spec.epoch, sample.key, img.shape[1], img.shape[2], spec.recipe)
-        image = render_decoded(img, (top, left, h, w), flip, spec.recipe)
-    return Item(worker, seq, image, sample.label, entry)
+    recipe = dataclasses.replace(spec.recipe, image_size=spec.size)
+    views = stream_views(spec, None)
+    items = []
+    for j in range(first, len(entries)):
+        entry = entries[j]
+        if "views/box" in entry:
+            box, flip = tuple(int(v) for v in entry["views/box"]), bool(entry["views/flip"])
+        else:  # no cache: the view is drawn from (seed, view, key)
+            top, left, h, w, flip = draw_view(spec.seed, views[j], sample.key, img.shape[1], img.shape[2], recipe)
+            box = (top, left, h, w)
+            if on_device:
+                entry = {**entry, "views/box": np.array(box, np.uint16), "views/flip": np.uint8(flip)}
+        image = img if on_device else render_decoded(img, box, flip, recipe)
+        items.append(Item(worker, seq0 + j, image, sample.label, entry))
+    return items
 
 
 def shuffle_buffer(stream: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -394,7 +436,9 @@ def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False)
     n = sum(stop - start for _, start, stop in run)
     first = run[0][0]
     images = None
-    if first.images is not None:
+    if isinstance(first.images, Packed):
+        images = renderers.concat([g.images.slice(a, b) for g, a, b in run], pin_memory)
+    elif first.images is not None:
         images = torch.empty((n, *first.images.shape[1:]), dtype=torch.uint8, pin_memory=pin_memory)
         dst, at = images.numpy(), 0
         for g, start, stop in run:

@@ -27,6 +27,7 @@ from .data import expand_shards, scan_shards, shard_name
 from .errors import CacheMismatchError, CheckpointError, ConfigError, DKDCacheError
 from .loader import RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch, skips_for
 from .loss import total_loss
+from . import renderers
 from .progress import Progress
 from .teacher import build_model, load_teacher, save_checkpoint
 from .teacher_signal import Storage, dkd_from_entries, encode_entries, resolve_policy, teacher_forward
@@ -71,10 +72,23 @@ class TrainConfig:
     allow_pipe: bool = False
     max_steps: int = 0  # stop after this many steps in total (0: no limit); for tests and quick checks
     log_every: int = 20  # steps between reads of the step losses (one host sync and one metrics write each)
+    renderer: str | None = None  # renderers.RENDERERS; None: the cache's (without a cache: cpu)
+    allow_other_renderer: bool = False  # train with another renderer than the cache's (other pixels than the teacher's)
+    views_per_decode: int = 1  # M: each decoded image gives M of its stored views to one pass (= M epochs)
+    image_size: int | None = None  # the student's input size; None: the recipe's (the teacher's)
+    image_size_schedule: tuple[tuple[int, int], ...] = ()  # ((first epoch, size), ...): progressive resizing
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "lr_batch", "shuffle_buffer", "log_every"):
+        for name in ("epochs", "batch_size", "lr_batch", "shuffle_buffer", "log_every", "views_per_decode"):
             parse_positive_int(name, getattr(self, name))
+        if self.epochs % self.views_per_decode:
+            raise ConfigError(f"epochs ({self.epochs}) must be a multiple of views_per_decode "
+                              f"({self.views_per_decode}): a pass over the data covers that many epochs")
+        if self.renderer is not None:
+            renderers.parse_renderer(self.renderer)
+        if self.image_size is not None:
+            parse_positive_int("image_size", self.image_size)
+        object.__setattr__(self, "image_size_schedule", parse_size_schedule(self.image_size_schedule))
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.loss == "dkd" and not self.cache and not self.live_teacher:
@@ -92,6 +106,37 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def parse_size_schedule(value: Any) -> tuple[tuple[int, int], ...]:
+    """((first epoch, size), ...) with epochs strictly increasing from 0, sizes > 0; or "0:160,30:192,90:224"."""
+    if isinstance(value, str):
+        try:
+            value = tuple(tuple(int(x) for x in part.split(":")) for part in value.split(",") if part.strip())
+        except ValueError:
+            raise ConfigError(f"image size schedule {value!r}: write EPOCH:SIZE pairs, e.g. 0:160,30:192,90:224"
+                              ) from None
+    pairs = tuple(tuple(p) for p in value)
+    if pairs and (any(len(p) != 2 for p in pairs) or pairs[0][0] != 0
+                  or any(b[0] <= a[0] for a, b in zip(pairs, pairs[1:]))):
+        raise ConfigError(f"image size schedule {pairs}: (epoch, size) pairs starting at epoch 0, epochs increasing")
+    for _, size in pairs:
+        parse_positive_int("image size in the schedule", size)
+    return pairs
+
+
+def student_size(cfg: TrainConfig, recipe: Recipe, epoch: int) -> int:
+    """The student's input size at `epoch`: the schedule's, else image_size, else the recipe's (the teacher's)."""
+    size = cfg.image_size or recipe.image_size
+    for first, s in parse_size_schedule(cfg.image_size_schedule):
+        if epoch >= first:
+            size = s
+    return size
+
+
+def with_views(plan: RankPlan, m: int) -> RankPlan:
+    """The plan in views: every sample gives M consecutive items (views_per_decode)."""
+    return dataclasses.replace(plan, counts=tuple(c * m for c in plan.counts)) if m > 1 else plan
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -196,6 +241,7 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         if cfg.epochs > views and dinfo.is_main:
             warnings.warn(f"{cfg.epochs} epochs over {views} cached views: view e mod {views} is reused, "
                           "so views repeat", stacklevel=2)
+        renderer = renderers.choose_renderer(cache.meta.renderer, cfg.renderer, cfg.allow_other_renderer)
         entry_arrays = ("views/box", "views/flip")
         if cfg.loss == "dkd" and not cfg.live_teacher:
             entry_arrays += ("logits/target", "logits/lse", *(f"logits/{n}" for n in cache.codec_arrays))
@@ -204,8 +250,11 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         indexes = scan_shards(urls, cfg.num_classes)
         sizes = [len(ix.keys) - len(ix.bad) for ix in indexes]
         num_classes, views, entry_arrays, codec = cfg.num_classes, None, (), None
+        renderer = cfg.renderer or "cpu"
         if num_classes is None:
             raise ConfigError("without a cache, give num_classes (in the config or --num-classes)")
+
+    renderers.check_recipe(renderer, recipe)
 
     # ---- models: the teacher exists only in live mode
     torch.manual_seed(cfg.seed)  # the student's initial weights: same seed, same start, on every rank
@@ -277,20 +326,21 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
 
     last_metrics: dict[str, Any] = {}
     t_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(cfg, epoch)
-        plan = plan_epoch(sizes, seed=cfg.seed, epoch=epoch, world=dinfo.world, rank=dinfo.rank,
-                          workers=max(1, cfg.workers))
-        n_local = sum(plan.counts)
+    m = cfg.views_per_decode
+    for epoch in range(start_epoch, cfg.epochs, m):  # one pass = M epochs of views (views_per_decode)
+        plan = with_views(plan_epoch(sizes, seed=cfg.seed, epoch=epoch, world=dinfo.world, rank=dinfo.rank,
+                                     workers=max(1, cfg.workers)), m)
+        n_local = sum(plan.counts)  # views this rank trains on in this pass
         padding = sum(plan_epoch(sizes, seed=cfg.seed, epoch=epoch, world=dinfo.world, rank=r, workers=1).padding
                       for r in range(dinfo.world))  # repeated samples over all ranks (reported, not hidden)
         steps = -(-n_local // local_batch)
         consumed = start_consumed if epoch == start_epoch else 0
         skips = skips_for(plan.counts, consumed)
+        size = student_size(cfg, recipe, epoch)
         spec = StreamSpec(urls=tuple(urls), recipe=recipe, seed=cfg.seed, epoch=epoch,
                           view=epoch % views if views else epoch, rank=dinfo.rank, cache_path=cfg.cache,
-                          entry_arrays=entry_arrays, num_classes=num_classes, shuffle_buffer=cfg.shuffle_buffer)
+                          entry_arrays=entry_arrays, num_classes=num_classes, shuffle_buffer=cfg.shuffle_buffer,
+                          renderer=renderer, image_size=size, views_per_decode=m)
         loader = make_loader(spec, plan, skips, cfg.workers)
         model.train()
         seen = steps_done = 0
@@ -298,7 +348,10 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         with Progress(total=n_local - consumed, label=f"epoch {epoch}", enabled=progress and dinfo.is_main) as bar:
             for images, labels, entries in batches(canonical_runs(loader, plan, skips), local_batch,
                                                    pin_memory=device.type == "cuda"):
-                x = normalize(images.to(device, non_blocking=True), recipe, cfg.channels_last)
+                view_epoch = epoch + min(m - 1, consumed * m // n_local)  # the epoch of views this step is in
+                for g in optimizer.param_groups:
+                    g["lr"] = lr_at(cfg, view_epoch)
+                x = normalize(renderers.to_device(images, entries, recipe, device, size), recipe, cfg.channels_last)
                 labels = labels.to(device)
                 if teacher is not None:  # live: the teacher's signal in exact storage, the same loss as cached
                     entries = encode_entries(teacher_forward(teacher, x, teacher_policy), labels, storage)
@@ -308,16 +361,16 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
                                               alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature,
                                               rule=cfg.residual_rule)
                 # DKD's warm-up (official code): the KD term ramps as min(epoch / warmup, 1), epochs counted from 1
-                loss, ce, kd = train_step(ddp_model, optimizer, x, labels, kd_fn, kd_factor=kd_factor(cfg, epoch),
+                loss, ce, kd = train_step(ddp_model, optimizer, x, labels, kd_fn, kd_factor=kd_factor(cfg, view_epoch),
                                           ce_weight=cfg.ce_weight if cfg.loss == "dkd" else 1.0, amp=cfg.amp,
-                                          dinfo=dinfo, where=f"at epoch {epoch} step {global_step + 1}")
+                                          dinfo=dinfo, where=f"at epoch {view_epoch} step {global_step + 1}")
                 global_step += 1
                 steps_done += 1
-                consumed += images.shape[0]
-                seen += images.shape[0]
-                window.append((epoch, global_step, optimizer.param_groups[0]["lr"],
+                consumed += labels.shape[0]
+                seen += labels.shape[0]
+                window.append((view_epoch, global_step, optimizer.param_groups[0]["lr"],
                                torch.stack([loss.detach(), ce.detach(), kd.detach()]).float()))
-                bar.advance(images.shape[0])
+                bar.advance(labels.shape[0])
                 if global_step % cfg.log_every == 0:
                     flush_steps(bar)
                 if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
@@ -329,15 +382,16 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         seconds = time.perf_counter() - t0
         # Every rank's step count, gathered: the record shows they ran the same number of steps.
         rank_steps = dist_mod.all_gather_int(dinfo, steps_done)
-        epoch_record = {"event": "epoch", "epoch": epoch, "steps": steps, "rank_steps": rank_steps, "samples": seen * dinfo.world,
-                        "padding": padding, "images_per_s": seen * dinfo.world / max(seconds, 1e-9),
+        epoch_record = {"event": "epoch", "epoch": epoch, "epochs": m, "steps": steps, "rank_steps": rank_steps,
+                        "samples": seen * dinfo.world, "padding": padding * m, "image_size": size,
+                        "renderer": renderer, "images_per_s": seen * dinfo.world / max(seconds, 1e-9),
                         "seconds": seconds}
         if cfg.val_shards:
             epoch_record.update(evaluate(model, cfg, recipe, num_classes, device, dinfo))
         log(epoch_record)
         last_metrics.update(epoch_record)
         if consumed >= n_local:
-            save(epoch + 1, 0)
+            save(epoch + m, 0)
         else:  # stopped by max_steps inside the epoch: the checkpoint records the position within it
             save(epoch, consumed)
         if cfg.max_steps and global_step >= cfg.max_steps:

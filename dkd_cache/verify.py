@@ -81,7 +81,9 @@ from .teacher import build_model, load_teacher, read_checkpoint
 from .teacher_signal import (ComputePolicy, Storage, dkd_from_entries, encode_entries, lse_at, policy_scope,
                              select_rows, teacher_forward)
 from .train import train_step
-from .views import draw_view, image_size_of, normalize, render
+from . import renderers
+from .loss import dkd_loss
+from .views import draw_view, image_size_of, normalize
 
 BLOCK_BYTES = 64 << 20  # at most this much of one array is held at a time during the scan
 WORST = 5  # entries listed per report for the largest errors
@@ -109,8 +111,11 @@ class VerifySettings:
     train_batch: int = 16
     train_lr: float = 0.01
     allow_pipe: bool = False
+    renderer: str | None = None  # also render with this renderer and report the drift against the cache's
 
     def __post_init__(self) -> None:
+        if self.renderer is not None:
+            renderers.parse_renderer(self.renderer)
         for name in ("samples", "batch_size", "train_batch"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
@@ -490,6 +495,27 @@ def _load_images(cache: cache_mod.Cache, urls: dict[str, str], rows: np.ndarray,
 BF16_LOGIT_REL = 2.0 ** -6
 
 
+# --------------------------------------------------------------------------------------------- renderer drift
+def _renderer_drift(teacher, student, images_a: torch.Tensor, images_b: torch.Tensor, z_a: torch.Tensor,
+                    y: torch.Tensor, meta, s: VerifySettings, device: torch.device, policy) -> dict[str, Any]:
+    """What training with renderer B against this cache (rendered with A) costs: pixel and teacher-logit drift
+    between the two renderings, and the per-sample cosine between the full-logit DKD gradient (w.r.t. the student
+    logits) the student gets from the cache, DKD(s_B, z_A), and the one a cache rendered with B would give,
+    DKD(s_B, z_B). Reported, not judged (no tolerance: a switch is the user's call)."""
+    z_b = _logits(teacher, images_b, meta.recipe, device, s.batch_size, policy)
+    s_b = _logits(student, images_b, meta.recipe, device, s.batch_size, FP32)
+    pix = (images_a.int() - images_b.int()).abs().float()
+    dz = (z_a - z_b).abs()
+    out: dict[str, Any] = {"cache_renderer": meta.renderer.name, "other_renderer": s.renderer,
+                           "pixels": {"max_abs": float(pix.max()), "mean_abs": float(pix.mean())},
+                           "teacher_logits": {"max_abs": float(dz.max()), "median_abs": float(dz.median())}}
+    for temp in meta.temperatures:
+        res = _compare(lambda x: dkd_loss(x, z_a, y, s.alpha, s.beta, temp),
+                       lambda x: dkd_loss(x, z_b, y, s.alpha, s.beta, temp), s_b)
+        out[f"grad_T{temp:g}"] = {k: res[k] for k in ("rel_err", "cos_median", "cos_p5", "cos_min")}
+    return out
+
+
 # --------------------------------------------------------------------------------------------- models
 FP32 = ComputePolicy(amp="none", tf32=False)  # the student's forward and the parity runs
 
@@ -826,7 +852,7 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
     rep.check("entries compared", n > 0 and teacher is not None, n, ">= 1",
               detail="" if n else "no drawn entry could be read, matched and re-rendered")
 
-    box_mismatch, renders, render_errors = 0, [], []
+    box_mismatch, renders, render_errors, todo = 0, [], [], []
     for r, v, st_box, st_flip in zip(rows_k, views_k, stored_k.get("views/box", np.zeros((n, 4))),
                                      stored_k.get("views/flip", np.zeros(n))):
         box = tuple(int(x) for x in st_box)
@@ -839,7 +865,19 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
             render_errors.append(f"{keys[r]} view {v}: box {box} outside the {h}x{w} image")
             renders.append(torch.zeros((3, meta.recipe.image_size, meta.recipe.image_size), dtype=torch.uint8))
             continue
-        renders.append(render(images_bytes[int(r)], box, bool(st_flip), meta.recipe))
+        todo.append((len(renders), images_bytes[int(r)], box, bool(st_flip)))
+        renders.append(None)  # rendered below, all at once, by the cache's renderer
+
+    def render_with(name: str) -> list[torch.Tensor]:
+        out = list(renders)
+        if todo:
+            done = renderers.render_views(name, [t[1] for t in todo], np.array([t[2] for t in todo]),
+                                          np.array([t[3] for t in todo]), meta.recipe)
+            for (i, *_), img in zip(todo, done):
+                out[i] = img
+        return out
+
+    renders = render_with(meta.renderer.name)
     rep.check("stored boxes lie inside their images", not render_errors, len(render_errors), 0,
               detail="; ".join(render_errors[:2]))
     same_numpy = meta.versions.get("numpy") == versions.get("numpy")
@@ -865,6 +903,13 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
             rep.data["bf16_logit_tol"] = logit_tol
         rep.data["logits"] = _logit_fidelity(codec, meta, z, y, stored_k, logit_tol, rep, entry_names)
         timings["logits"] = time.perf_counter() - t0
+        if s.renderer is not None and s.renderer != meta.renderer.name:
+            t0 = time.perf_counter()
+            student_d, student_desc_d = _load_student(s, meta.num_classes, device)
+            rep.data["renderer_drift"] = _renderer_drift(teacher, student_d, images, torch.stack(render_with(s.renderer)),
+                                                          z, y, meta, s, device, policy)
+            rep.data["renderer_drift"]["student"] = student_desc_d
+            timings["renderer_drift"] = time.perf_counter() - t0
 
         # ---- 3. loss fidelity
         t0 = time.perf_counter()
@@ -942,6 +987,17 @@ def render_report(report: dict[str, Any]) -> str:
                 a, b = v["vs_ideal_cache"], v["vs_live_exact"]
                 lines.append(f"{k:<20} {a['rel_err']:>24.3g} {a['cos_median']:>9.6f} {a['cos_p5']:>9.6f}"
                              f" {b['rel_err']:>25.3g} {b['cos_median']:>9.6f} {b['cos_p5']:>9.6f}")
+    rd = report.get("renderer_drift")
+    if rd:
+        lines += ["", f"renderer drift: {rd['other_renderer']} against the cache's {rd['cache_renderer']} "
+                      f"(student {rd['student']}; reported, not judged)",
+                  f"  pixels |a - b|: max {rd['pixels']['max_abs']:.0f}, mean {rd['pixels']['mean_abs']:.3f} levels; "
+                  f"teacher logits |z_a - z_b|: max {rd['teacher_logits']['max_abs']:.4g}, "
+                  f"median {rd['teacher_logits']['median_abs']:.4g}"]
+        for k, v in rd.items():
+            if k.startswith("grad_T"):
+                lines.append(f"  DKD gradient, cache vs a cache of the other renderer, T={k[6:]}: cos median "
+                             f"{v['cos_median']:.6f}, p5 {v['cos_p5']:.6f}, loss rel err {v['rel_err']:.3g}")
     tr = report.get("train")
     if tr:
         r, nf = tr["vs_reference"], tr["noise_floor"]

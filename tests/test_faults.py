@@ -217,9 +217,10 @@ def test_train_killed_mid_epoch_and_mid_checkpoint_then_resumed_equals_uninterru
 def _epoch_keys(monkeypatch, spec: StreamSpec, sizes, *, world, rank, workers, consumed=0) -> tuple[list[str], int]:
     """The keys one rank trains on in one epoch, in training order: the real worker streams (tar read, cache
     join, shuffle buffer, resume skip) and the real canonical order; only the image decode is replaced."""
-    monkeypatch.setattr(loader_mod, "render_item",
-                        lambda spec, raw, label, entry, worker, seq: Item(worker, seq, None, label,
-                                                                          {"key": raw["__key__"]}))
+    monkeypatch.setattr(loader_mod, "render_items",
+                        lambda spec, raw, label, entries, worker, seq0, first=0: [
+                            Item(worker, seq0 + j, None, label, {"key": raw["__key__"]})
+                            for j in range(first, len(entries))])
     plan = plan_epoch(sizes, seed=spec.seed, epoch=spec.epoch, world=world, rank=rank, workers=workers)
     skips = skips_for(plan.counts, consumed)
     items = [it for w, tasks in enumerate(plan.workers) for it in worker_items(spec, tasks, w, skips[w])]
