@@ -29,7 +29,15 @@ ResNet-34 teacher (random init: speed does not depend on the weights), it measur
             10 N samples, at --rss-image-size (default 64 px to keep the 10 N run short: a smaller image makes the
             fixed part of memory smaller, so growth with the dataset shows more, not less).
 
-Then a table of ratios against the targets. No test asserts any of these timings.
+  input     (benchmarks/input_path.py, in the same run unless --no-input-path) the input path on ImageNet
+            geometry at 224 px: the bare loader (webdataset + torchvision.io + v2 RandomResizedCrop + flip) against
+            the project's loader, the main process's ingest with a null model step, dump-teacher's main process
+            with a null teacher, views per decode 1 and 4, the student at 160 and 224 px, the cost of each stage
+            of a step, and the bottleneck named from those rates.
+
+The training shards have ImageNet's JPEG geometry by default (--geometry imagenet: ~400x350 px, q90, ~100 KB;
+--geometry small: the 48-160 px images of dkd_cache.synth). Then a table of ratios against the targets. No test
+asserts any of these timings.
 
 Reproduce (2 CPU cores, a few minutes):
     .venv/bin/python benchmarks/throughput.py --json /tmp/throughput.json
@@ -59,6 +67,9 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import input_path  # noqa: E402  (benchmarks/input_path.py)
+
 CLASSES = 100
 TARGETS = {"cached_over_ce": 0.95, "dump_over_bare": 0.85, "read_over_consume": 50.0, "topk10_bytes": 64.0,
            "rss_growth": 0.20}
@@ -86,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocess runs")
     p.add_argument("--gen-jobs", type=int, default=1,
                    help="processes making synthetic shards; 1 uses dkd_cache.synth.make_shards as is")
+    p.add_argument("--geometry", default="imagenet", choices=("imagenet", "small"),
+                   help="training shards: ImageNet's JPEG geometry (~400x350, ~100 KB) or small synthetic images")
+    p.add_argument("--input-path", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run benchmarks/input_path.py (ImageNet geometry, 224 px) in this run")
+    p.add_argument("--input-samples", type=int, default=800, help="samples of the input-path section")
     p.add_argument("--workdir", default=None, help="keep shards, caches and runs here (default: a temp dir, removed)")
     p.add_argument("--json", dest="json_out", default=None, help="write every figure to this JSON file")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)  # internal: one measured subprocess
@@ -465,6 +481,19 @@ def summarise(res: dict[str, Any]) -> list[dict[str, Any]]:
                          "detail": f"main {lo['vmhwm_kib'] / 1024:.0f} -> {hi['vmhwm_kib'] / 1024:.0f} MiB; "
                                    f"largest worker {lo['workers_maxrss_kib'] / 1024:.0f} -> "
                                    f"{hi['workers_maxrss_kib'] / 1024:.0f} MiB ({100 * gw:+.1f}%)"})
+    if res.get("input_path"):
+        ip = res["input_path"]["summary"]
+        for name, key, target, cmp in (
+                ("input: project loader / bare loader (224 px, ImageNet geometry)", "project_over_bare", 0.9, ">="),
+                ("input: main-process ingest, null step (images/s)", "ingest_images_per_s", 10_000, ">="),
+                ("input: dump main process, null teacher (views/s)", "dump_views_per_s", 20_000, ">="),
+                ("input: views per CPU-s, views-per-decode 4 / 1", "vpd4_over_vpd1", 2.5, ">="),
+                ("input: student 160 px / 224 px (images/s)", "s160_over_s224", 1.6, ">=")):
+            rows.append({"metric": name, "value": ip[key], "target": f"{cmp} {target:,}", "pass": ip[key] >= target,
+                         "detail": f"{ip[key]:,.2f}"})
+        rows.append({"metric": "input: bottleneck", "value": 0.0, "target": "(info)", "pass": None,
+                     "detail": f"{ip['bottleneck']} (" + ", ".join(f"{k} {v:,.0f}/s" for k, v in ip["rates"].items())
+                               + ")"})
     return rows
 
 
@@ -530,7 +559,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     try:
         say(f"making {a.samples} synthetic samples, teacher checkpoint")
-        shards = make_dataset(work / "shards", a.samples, a.shard_size, a.gen_jobs)
+        if a.geometry == "imagenet":
+            shards = input_path.make_imagenet_shards(work / "shards", a.samples, a.shard_size, a.gen_jobs)[0]
+        else:
+            shards = make_dataset(work / "shards", a.samples, a.shard_size, a.gen_jobs)
         weights = make_teacher(work / "teacher.pt")
 
         # Dumps: the training cache (--codec) and topk:10 (the <= 64 bytes target), each timed around its teacher loop.
@@ -559,6 +591,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                              chunk_rows=cr)) for cr in (256, 1024)}
         res["decode"] = {c: decode_cost(a, p) for c, p in caches.items()}
         res["bytes"] = {c: bytes_per_view(p) for c, p in caches.items()}
+        if a.input_path:
+            say("input path on ImageNet geometry (benchmarks/input_path.py)")
+            res["input_path"] = input_path.main([
+                "--samples", str(a.input_samples), "--batch-size", str(a.batch_size), "--workers", str(a.workers),
+                "--device", a.device, "--gen-jobs", str(max(1, a.gen_jobs)), "--workdir", str(work / "input-path")])
         if not a.no_rss:
             say(f"peak RSS: dump and one training epoch at {a.rss_samples} and {a.rss_samples * a.rss_factor} samples, "
                 f"{a.rss_image_size} px")

@@ -241,3 +241,26 @@ def test_the_student_trains_at_its_own_size_and_schedule(shards, cache_path, tmp
     assert group.images.shape[-2:] == (24, 24)
     with pytest.raises(ConfigError, match="schedule"):
         _cfg(shards, tmp_path / "y", image_size_schedule="5:160")
+
+
+def test_cli_names_the_renderer_and_refuses_another_without_the_flag(shards, cache_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from dkd_cache.cli import app
+
+    runner = CliRunner()
+    info = runner.invoke(app, ["inspect", str(cache_path)])
+    assert info.exit_code == 0 and "renderer      cpu" in info.output
+    base = ["train-student", "--shards", str(Path(shards["train"][0]).parent), "--cache", str(cache_path),
+            "--epochs", "2", "--batch-size", "16", "--workers", "0", "--no-progress"]
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "a"), "--renderer", "device"])
+    assert r.exit_code == 2 and "--allow-other-renderer" in r.output
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--image-size-schedule", "5:160"])
+    assert r.exit_code == 2 and "schedule" in r.output
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "c"), "--views-per-decode", "3"])
+    assert r.exit_code == 2 and "multiple of views_per_decode" in r.output
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "d"), "--renderer", "device", "--allow-other-renderer",
+                            "--views-per-decode", "2", "--image-size", "24", "--max-steps", "1"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.output.strip().splitlines()[-1])
+    assert rec["renderer"] == "device" and rec["image_size"] == 24 and rec["epochs"] == 2
