@@ -151,6 +151,8 @@ def train_student_cmd(
     shards: Annotated[str, typer.Option(help="Training shards (the same as the dump's)")],
     out: Annotated[Path, typer.Option(help="Run directory: config.json, metrics.jsonl, checkpoint.pt")],
     cache: Annotated[Optional[str], typer.Option(help="The teacher cache (a folder or s3:// prefix)")] = None,
+    checkpoint_url: Annotated[Optional[str], typer.Option(
+        help="Also put each checkpoint there (s3:// prefix or folder); --resume fetches it when --out has none")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Pipeline TOML ([train] table)")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Student architecture")] = None,
     epochs: Annotated[Optional[int], typer.Option()] = None,
@@ -199,6 +201,7 @@ def train_student_cmd(
             num_classes=num_classes, seed=seed, checkpoint_every=checkpoint_every, max_steps=max_steps,
             cache=str(cache) if cache else None, renderer=renderer, allow_other_renderer=allow_other_renderer,
             views_per_decode=views_per_decode, image_size=image_size, image_size_schedule=image_size_schedule,
+            checkpoint_url=checkpoint_url,
         ), where=f"{config} [train]", fixed={"shards": shards, "out": str(out),
                                              **({"recipe": file["recipe"]} if file["recipe"] else {})})
         result = train_student(cfg, resume=resume, progress=progress)

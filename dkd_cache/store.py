@@ -314,6 +314,21 @@ class ObjectLocation:
             lease.release()
 
 
+# --------------------------------------------------------------------------------------------- whole files
+def put_file(url: str, key: str, local: str | os.PathLike) -> None:
+    """Copy a finished local file to `url/key` in one put (a checkpoint: written and checked locally first)."""
+    location(url).put(key, Path(local).read_bytes())
+
+
+def fetch_file(url: str, key: str, local: str | os.PathLike) -> bool:
+    """Copy `url/key` to a local file atomically (temp file, rename); False when the store has no such object."""
+    data = location(url).read(key)
+    if data is None:
+        return False
+    DiskLocation(Path(local).parent).put(Path(local).name, data)
+    return True
+
+
 # --------------------------------------------------------------------------------------------- leases
 class Lease:
     """The disk lease: the flock itself; nothing to check while the process lives."""

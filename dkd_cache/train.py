@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import cache as cache_mod
 from . import dist as dist_mod
+from . import store as store_mod
 from .data import expand_shards, scan_shards, shard_name
 from .errors import CacheMismatchError, CheckpointError, ConfigError, DKDCacheError
 from .loader import RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch, skips_for
@@ -41,6 +42,7 @@ class TrainConfig:
     shards: str | tuple[str, ...]
     out: str
     cache: str | None = None
+    checkpoint_url: str | None = None  # a copy of each checkpoint goes there too (s3:// or a folder), one whole put
     val_shards: str | None = None
     arch: str = "resnet18"
     num_classes: int | None = None  # from the cache; needed only without one
@@ -155,6 +157,8 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, dinfo) -> dict | None:
     if dinfo.is_main:  # a save torn by a crash leaves its temporary file; the last whole checkpoint stands
         for stale in out.glob(".checkpoint.pt.*.tmp"):
             stale.unlink(missing_ok=True)
+    if not ckpt_path.exists() and cfg.checkpoint_url:  # a fresh machine: the run's copy on the store
+        store_mod.fetch_file(cfg.checkpoint_url, "checkpoint.pt", ckpt_path)
     if not ckpt_path.exists():
         return None  # nothing saved yet: start from scratch (a resume of a run killed before its first checkpoint)
     try:
@@ -322,6 +326,8 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
                             epoch=epoch, consumed=consumed, step=global_step, config=cfg.to_dict(),
                             num_classes=num_classes, arch=cfg.arch, recipe=recipe.to_dict(),
                             torch_rng=torch.get_rng_state())
+            if cfg.checkpoint_url:  # written whole locally first, then one put: the store never holds half of it
+                store_mod.put_file(cfg.checkpoint_url, "checkpoint.pt", out / "checkpoint.pt")
         dist_mod.barrier(dinfo)
 
     last_metrics: dict[str, Any] = {}

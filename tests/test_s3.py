@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -343,3 +344,34 @@ def test_two_node_torchrun_dump_and_train_with_shards_and_cache_on_s3(shards, te
     assert epoch["samples"] == 100 and epoch["padding"] == 20
     steps = [r for r in records if r["event"] == "step"]
     assert steps and all(np.isfinite(r["dkd"]) and r["dkd"] > 0 for r in steps), "DKD from the remote cache"
+
+
+def test_checkpoints_go_to_the_store_whole_and_a_fresh_machine_resumes_from_there(shards, cache_path, bucket,
+                                                                                  tmp_path):
+    from dkd_cache.teacher import read_checkpoint
+    from dkd_cache.train import TrainConfig, train_student
+
+    url = f"s3://{bucket}/runs/r18"
+
+    def config(out: Path, epochs: int) -> TrainConfig:
+        return TrainConfig(shards=str(Path(shards["train"][0]).parent), out=str(out), cache=str(cache_path),
+                           checkpoint_url=url, arch="resnet18", epochs=epochs, batch_size=16, lr=0.05, lr_batch=16,
+                           workers=0, shuffle_buffer=16)
+
+    first = tmp_path / "run"
+    train_student(config(first, 1), progress=False)
+    assert _epochs(first) == [0]
+    local = (first / "checkpoint.pt").read_bytes()
+    assert store_mod.location(url).read("checkpoint.pt") == local, "the store holds the whole last checkpoint"
+
+    # another machine: the run directory is not there; --resume continues from the store's copy
+    shutil.rmtree(first)
+    second = first
+    train_student(config(second, 2), resume=True, progress=False)
+    assert _epochs(second) == [1], "only the second epoch ran"
+    assert read_checkpoint(second / "checkpoint.pt")["epoch"] == 2
+    assert store_mod.location(url).read("checkpoint.pt") == (second / "checkpoint.pt").read_bytes()
+
+
+def _epochs(run: Path) -> list[int]:
+    return [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"]
