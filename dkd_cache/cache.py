@@ -214,9 +214,15 @@ class Cache:
         """The cache's folder or s3:// url, for messages."""
         return self.location.url
 
+    _arrays: dict[str, zarr.Array] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
     def array(self, name: str) -> zarr.Array:
+        """The opened array, kept: its metadata is read once, not on every block read (a request on S3)."""
+        if name in self._arrays:
+            return self._arrays[name]
         try:
-            return self.group[name]
+            self._arrays[name] = arr = self.group[name]
+            return arr
         except KeyError:
             raise CacheError(f"{self.path}: array {name!r} is missing; the cache is damaged, re-dump it") from None
         except Exception as e:  # unreadable array metadata

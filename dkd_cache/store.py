@@ -245,15 +245,18 @@ class ObjectLocation:
         return self.fs.exists(self._p(key))
 
     def chunk_exists(self, key: str) -> bool:
-        """For chunk lookups in a cache being read: one listing per folder, made once per location (a request
-        per chunk would cost more than the read). Writes through this location refresh it."""
-        folder, _, name = key.rpartition("/")
-        if folder not in self._listed:
+        """For chunk lookups in a cache being read: one recursive listing per array (`NAME/c/...`), made once per
+        location (a request per chunk would cost more than the read). Writes through this location refresh it."""
+        array, sep, rest = key.partition("/c/")
+        if not sep:
+            return self.exists(key)
+        if array not in self._listed:
+            base = self._p(f"{array}/c")
             try:
-                self._listed[folder] = {p.rsplit("/", 1)[-1] for p in self.fs.ls(self._p(folder), detail=False)}
+                self._listed[array] = {p[len(base) + 1:] for p in self.fs.find(base)}
             except FileNotFoundError:
-                self._listed[folder] = set()
-        return name in self._listed[folder]
+                self._listed[array] = set()
+        return rest in self._listed[array]
 
     def keys(self, prefix: str) -> list[str]:
         try:
