@@ -1,6 +1,6 @@
 """Shards on object storage (s3://): expand specs and stream a shard's bytes, retrying transient failures.
 
-    s3 spec (brace pattern, glob, folder, .txt listing) --expand--> shard urls, checked to exist (one listing per folder)
+    s3 spec (brace pattern, glob, folder, .txt listing) --expand--> shard urls, checked to exist (a listing per folder)
     shard url --open_shard--> RetryingReader: a forward-only byte stream for tarfile's streaming mode; a failed
                               read is retried from the same offset with exponential backoff, then named
 Credentials and endpoint come only from the standard AWS environment (see store.object_fs).
