@@ -371,8 +371,8 @@ class ObjectLease(Lease):
     def renew(self) -> None:
         try:
             self.etag = self.loc.put(LEASE, self.body(), IfMatch=self.etag)
-        except FileExistsError:
-            self.lost = "its renewal found another owner's lease"
+        except (FileExistsError, FileNotFoundError):  # 412: another owner's lease; 404: the lease was removed
+            self.lost = "its renewal found another owner's lease, or none"
         except Exception as e:  # a transient failure: try again at the next tick, before expiry
             if time.time() > self._expires_at:
                 self.lost = f"could not be renewed before expiry ({type(e).__name__}: {e})"

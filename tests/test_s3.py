@@ -242,6 +242,19 @@ def test_a_live_lease_refuses_a_second_dump_and_a_stale_one_is_taken_over(shards
     assert report.complete
     with pytest.raises(CacheLockedError, match="lost its writer lease"):
         stale.check()  # the old holder, were it alive, would commit nothing more
+    stale.renew()  # nor could it renew: its If-Match names an ETag that is gone
+    assert stale.lost is not None
+
+
+def test_a_renewed_lease_outlives_its_term_and_is_released_at_the_end(bucket):
+    loc = store_mod.location(f"s3://{bucket}/r.zarr")
+    with loc.writer_lease(seconds=1.5) as lease:
+        time.sleep(2.5)  # longer than one term: only the renewals keep it
+        with pytest.raises(CacheLockedError, match="being written by another dump-teacher"):
+            store_mod.acquire_lease(loc, seconds=1.5)
+        lease.check()
+    assert not loc.exists(store_mod.LEASE)
+    store_mod.acquire_lease(loc, seconds=1.5).release()
 
 
 def _cli_dump(shards, teacher, out: str, urls: list[str], *extra) -> list[str]:
