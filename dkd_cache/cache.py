@@ -42,7 +42,7 @@ from . import FORMAT_VERSION, __version__
 from .data import ShardIndex, keys_digest
 from .errors import CacheError, CacheMismatchError, ConfigError
 from .logit_codecs import Codec, codec_from_dict
-from .store import CREATING, DiskLocation, ObjectLocation, location
+from .store import CREATING, DiskLocation, ObjectLocation, is_remote, location
 from .renderers import RendererInfo
 from .views import Recipe
 
@@ -268,7 +268,10 @@ class Cache:
         check_chunks_present(self, name, start, stop, ndim=arr.ndim)
         try:
             return arr[start:stop] if view is None else arr[view, start:stop]
-        except Exception as e:  # zarr raises codec-specific errors on a bad checksum or truncated chunk
+        except OSError as e:  # the store cannot be read (permissions, I/O error): not damage of the data
+            raise CacheError(f"{self.path}: array {name!r} rows {start}..{stop - 1} cannot be read "
+                             f"({type(e).__name__}: {e}); check the store's permissions and disk") from e
+        except ValueError as e:  # a chunk fails its crc32c checksum or does not decompress: damaged data
             bad = self._unreadable_chunks(arr, start, stop, view) or [(start, stop - 1)]
             m = self.meta.manifest
             shards = sorted({s.name for s in m.shards for a, _ in bad if s.row_start <= a < s.row_stop})
@@ -284,7 +287,7 @@ class Cache:
             lo, hi = max(a, start), min(a + c, stop)
             try:
                 arr[lo:hi] if view is None else arr[view, lo:hi]
-            except Exception:
+            except ValueError:
                 bad.append((lo, hi - 1))
         return bad
 
@@ -317,20 +320,24 @@ def _group_members(group: zarr.Group, sub: str) -> list[str]:
         return []
 
 
-def check_chunks_present(cache: Cache, name: str, start: int, stop: int, ndim: int | None = None) -> None:
-    """A missing chunk must never read back as its fill value: look for the chunk (or Zarr shard) files.
+def chunk_keys(cache: Cache, name: str, start: int, stop: int, ndim: int | None = None) -> list[str]:
+    """The store keys of the chunks (or Zarr shards) holding rows start..stop of an array (they may not exist yet).
 
     `ndim`: the array's rank when the caller already holds the array (each lookup re-reads its zarr.json)."""
     c = cache.meta.chunk_rows
     sharded = name.startswith(("views/", "logits/"))
-    missing = []
     if ndim is None:
         ndim = len(cache.array(name).shape)
     tail = "/0" * (ndim - (2 if sharded else 1))
-    for chunk in range(start // c, -(-stop // c)):
-        key = f"{name}/" + ("c/0/%d%s" % (chunk, tail) if sharded else "c/%d%s" % (chunk, tail))
-        if not cache.location.chunk_exists(key):
-            missing.append(chunk)
+    return [f"{name}/" + ("c/0/%d%s" % (chunk, tail) if sharded else "c/%d%s" % (chunk, tail))
+            for chunk in range(start // c, -(-stop // c))]
+
+
+def check_chunks_present(cache: Cache, name: str, start: int, stop: int, ndim: int | None = None) -> None:
+    """A missing chunk must never read back as its fill value: look for the chunk (or Zarr shard) files."""
+    c = cache.meta.chunk_rows
+    missing = [i + start // c for i, key in enumerate(chunk_keys(cache, name, start, stop, ndim))
+               if not cache.location.chunk_exists(key)]
     if missing:
         rows = [(m * c, m * c + c - 1) for m in missing[:3]]
         raise CacheError(f"{cache.path}: array {name!r} is missing chunk(s) for rows {rows}; the cache is damaged or "
@@ -411,6 +418,11 @@ def remove_stale_partials(path: str | Path) -> None:
 
 
 def open_cache(path: str | Path, *, mode: str = "r") -> Cache:
+    if not is_remote(path) and Path(path).is_file():
+        name = Path(path).name
+        hint = " It looks like a tar shard: shards go to --shards." if name.endswith((".tar", ".tar.gz", ".tgz")) else ""
+        raise CacheError(f"{path} is a file, not a cache (a cache is the folder dump-teacher writes, e.g. "
+                         f"teacher.zarr).{hint}")
     loc = location(path)
     path = loc.url
     if not loc.exists("zarr.json") or loc.exists(CREATING):
@@ -462,6 +474,8 @@ def _write_shard(cache: Cache, shard: int, block: dict[str, np.ndarray], record:
             arr[:, rows] = values
     if lease is not None:
         lease.check()
+    # Durable before vouched for: after a power loss the record must never stand for torn or missing chunks.
+    cache.location.sync([k for name in block for k in chunk_keys(cache, name, entry.row_start, entry.row_stop)])
     if not cache.location.create(cache.done_key(shard), json.dumps(record).encode()):
         raise CacheError(f"{cache.path}: shard {entry.name} already has a done record although this dump wrote it; "
                          "two dumps wrote this cache at once. Check it with dkd-cache verify")

@@ -8,10 +8,28 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer import _click  # typer vendors click: its UsageError is the one commands raise
+from typer.core import TyperGroup
 
 from .errors import DKDCacheError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+QUOTE_HINT = ("; an unquoted glob or brace pattern? The shell expanded it into many arguments: quote it, "
+              "e.g. --shards 'train-*.tar'")
+
+
+class _Commands(TyperGroup):
+    """The command group; a usage error about extra arguments also says how to pass a shard pattern."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _click.exceptions.UsageError as e:
+            if "extra argument" in e.message and "quote it" not in e.message:
+                e.message += QUOTE_HINT
+            raise
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run the teacher once; distil many students from its cached logits (DKD).")
 
 
@@ -157,7 +175,8 @@ def train_student_cmd(
     arch: Annotated[Optional[str], typer.Option(help="Student architecture")] = None,
     epochs: Annotated[Optional[int], typer.Option()] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch, split over ranks")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate at the config's lr_batch (scaled linearly)")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate at --lr-batch; the lr used is lr x batch-size / lr-batch")] = None,
+    lr_batch: Annotated[Optional[int], typer.Option(help="The batch size --lr is given for (default 512)")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="TCKD weight")] = None,
     beta: Annotated[Optional[float], typer.Option(help="NCKD weight")] = None,
     temperature: Annotated[Optional[float], typer.Option()] = None,
@@ -184,6 +203,7 @@ def train_student_cmd(
         help="The student's input size (default: the cache's); boxes are re-rendered at it")] = None,
     image_size_schedule: Annotated[Optional[str], typer.Option(
         help="Per-epoch student size, EPOCH:SIZE pairs from epoch 0, e.g. 0:160,30:192,90:224")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Steps between metrics records and log lines")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
@@ -194,7 +214,7 @@ def train_student_cmd(
     try:
         file = load_toml(config)
         cfg = merge(TrainConfig, file["train"], _flags(
-            arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, beta=beta, temperature=temperature,
+            arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, lr_batch=lr_batch, alpha=alpha, beta=beta, temperature=temperature,
             warmup_epochs=warmup_epochs, loss=loss, live_teacher=str(live_teacher) if live_teacher else None,
             teacher_arch=teacher_arch,
             residual_rule=residual_rule, val_shards=val_shards, workers=workers, amp=amp, device=device,
@@ -202,13 +222,14 @@ def train_student_cmd(
             cache=str(cache) if cache else None, renderer=renderer, allow_other_renderer=allow_other_renderer,
             views_per_decode=views_per_decode, image_size=image_size, image_size_schedule=image_size_schedule,
             checkpoint_url=checkpoint_url,
+            log_every=log_every,
         ), where=f"{config} [train]", fixed={"shards": shards, "out": str(out),
                                              **({"recipe": file["recipe"]} if file["recipe"] else {})})
         result = train_student(cfg, resume=resume, progress=progress)
     except DKDCacheError as e:
         _fail(e)
-    if result:
-        typer.echo(json.dumps({k: v for k, v in result.items() if k != "event"}))
+    if result and result.get("rank", 0) == 0:  # one summary per run, not one per rank
+        typer.echo(json.dumps({k: v for k, v in result.items() if k not in ("event", "rank")}))
 
 
 @app.command("inspect")
@@ -277,10 +298,11 @@ def plot_cmd(
 @app.command("demo")
 def demo_cmd(
     workdir: Annotated[Path, typer.Argument(help="Folder for shards, teacher, cache and runs")],
-    config: Annotated[Path, typer.Option(help="Demo recipe")] = Path(__file__).resolve().parents[1] / "pipelines" / "demo.toml",
+    config: Annotated[Optional[Path], typer.Option(help="Demo recipe (default: the shipped pipelines/demo.toml)")] = None,
+    stop_after: Annotated[Optional[str], typer.Option(help="Stop after this stage, e.g. make-shards")] = None,
 ) -> None:
     """The whole pipeline on a synthetic dataset: shards, teacher, dump, three students, verify, a table."""
     from .demo import run_demo
 
-    _run(run_demo, workdir, config)
+    _run(run_demo, workdir, config, stop_after=stop_after)
 

@@ -27,6 +27,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 KEPT_EXTS = (*IMAGE_EXTS, "cls", "json")
 # Members that would be unpickled by careless readers: a sample holding one is refused, never loaded.
 PICKLE_EXTS = ("pyd", "pth", "pt", "pickle", "pkl", "npy", "npz")
+LIST_SUFFIXES = (".txt", ".lst", ".list")  # a file of shard specs, one a line
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -68,7 +69,7 @@ def shard_name(url: str) -> str:
 
 
 def expand_shards(spec: str | Sequence[str], *, allow_pipe: bool = False) -> list[str]:
-    """Brace patterns, globs, a directory, a .txt list of shards, or a sequence of any of those -> shard urls."""
+    """Brace patterns, globs, a directory, a .txt/.lst/.list list of shards, or a sequence of any of those -> shard urls."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for s in specs:
@@ -95,7 +96,7 @@ def _expand_one(spec: str, allow_pipe: bool) -> list[str]:
         if not found:
             raise ShardNotFoundError(f"folder {spec} holds no .tar shards")
         return found
-    if path.suffix == ".txt" and path.is_file():
+    if path.suffix in LIST_SUFFIXES and path.is_file():
         out = []
         for line in path.read_text().splitlines():
             line = line.strip()
@@ -136,38 +137,79 @@ def _open_tar(url: str) -> tarfile.TarFile:
         raise ShardError(f"{url}: not a readable tar file ({e}); re-create or re-download the shard") from e
 
 
+def _member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(key, extension) of a sample member; None for folders, hidden files and names without an extension."""
+    if not member.isfile():
+        return None
+    name = member.name[2:] if member.name.startswith("./") else member.name
+    m = _MEMBER.match(name)
+    if m is None or Path(name).name.startswith("."):
+        return None
+    return m.group(1), m.group(2).lower()
+
+
+def _not_adjacent(url: str, key: str) -> ShardError:
+    return ShardError(
+        f"{url}: the members of sample {key!r} are not adjacent in the tar (other samples' members lie between "
+        "them), as when a folder is packed with plain `tar cf shard.tar -C dir .` in directory order. Shards must "
+        "hold each sample's members one after another: repack with `tar --sort=name -cf shard.tar -C dir .` "
+        "(or write shards with webdataset's TarWriter / ShardWriter)")
+
+
+def _require_adjacent(tar: tarfile.TarFile, url: str) -> None:
+    """On a seekable tar, read the member index first (headers only) so that a sample split over the tar is
+    named as a layout problem before any of its pieces is taken for an incomplete sample."""
+    exts: dict[str, set[str]] = {}
+    prev = None
+    for member in tar.getmembers():
+        mk = _member_key(member)
+        if mk is None:
+            continue
+        key, ext = mk
+        if key != prev and key in exts and ext not in exts[key]:
+            raise _not_adjacent(url, key)
+        exts.setdefault(key, set()).add(ext)
+        prev = key
+
+
 def iter_raw_samples(url: str, *, want: Callable[[str], bool] = lambda ext: True) -> Iterator[dict]:
     """Group a shard's members by key. Yields {"__key__", "__shard__", ext: bytes or None (not wanted)}.
 
-    Strict: a key that comes back after other keys, or an extension twice for one key, is a BadSampleError;
-    a truncated or corrupt tar is a ShardError naming the last good key.
+    A sample's members must be adjacent (webdataset's layout; `tar --sort=name`): a key whose members are split
+    by other samples' members is a ShardError saying how to repack. A key that comes back whole (its first
+    member's extension was seen for it already: a duplicate key), or an extension twice in one sample, is yielded
+    with "__error__" set: parse_sample and scan_shard raise it as a BadSampleError, which --skip-bad skips.
+    A truncated or corrupt tar is a ShardError naming the last good key.
     """
     tar = _open_tar(url)
-    seen: set[str] = set()
+    exts_of: dict[str, set[str]] = {}
     current: dict | None = None
     last_key = None
     member_name = None  # the member being read, for errors
     try:
         try:
+            if not url.startswith(REMOTE_PREFIXES):
+                _require_adjacent(tar, url)
             for member in tar:
                 member_name = f"member {member.name!r}"
-                if not member.isfile():
+                mk = _member_key(member)
+                if mk is None:
                     continue
-                name = member.name[2:] if member.name.startswith("./") else member.name
-                m = _MEMBER.match(name)
-                if m is None or Path(name).name.startswith("."):
-                    continue
-                key, ext = m.group(1), m.group(2).lower()
+                key, ext = mk
                 if current is None or key != current["__key__"]:
                     if current is not None:
                         last_key = current["__key__"]
                         yield current
-                    if key in seen:
-                        raise BadSampleError(shard_name(url), key, "duplicate key: its members appear twice in the shard")
-                    seen.add(key)
                     current = {"__key__": key, "__shard__": url}
+                    if key in exts_of:
+                        if ext not in exts_of[key]:
+                            raise _not_adjacent(url, key)
+                        current["__error__"] = "duplicate key: its members appear twice in the shard"
+                    exts_of.setdefault(key, set())
+                exts_of[key].add(ext)
                 if ext in current:
-                    raise BadSampleError(shard_name(url), key, f"member .{ext} appears twice")
+                    current["__error__"] = f"member .{ext} appears twice"
+                    continue
                 if ext in PICKLE_EXTS:
                     current[ext] = None  # never read, never unpickled; parse_sample refuses the sample
                 elif want(ext):
@@ -180,7 +222,7 @@ def iter_raw_samples(url: str, *, want: Callable[[str], bool] = lambda ext: True
             raise RemoteReadError(e.url, offset=e.offset, attempts=e.attempts, cause=e.cause,
                                   member=member_name) from e
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            if isinstance(e, (BadSampleError, ShardNotFoundError)):
+            if isinstance(e, (ShardError, ShardNotFoundError)):
                 raise
             where = f"after sample {last_key!r}" if last_key else "at its start"
             raise ShardError(f"{url}: tar is truncated or corrupt {where} ({type(e).__name__}: {e}); "
@@ -207,6 +249,8 @@ def parse_label(shard: str, key: str, raw: bytes | None, num_classes: int | None
 def parse_sample(raw: dict, num_classes: int | None = None) -> Sample:
     """Raw member dict -> Sample; BadSampleError names shard, key and the problem."""
     shard, key = shard_name(raw["__shard__"]), raw["__key__"]
+    if "__error__" in raw:
+        raise BadSampleError(shard, key, raw["__error__"])
     pickled = [e for e in raw if e in PICKLE_EXTS]
     if pickled:
         raise BadSampleError(shard, key, f"holds pickled member(s) {pickled}, which are never unpickled")
@@ -228,6 +272,8 @@ def scan_shard(url: str, num_classes: int | None = None, skip_bad: bool = False)
     for raw in iter_raw_samples(url, want=lambda ext: ext == "cls"):
         key = raw["__key__"]
         try:
+            if "__error__" in raw:
+                raise BadSampleError(shard_name(url), key, raw["__error__"])
             pickled = [e for e in raw if e in PICKLE_EXTS]
             if pickled:
                 raise BadSampleError(shard_name(url), key, f"holds pickled member(s) {pickled}, never unpickled")

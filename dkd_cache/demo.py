@@ -14,6 +14,7 @@ Stages (each skipped when its output already exists, so a rerun of the same WORK
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import time
 from pathlib import Path
@@ -78,7 +79,8 @@ def _timed(rows: list[dict[str, Any]], echo: Callable[[str], Any], name: str, fn
     return out
 
 
-def prepare(setup: DemoSetup, *, echo: Callable[[str], Any] = print, progress: bool = True) -> list[dict[str, Any]]:
+def prepare(setup: DemoSetup, *, echo: Callable[[str], Any] = print, progress: bool = True,
+            stop_after: str | None = None) -> list[dict[str, Any]]:
     """Shards, the teacher and its cache: the part every seed shares. Returns one timing row per stage run."""
     d, rows = setup.demo, []
     shards = setup.shards
@@ -88,6 +90,8 @@ def prepare(setup: DemoSetup, *, echo: Callable[[str], Any] = print, progress: b
                         val_per_class=d["val_per_class"], extra_per_class=d["extra_per_class"],
                         shard_size=d["shard_size"], min_side=d["min_side"], max_side=d["max_side"],
                         clutter=d["clutter"], textures=d["textures"], seed=d["data_seed"]))})
+    if stop_after == "make-shards":
+        return rows
     teacher_shards = (str(shards / "train.txt"),) + ((str(shards / "extra.txt"),) if d["extra_per_class"] else ())
     teacher_run = setup.teacher_ckpt.parent
     if not _finished(teacher_run, d["teacher_epochs"]):
@@ -169,10 +173,29 @@ def _cache_complete(path: Path) -> bool:
     return True
 
 
-def run_demo(workdir: str | Path, config: str | Path, *, echo=print, progress: bool = True) -> dict[str, Any]:
+STOP_POINTS = ("make-shards",)
+
+
+def default_recipe(name: str = "demo.toml") -> Path:
+    """A shipped recipe: package data `dkd_cache/pipelines/` in an installed wheel, the repository's `pipelines/`
+    folder (its source) in a checkout."""
+    try:
+        return Path(str(importlib.resources.files("dkd_cache.pipelines").joinpath(name)))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "pipelines" / name
+
+
+def run_demo(workdir: str | Path, config: str | Path | None = None, *, echo=print, progress: bool = True,
+             stop_after: str | None = None) -> dict[str, Any]:
+    """The demo with `config` (default: the shipped pipelines/demo.toml); stop_after "make-shards" stops once the
+    shards exist (what CI runs from an installed wheel)."""
+    if stop_after is not None and stop_after not in STOP_POINTS:
+        raise ConfigError(f"stop_after must be one of {STOP_POINTS}, got {stop_after!r}")
     t0 = time.perf_counter()
-    setup = load_setup(workdir, config)
-    rows = prepare(setup, echo=echo, progress=progress)
+    setup = load_setup(workdir, config or default_recipe())
+    rows = prepare(setup, echo=echo, progress=progress, stop_after=stop_after)
+    if stop_after is not None:
+        return {"stages": rows, "stopped_after": stop_after}
     seed = int(setup.demo["seed"])
     students = train_modes(setup, seed, setup.work / "runs" / f"seed-{seed}", echo=echo, progress=progress)
     rows += students

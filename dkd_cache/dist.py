@@ -125,14 +125,19 @@ def all_gather_int(info: DistInfo, value: int) -> list[int]:
     return [int(v) for v in out]
 
 
+# What gloo and NCCL report when the other end of a collective went away (a killed or crashed rank).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+             "remote process exited or there was a network error")
+
+
 def is_peer_failure(e: BaseException) -> bool:
-    """Whether an error comes from a collective whose peer went away (gloo/NCCL), not from our own code."""
+    """Whether an error is a collective failing because a peer went away (not our own code, not a usage error
+    that merely names a backend): torch's distributed network errors, or a RuntimeError saying the peer is gone."""
     if not dist.is_available() or not dist.is_initialized():
         return False
-    if isinstance(e, getattr(dist, "DistError", ())):
+    if isinstance(e, (dist.DistNetworkError, getattr(dist, "DistStoreError", dist.DistNetworkError))):
         return True
-    text = str(e)
-    return any(w in text for w in ("gloo", "Gloo", "NCCL", "Connection reset by peer", "Connection closed by peer"))
+    return isinstance(e, RuntimeError) and any(w in str(e) for w in PEER_GONE)
 
 
 def shutdown(info: DistInfo) -> None:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -27,7 +29,7 @@ from . import FORMAT_VERSION
 from . import cache as cache_mod
 from . import dist as dist_mod
 from . import store as store_mod
-from .data import keep_as_is, expand_shards, iter_raw_samples, parse_sample, scan_shards, shard_name
+from .data import REMOTE_PREFIXES, keep_as_is, expand_shards, iter_raw_samples, parse_sample, scan_shards, shard_name
 from .errors import BadSampleError, CacheMismatchError, ConfigError, DKDCacheError, ShardError
 from .calibration import calibration_logits, calibration_plan, render_plan
 from .logit_codecs import codec_from_dict, parse_codec
@@ -102,20 +104,29 @@ class RenderedSample:
     skipped: str | None = None
 
 
-def check_out_path(out: str, urls: Sequence[str]) -> None:
-    """Refuse an output that is an input shard, holds input shards, or sits inside a folder of input shards."""
+def check_out_path(out: str, urls: Sequence[str], patterns: Sequence[str] = ()) -> None:
+    """Refuse an output that is an input shard, holds input shards, or that an input pattern (glob or brace
+    pattern) would match, so that a later run with the same --shards would read the cache as a shard. A cache
+    beside its shards, or in a folder below them, is fine."""
     if store_mod.is_remote(out):
-        if out.rstrip("/") + "/" in [u.rsplit("/", 1)[0] + "/" for u in urls]:
-            raise ConfigError(f"--out {out} would sit among the input shards; choose another prefix")
+        prefix = out.rstrip("/")
+        if any(u == prefix or u.startswith(prefix + "/") for u in urls):
+            raise ConfigError(f"--out {out} is or holds input shards; choose another prefix")
         return
     out_p = Path(out).resolve()
     for u in urls:
-        if u.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
+        if u.startswith(REMOTE_PREFIXES):
             continue
         up = Path(u).resolve()
-        if out_p == up or out_p in up.parents or up.parent in out_p.parents:
-            raise ConfigError(f"--out {out} would sit among the input shards ({u}); choose a path outside the "
-                              "shard folders")
+        if out_p == up or out_p in up.parents:
+            raise ConfigError(f"--out {out} is or holds the input shard {u}; choose another path")
+    for spec in patterns:
+        if spec.startswith(REMOTE_PREFIXES) or not any(c in spec for c in "*?[{"):
+            continue
+        for one in braceexpand.braceexpand(spec):
+            if fnmatch.fnmatchcase(str(out_p), str(Path(one).absolute().resolve())):
+                raise ConfigError(f"--out {out} matches the input pattern {spec!r}: a later run with the same "
+                                  "--shards would read the cache as a shard; choose a path the pattern misses")
 
 
 # ------------------------------------------------------------------------------------------- worker stage
@@ -224,7 +235,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
     device = torch.device(f"cuda:{dinfo.local_rank}" if s.device == "cuda" else s.device)
     t0 = time.perf_counter()
     urls = expand_shards(s.shards, allow_pipe=s.allow_pipe)
-    check_out_path(s.out, urls)
+    check_out_path(s.out, urls, [s.shards] if isinstance(s.shards, str) else list(s.shards))
     model, tinfo = load_teacher(s.arch, s.weights, device=device)
     # fp32 means fp32 (TF32 would move logits by ~1e-3 relative); set around each forward, never left global
     compute = resolve_policy(device, s.amp).to_dict()

@@ -30,7 +30,7 @@ from .data import keep_as_is, iter_raw_samples, parse_sample, shard_name
 from .errors import BadSampleError, CacheMismatchError, DKDCacheError, ShardError
 from . import renderers
 from .renderers import Packed
-from .views import Recipe, center_crop, decode, draw_view, render_decoded
+from .views import Recipe, center_crop, decode, draw_view, image_size_of, render_decoded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +244,9 @@ def stream_views(spec: StreamSpec, cache_views: int | None) -> list[int]:
     return [(spec.view + j) % cache_views if cache_views else spec.view + j for j in range(spec.views_per_decode)]
 
 
+SIZE_ENTRIES = ("samples/height", "samples/width")
+
+
 def _cache_rows(cache: cache_mod.Cache, shard: int, spec: StreamSpec):
     """The shard's cache rows for this pass's views: a chunk-aligned block read per array and view.
     Returns keys, labels, status and, per view, {array name: rows}."""
@@ -252,12 +255,15 @@ def _cache_rows(cache: cache_mod.Cache, shard: int, spec: StreamSpec):
     labels = cache.read_rows("samples/label", e.row_start, e.row_stop)
     status = cache.read_rows("samples/status", e.row_start, e.row_stop)
     ok = status == cache_mod.STATUS_OK
+    sizes = {}
+    if "views/box" in spec.entry_arrays:  # stored boxes are in the dumped image's pixels: render_items checks it
+        sizes = {name: cache.read_rows(name, e.row_start, e.row_stop) for name in SIZE_ENTRIES}
     per_view = []
     for view in stream_views(spec, cache.meta.views):
         arrays = {name: cache.read_rows(name, e.row_start, e.row_stop, view=view) for name in spec.entry_arrays}
         for name, values in arrays.items():
             cache_mod.check_filled(cache, name, values, ok, e.row_start, view)
-        per_view.append(arrays)
+        per_view.append({**arrays, **sizes})
     return keys, labels, status, per_view
 
 
@@ -327,6 +333,16 @@ def render_items(spec: StreamSpec, raw: dict, cache_label: int | None, entries: 
         img = (renderers.decode_for_device if on_device else decode)(sample.image)
     except Exception as e:
         raise BadSampleError(sample.shard, sample.key, f"image cannot be decoded ({e})") from None
+    if SIZE_ENTRIES[0] in entries[0]:
+        dumped = tuple(int(entries[0][name]) for name in SIZE_ENTRIES)
+        entries = [{k: v for k, v in en.items() if k not in SIZE_ENTRIES} for en in entries]
+        now = image_size_of(sample.image)
+        if dumped != now:
+            raise CacheMismatchError(
+                f"{sample.shard}: sample {sample.key!r} is a {now[0]}x{now[1]} image, but it was "
+                f"{dumped[0]}x{dumped[1]} when the cache was dumped: the stored crop boxes would fall on other "
+                "pixels. The shard was re-encoded since the dump: train with the shards the cache was dumped from, "
+                "or re-dump the cache")
     recipe = dataclasses.replace(spec.recipe, image_size=spec.size)
     views = stream_views(spec, None)
     items = []

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,15 @@ class DiskLocation:
     def chunk_exists(self, key: str) -> bool:
         return (self.path / key).exists()
 
+    def sync(self, keys: Sequence[str]) -> None:
+        """fsync these files and their folders: on disk before anything vouches for them (a done record)."""
+        folders = set()
+        for key in keys:
+            _fsync(self.path / key)
+            folders.add((self.path / key).parent)
+        for folder in sorted(folders):
+            _fsync(folder)
+
     def keys(self, prefix: str) -> list[str]:
         """Names of the files directly under `prefix` (a folder)."""
         d = self.path / prefix
@@ -165,18 +174,38 @@ class DiskLocation:
     def writer_lease(self, rank: int = 0, *, seconds: float = 0.0, owner: str | None = None) -> Iterator["Lease"]:
         """One dump at a time per cache: an flock per rank, released by the kernel when the process dies, so a
         killed dump never leaves a stale lock. `seconds`/`owner` only matter on object stores."""
+        # The lock file is removed (while still held) when the dump ends or fails, and its folder with it once
+        # empty. A process that opened the file before it was removed finds it gone after locking and is refused,
+        # so two processes never both hold a lock.
         lock_dir = self.path.parent / f".{self.path.name}.locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_dir / f"rank{rank}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        lock_file = lock_dir / f"rank{rank}.lock"
+        fd = os.open(lock_file, os.O_CREAT | os.O_RDWR, 0o644)
+        locked = False
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                if os.fstat(fd).st_ino != os.stat(lock_file).st_ino:
+                    raise FileNotFoundError  # removed by the holder that just finished: not ours to remove
+                locked = True
+            except (BlockingIOError, FileNotFoundError):
                 raise CacheLockedError(f"{self.path} is being written by another dump-teacher process (lock held); "
                                        "wait for it to finish, or use another --out") from None
             yield Lease(owner="flock")
         finally:
+            if locked:
+                lock_file.unlink(missing_ok=True)
             os.close(fd)
+            with contextlib.suppress(OSError):  # other ranks' locks may still be in it
+                lock_dir.rmdir()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------- object store
@@ -243,6 +272,9 @@ class ObjectLocation:
 
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._p(key))
+
+    def sync(self, keys: Sequence[str]) -> None:
+        """Nothing to do: an object store acknowledges a PUT once the object is durable."""
 
     def chunk_exists(self, key: str) -> bool:
         """For chunk lookups in a cache being read: one recursive listing per array (`NAME/c/...`), made once per

@@ -138,6 +138,36 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=None)
+def _shapes_on_meta(arch: str, num_classes: int) -> dict[str, tuple[int, ...]] | None:
+    """Every state-dict key of the arch with its shape (built on the meta device); None if it cannot be built."""
+    try:
+        with torch.device("meta"):
+            sd = _get_model(arch, num_classes).state_dict()
+    except Exception:
+        return None
+    return {k: tuple(v.shape) for k, v in sd.items() if not k.endswith(".num_batches_tracked")}
+
+
+def guess_arch(sd: Mapping[str, torch.Tensor], tried: str) -> str | None:
+    """The arch of the same family as `tried` (resnet34 -> resnet*) whose keys and shapes the weights fit
+    exactly, or None."""
+    family = re.match(r"[a-z_]*[a-z]", tried)
+    if family is None:
+        return None
+    given = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith(".num_batches_tracked")}
+    for arch in classification_archs():
+        if arch == tried or re.match(r"[a-z_]*[a-z]", arch).group(0) != family.group(0):
+            continue
+        try:
+            classes = num_classes_from_state_dict(sd, arch)
+        except ConfigError:
+            continue
+        if _shapes_on_meta(arch, classes) == given:
+            return arch
+    return None
+
+
+@functools.lru_cache(maxsize=None)
 def _classifier_keys(arch: str) -> tuple[tuple[str, int], ...] | None:
     """(state-dict key, axis) of every entry whose shape follows num_classes, found by building the model twice
     on the meta device (no memory, no init cost); None where the arch cannot be built there."""
@@ -399,7 +429,14 @@ def load_teacher(arch: str, weights_path: str | os.PathLike, device: str | torch
         load_weights(_get_model(arch, 1000), sd, weights_path)
         raise
     model = build_model(arch, num_classes)
-    load_weights(model, sd, weights_path)
+    try:
+        load_weights(model, sd, weights_path)
+    except CheckpointError as e:
+        guess = guess_arch(sd, arch)
+        if guess is None:
+            raise
+        raise CheckpointError(f"{e} The weights look like {guess} (its keys and shapes fit them exactly): pass "
+                              f"--arch {guess} (or --teacher-arch {guess})") from e
     del sd
     model.eval().requires_grad_(False).to(device)
     if channels_last:

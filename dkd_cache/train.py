@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -168,10 +170,61 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, dinfo) -> dict | None:
                               "Delete it to restart the run, or restore it from a backup") from e
     saved = dict(ckpt.get("config", {}))
     now = cfg.to_dict()
-    differs = [k for k in now if k not in ("epochs", "workers", "max_steps", "log_every") and saved.get(k) != now[k]]
+    differs = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
     if differs:
         raise ConfigError(f"{out}: --resume with other settings than the saved run: {differs}")
+    check_resume_layout(ckpt, world=dinfo.world, workers=cfg.workers, where=str(out))
     return ckpt
+
+
+# Settings a resume may change: they decide when to stop, what is evaluated and how often metrics are written,
+# never which sample a step sees or what it computes.
+RESUMABLE = ("epochs", "workers", "max_steps", "log_every", "val_shards")
+
+
+def plan_workers(workers: int) -> int:
+    """The number of sample streams an epoch's order is planned for (0 workers reads in one stream)."""
+    return max(1, workers)
+
+
+def check_resume_layout(ckpt: dict, *, world: int, workers: int, where: str) -> None:
+    """The resume contract: an epoch's sample order depends on the number of ranks and of loader workers
+    (loader.plan_epoch). A checkpoint taken in the middle of an epoch continues only under the numbers it was
+    taken with; at an epoch boundary (consumed 0) any numbers may follow. Refused otherwise, saying how to go on."""
+    consumed = int(ckpt.get("consumed", 0))
+    if consumed == 0:
+        return
+    saved_world, saved_workers = ckpt.get("world"), ckpt.get("plan_workers")
+    if saved_world == world and saved_workers == plan_workers(workers):
+        return
+    was = (f"{saved_world} process(es) x --workers {saved_workers}" if saved_world is not None
+           else "an unrecorded number of processes and workers (a checkpoint of an older version)")
+    raise ConfigError(
+        f"{where}: the checkpoint was taken in the middle of epoch {ckpt.get('epoch')} ({consumed} samples into "
+        f"it per rank) under {was}; this run has {world} process(es) x --workers {plan_workers(workers)}. The "
+        "order of an epoch's samples depends on both, so continuing with others would repeat some samples and "
+        "skip others. Resume with the same numbers (torchrun --nproc-per-node "
+        f"{saved_world if saved_world is not None else 'N'} ... --workers {saved_workers if saved_workers else 'W'}); "
+        "once that run finishes the epoch (or stop it there with --epochs), the next resume may use any numbers")
+
+
+def trim_metrics(path: Path, *, step: int, epoch: int) -> None:
+    """Keep the metrics.jsonl records the checkpoint stands for: step records up to its step, epoch records of
+    the epochs it finished. Rewritten atomically (temporary file, rename)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill
+        if (r.get("event") == "step" and r.get("step", 0) <= step) or \
+                (r.get("event") == "epoch" and r.get("epoch", 0) < epoch):
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _check_cache_matches(cache: cache_mod.Cache, urls: list[str], dinfo) -> list[int]:
@@ -183,19 +236,24 @@ def _check_cache_matches(cache: cache_mod.Cache, urls: list[str], dinfo) -> list
     if missing:
         raise CacheMismatchError(f"{len(missing)} shard(s) are not in the cache's manifest, first {missing[:3]}; "
                                  "the cache was dumped from other shards")
-    error = None
-    if dinfo.is_main:
-        indexes = scan_shards(urls)
-        for ix in indexes:
+    status = cache.read_rows("samples/status", 0, m.rows)
+
+    def check_shards() -> None:
+        # Bad samples are found, not raised: the ones the dump skipped (recorded in the cache) are left out of
+        # training by the loader; any other is a shard that changed since the dump.
+        for ix in scan_shards(urls, skip_bad=True):
             entry = m.shards[m.shard_index(ix.name)]
             if ix.keys_sha256 != entry.keys_sha256 or len(ix.keys) != entry.samples:
-                error = (f"shard {ix.name} holds {len(ix.keys)} samples (keys {ix.keys_sha256[:12]}), the cache "
-                         f"{entry.samples} (keys {entry.keys_sha256[:12]}); the shard changed since the dump")
-                break
-    error = dist_mod.broadcast_object(dinfo, error)
-    if error:
-        raise CacheMismatchError(error)
-    status = cache.read_rows("samples/status", 0, m.rows)
+                raise CacheMismatchError(
+                    f"shard {ix.name} holds {len(ix.keys)} samples (keys {ix.keys_sha256[:12]}), the cache "
+                    f"{entry.samples} (keys {entry.keys_sha256[:12]}); the shard changed since the dump")
+            for pos, reason in ix.bad:
+                if status[entry.row_start + pos] != cache_mod.STATUS_SKIPPED:
+                    raise CacheMismatchError(
+                        f"{ix.name}: sample {ix.keys[pos]!r} is unusable ({reason}) but the cache holds it as "
+                        "dumped; the shard changed since the dump: train with the shards the cache was dumped from")
+
+    dist_mod.on_rank0(dinfo, check_shards)
     sizes = []
     for n in names:
         e = m.shards[m.shard_index(n)]
@@ -222,6 +280,8 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {dinfo.world} ranks")
     local_batch = cfg.batch_size // dinfo.world
     urls = expand_shards(cfg.shards, allow_pipe=cfg.allow_pipe)
+    if cfg.val_shards:  # every input is checked before the first step: a typo must not cost an epoch
+        expand_shards(cfg.val_shards, allow_pipe=cfg.allow_pipe)
     out = Path(cfg.out)
     if cfg.cache and Path(cfg.cache).resolve() in (out.resolve(), *out.resolve().parents):
         raise ConfigError(f"--out {out} lies inside the cache {cfg.cache}; choose another run directory")
@@ -295,11 +355,14 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     metrics_path = out / "metrics.jsonl"
+    if dinfo.is_main:  # what a killed or stopped run logged after its checkpoint is logged again by this one
+        trim_metrics(metrics_path, step=global_step, epoch=start_epoch)
 
     def log(*records: dict) -> None:
         if dinfo.is_main and records:
+            now = time.time()
             with open(metrics_path, "a") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in records))
+                f.write("".join(json.dumps({**r, "time": now}) + "\n" for r in records))
 
     # Step losses stay on the device; every `log_every` steps (and before a checkpoint or the epoch's end) they
     # are read in one host sync, checked, and appended to metrics.jsonl in one write.
@@ -319,27 +382,58 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         log(*records)
         if bar is not None:
             bar.advance(0, info=f"loss {last_metrics['loss']:.3f}")
+            if lines_wanted and not bar.enabled:  # no bar (a log file, Slurm, nohup): a plain line instead
+                say(status_line(last_metrics))
+
+    # Plain lines for logs: printed by rank 0 when progress is on and no progress bar is drawn.
+    lines_wanted = progress and dinfo.is_main
+    position: dict[str, Any] = {}  # this epoch's steps, start time and first step, for the status lines
+
+    def say(text: str) -> None:
+        if lines_wanted:
+            print(text, flush=True)
+
+    def status_line(m: dict[str, Any]) -> str:
+        done = m["step"] - position["first_step"]
+        elapsed = time.perf_counter() - position["t0"]
+        rate = done * cfg.batch_size / max(elapsed, 1e-9)
+        left = (position["steps"] - position["step_in_epoch0"] - done) + (cfg.epochs - m["epoch"] - 1) * position["steps"]
+        if cfg.max_steps:
+            left = min(left, cfg.max_steps - m["step"])
+        eta = left * elapsed / max(done, 1)
+        return (f"epoch {m['epoch'] + 1}/{cfg.epochs}  step {position['step_in_epoch0'] + done}/{position['steps']} "
+                f"(total {m['step']})  {rate:.1f} img/s  loss {m['loss']:.4f}  lr {m['lr']:.4g}  "
+                f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
 
     def save(epoch: int, consumed: int) -> None:
         if dinfo.is_main:
             save_checkpoint(out / "checkpoint.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
                             epoch=epoch, consumed=consumed, step=global_step, config=cfg.to_dict(),
                             num_classes=num_classes, arch=cfg.arch, recipe=recipe.to_dict(),
-                            torch_rng=torch.get_rng_state())
+                            torch_rng=torch.get_rng_state(), world=dinfo.world,
+                            plan_workers=plan_workers(cfg.workers))
             if cfg.checkpoint_url:  # written whole locally first, then one put: the store never holds half of it
                 store_mod.put_file(cfg.checkpoint_url, "checkpoint.pt", out / "checkpoint.pt")
         dist_mod.barrier(dinfo)
 
     last_metrics: dict[str, Any] = {}
     t_start = time.perf_counter()
+    say(f"lr {lr_at(cfg, 0):.4g} (= --lr {cfg.lr:g} x batch {cfg.batch_size} / --lr-batch {cfg.lr_batch}), "
+        f"{dinfo.world} process(es), {cfg.epochs} epochs")
     m = cfg.views_per_decode
     for epoch in range(start_epoch, cfg.epochs, m):  # one pass = M epochs of views (views_per_decode)
         plan = with_views(plan_epoch(sizes, seed=cfg.seed, epoch=epoch, world=dinfo.world, rank=dinfo.rank,
-                                     workers=max(1, cfg.workers)), m)
+                                     workers=plan_workers(cfg.workers)), m)
         n_local = sum(plan.counts)  # views this rank trains on in this pass
         padding = sum(plan_epoch(sizes, seed=cfg.seed, epoch=epoch, world=dinfo.world, rank=r, workers=1).padding
                       for r in range(dinfo.world))  # repeated samples over all ranks (reported, not hidden)
-        steps = -(-n_local // local_batch)
+        # Full batches only (as the reference recipes' drop_last): a last batch of one sample would break
+        # BatchNorm, and every rank drops the same number. The dropped samples are reported in the epoch record.
+        steps = n_local // local_batch
+        if steps == 0:
+            raise ConfigError(f"the batch ({local_batch} per rank) holds more samples than an epoch gives a rank "
+                              f"({n_local}); lower --batch-size")
+        dropped = (n_local - steps * local_batch) * dinfo.world
         consumed = start_consumed if epoch == start_epoch else 0
         skips = skips_for(plan.counts, consumed)
         size = student_size(cfg, recipe, epoch)
@@ -351,9 +445,11 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         model.train()
         seen = steps_done = 0
         t0 = time.perf_counter()
-        with Progress(total=n_local - consumed, label=f"epoch {epoch}", enabled=progress and dinfo.is_main) as bar:
-            for images, labels, entries in batches(canonical_runs(loader, plan, skips), local_batch,
-                                                   pin_memory=device.type == "cuda"):
+        position.update(steps=steps, t0=t0, first_step=global_step, step_in_epoch0=consumed // local_batch)
+        with Progress(total=steps * local_batch - consumed, label=f"epoch {epoch}",
+                      enabled=progress and dinfo.is_main) as bar:
+            epoch_batches = batches(canonical_runs(loader, plan, skips), local_batch, pin_memory=device.type == "cuda")
+            for images, labels, entries in itertools.islice(epoch_batches, steps - consumed // local_batch):
                 view_epoch = epoch + min(m - 1, consumed * m // n_local)  # the epoch of views this step is in
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(cfg, view_epoch)
@@ -389,20 +485,24 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         # Every rank's step count, gathered: the record shows they ran the same number of steps.
         rank_steps = dist_mod.all_gather_int(dinfo, steps_done)
         epoch_record = {"event": "epoch", "epoch": epoch, "epochs": m, "steps": steps, "rank_steps": rank_steps,
-                        "samples": seen * dinfo.world, "padding": padding * m, "image_size": size,
-                        "renderer": renderer, "images_per_s": seen * dinfo.world / max(seconds, 1e-9),
-                        "seconds": seconds}
+                        "samples": seen * dinfo.world, "padding": padding * m, "dropped": dropped,
+                        "image_size": size, "renderer": renderer,
+                        "images_per_s": seen * dinfo.world / max(seconds, 1e-9), "seconds": seconds}
         if cfg.val_shards:
             epoch_record.update(evaluate(model, cfg, recipe, num_classes, device, dinfo))
+            say(f"epoch {epoch + 1}/{cfg.epochs}  val top-1 {100 * epoch_record['val_top1']:.2f}%  top-5 "
+                f"{100 * epoch_record['val_top5']:.2f}%  ({epoch_record['val_samples']} samples)")
+        if dropped:
+            say(f"epoch {epoch + 1}/{cfg.epochs}: the last {dropped} sample(s) (a partial batch) were left out")
         log(epoch_record)
         last_metrics.update(epoch_record)
-        if consumed >= n_local:
+        if consumed >= steps * local_batch:
             save(epoch + m, 0)
         else:  # stopped by max_steps inside the epoch: the checkpoint records the position within it
             save(epoch, consumed)
         if cfg.max_steps and global_step >= cfg.max_steps:
             break
-    result = {**last_metrics, "wall_seconds": time.perf_counter() - t_start, "run_dir": str(out)}
+    result = {**last_metrics, "wall_seconds": time.perf_counter() - t_start, "run_dir": str(out), "rank": dinfo.rank}
     dist_mod.shutdown(dinfo)
     return result
 

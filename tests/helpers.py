@@ -61,4 +61,6 @@ def real_logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             d = np.load(p)
             return (torch.from_numpy(d["teacher_logits"]).float(), torch.from_numpy(d["student_logits"]).float(),
                     torch.from_numpy(d["labels"].astype(np.int64)))
+    if os.environ.get("DKD_REAL_LOGITS"):  # CI points here: a wrong path must fail, never skip
+        pytest.fail(f"DKD_REAL_LOGITS={os.environ['DKD_REAL_LOGITS']} is not a file")
     pytest.skip("real ImageNet logits (shared/data/imagenet-real-logits/logits.npz) are not available")

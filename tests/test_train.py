@@ -147,5 +147,9 @@ def test_torchrun_two_ranks_unequal_shards_finish_with_equal_steps(shards, cache
     assert len(epochs) == 2
     for e in epochs:
         assert len(e["rank_steps"]) == 2 and e["rank_steps"][0] == e["rank_steps"][1]
-        # 80 samples in shards of 25/25/25/5 over 2 ranks: 50 and 30, the second padded by 20
-        assert e["samples"] == 100 and e["padding"] == 20
+        # 80 samples in shards of 25/25/25/5 over 2 ranks: 50 and 30, the second padded by 20; 6 full batches
+        # of 8 per rank, the last 2 samples of each rank dropped
+        assert e["samples"] == 96 and e["padding"] == 20 and e["dropped"] == 4
+    # the summary is printed once, by rank 0
+    summaries = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and json.loads(summaries[0])["epoch"] == 1, r.stdout
