@@ -144,7 +144,8 @@ def _write_shard(job) -> None:
 
 
 def make_teacher(path: Path, arch: str = "resnet34", seed: int = 0) -> str:
-    from dkd_cache.teacher import build_model, save_checkpoint
+    from dkd_cache.checkpoint import save_checkpoint
+    from dkd_cache.teacher import build_model
 
     torch.manual_seed(seed)
     save_checkpoint(path, model=build_model(arch, CLASSES).state_dict())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import platform
 from collections.abc import Iterator, Sequence
@@ -262,6 +263,12 @@ class Cache:
         return [i for i in range(len(self.meta.manifest.shards))
                 if f"{i:06d}.json" not in done or self.shard_record(i) is None]
 
+    def check(self, *, deep: bool = False) -> list["Finding"]:
+        """The cache's integrity as typed findings (see `Check`): state, done records, layout of the per-sample
+        arrays, chunk files present for every done shard, library versions; with deep, every chunk is also read
+        (checksums) and its status-OK rows checked for fill values. Cheap without deep: no logit is read."""
+        return check_cache(self, deep=deep)
+
     # -- reads, a chunk-aligned block at a time
     def read_rows(self, name: str, start: int, stop: int, view: int | None = None) -> np.ndarray:
         arr = self.array(name)
@@ -292,25 +299,153 @@ class Cache:
         return bad
 
 
+def unfilled_rows(name: str, values: np.ndarray) -> np.ndarray:
+    """(rows,) mask of rows holding the array's fill sentinel or non-finite values (values: rows first)."""
+    if name == "views/box":
+        return (values == 65535).all(axis=-1)
+    if name == "views/flip":
+        return values == 255
+    if values.dtype.kind == "f":
+        return ~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
+    if values.dtype.kind == "i":
+        return (values.reshape(values.shape[0], -1) == -1).any(axis=1)
+    return np.zeros(values.shape[0], bool)
+
+
 def check_filled(cache: "Cache", name: str, values: np.ndarray, ok: np.ndarray, row_start: int,
                  view: int | None = None) -> None:
     """Rows the dump wrote must not hold the array's fill sentinel (a lost inner chunk reads back as it)."""
-    if name == "views/box":
-        bad = (values == 65535).all(axis=-1)
-    elif name == "views/flip":
-        bad = values == 255
-    elif values.dtype.kind == "f":
-        bad = ~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
-    elif values.dtype.kind == "i":
-        bad = (values.reshape(values.shape[0], -1) == -1).any(axis=1)
-    else:
-        return
-    bad = bad & ok
+    bad = unfilled_rows(name, values) & ok
     if bad.any():
         rows = (np.flatnonzero(bad)[:5] + row_start).tolist()
         raise CacheError(f"{cache.path}: array {name!r}{'' if view is None else f' view {view}'} holds no data for "
                          f"rows {rows} (missing chunk or non-finite teacher output); the cache is damaged: "
                          "re-dump the affected shard")
+
+
+# --------------------------------------------------------------------------------------------- integrity
+class Check(str, enum.Enum):
+    """What Cache.check looks at; the value is the line a report prints."""
+
+    STATE = "cache complete"
+    RECORDS = "every shard has its done record"
+    RECORDS_AGREE = "done records agree with the manifest"
+    LAYOUT = "layout: per-sample arrays agree with the manifest"
+    CHUNKS_PRESENT = "every chunk of a done shard is present"
+    CHUNKS_READABLE = "every chunk reads back (checksums)"
+    CHUNKS_FILLED = "values finite and filled on status-OK rows"
+    VERSIONS = "library versions as at dump time"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Finding:
+    check: Check
+    ok: bool
+    detail: str = ""
+    warning: bool = False  # informs, never fails (library versions: their effect is what verify measures)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.check.value, "ok": self.ok, "detail": self.detail, "warning": self.warning}
+
+
+PER_SAMPLE = ("status", "label", "shard", "height", "width")
+
+
+def layout_problems(meta: "CacheMeta", per: dict[str, np.ndarray]) -> list[str]:
+    """Per-sample arrays against the manifest: shard index, padding rows, labels and sizes of dumped rows."""
+    m = meta.manifest
+    status, shard, height, width, label = (per[k] for k in ("status", "shard", "height", "width", "label"))
+    expect_shard = np.full(m.rows, -1, np.int64)
+    for i, e in enumerate(m.shards):
+        expect_shard[e.row_start:e.row_start + e.samples] = i
+    bad = []
+    if not np.array_equal(shard, expect_shard):
+        bad.append(f"samples/shard differs from the manifest on {int((shard != expect_shard).sum())} rows")
+    pad = expect_shard < 0
+    if (status[pad] != STATUS_PADDING).any() or (status[~pad] == STATUS_PADDING).any():
+        bad.append("samples/status marks padding rows wrongly")
+    if not np.isin(status, (STATUS_PADDING, STATUS_OK, STATUS_SKIPPED)).all():
+        bad.append("samples/status holds unknown values")
+    ok = status == STATUS_OK
+    out_of_range = (label[ok] < 0) | (label[ok] >= meta.num_classes)
+    if out_of_range.any():
+        bad.append(f"{int(out_of_range.sum())} OK rows have a label outside 0..{meta.num_classes - 1}")
+    unsized = (height[ok] <= 0) | (width[ok] <= 0)
+    if meta.state == "complete" and unsized.any():
+        bad.append(f"{int(unsized.sum())} OK rows have no image size (never dumped)")
+    n_skipped = int((status == STATUS_SKIPPED).sum())
+    if n_skipped != len(meta.skipped) and meta.state == "complete":
+        bad.append(f"{n_skipped} rows are marked skipped, the metadata lists {len(meta.skipped)}")
+    return bad
+
+
+def check_cache(cache: "Cache", *, deep: bool = False) -> list[Finding]:
+    m = cache.meta
+    out = [Finding(check=Check.STATE, ok=m.state == "complete", detail=f"state {m.state!r}")]
+    pending = cache.pending_shards()
+    out.append(Finding(check=Check.RECORDS, ok=not pending,
+                       detail=f"{len(pending)}/{len(m.manifest.shards)} missing, first "
+                              f"{[m.manifest.shards[i].name for i in pending[:3]]}; rerun dump-teacher" if pending
+                       else ""))
+    disagree = []
+    for i, e in enumerate(m.manifest.shards):
+        rec = cache.shard_record(i)
+        if rec is not None and (rec.get("samples") != e.samples or rec.get("views") != m.views):
+            disagree.append(f"{e.name}: record says {rec.get('samples')} samples / {rec.get('views')} views")
+    out.append(Finding(check=Check.RECORDS_AGREE, ok=not disagree, detail="; ".join(disagree[:3])))
+    try:
+        per = {k: cache.read_rows(f"samples/{k}", 0, m.manifest.rows) for k in PER_SAMPLE}
+        layout = layout_problems(m, per)
+    except CacheError as e:
+        per, layout = None, [str(e)]
+    out.append(Finding(check=Check.LAYOUT, ok=not layout, detail="; ".join(layout)))
+    done = [i for i in range(len(m.manifest.shards)) if i not in set(pending)]
+    names = [f"{g}/{k}" for g in ("views", "logits") for k in _group_members(cache.group, g)]
+    missing = []
+    for name in names:
+        ndim = cache.array(name).ndim
+        for i in done:
+            e = m.manifest.shards[i]
+            gone = [k for k in chunk_keys(cache, name, e.row_start, e.row_stop, ndim)
+                    if not cache.location.chunk_exists(k)]
+            if gone:
+                missing.append(f"{name} rows {e.row_start}..{e.row_stop - 1} (tar shard {e.name})")
+    out.append(Finding(check=Check.CHUNKS_PRESENT, ok=not missing,
+                       detail=(f"{len(missing)} missing, first: {'; '.join(missing[:3])}; delete those shards' "
+                               "_dkd/done records and rerun dump-teacher") if missing else ""))
+    if deep and per is not None:
+        damaged, unfilled = [], []
+        ok_rows = per["status"] == STATUS_OK
+        for name in names:
+            for i in done:
+                e = m.manifest.shards[i]
+                try:
+                    values = cache.read_rows(name, e.row_start, e.row_stop, view=None)
+                except CacheError as err:
+                    damaged.append(str(err))
+                    continue
+                for v in range(values.shape[0]):
+                    bad = unfilled_rows(name, values[v]) & ok_rows[e.row_start:e.row_stop]
+                    if bad.any():
+                        unfilled.append(f"{name} view {v}: {int(bad.sum())} rows of tar shard {e.name}")
+        out.append(Finding(check=Check.CHUNKS_READABLE, ok=not damaged, detail="; ".join(damaged[:2])))
+        out.append(Finding(check=Check.CHUNKS_FILLED, ok=not unfilled, detail="; ".join(unfilled[:3])))
+    now = library_versions()
+    differ = {k: (m.versions.get(k), now.get(k)) for k in sorted(set(m.versions) | set(now))
+              if m.versions.get(k) != now.get(k)}
+    out.append(Finding(check=Check.VERSIONS, ok=not differ, warning=True,
+                       detail=", ".join(f"{k} {a} -> {b}" for k, (a, b) in differ.items())))
+    return out
+
+
+def require_sound(cache: "Cache") -> None:
+    """The pre-flight of training: a cache whose check (without deep) finds an error is refused before any step."""
+    failed = [f for f in cache.check() if not f.ok and not f.warning]
+    if failed:
+        if failed[0].check in (Check.STATE, Check.RECORDS):
+            require_complete(cache)
+        raise CacheError(f"{cache.path} fails its integrity check: " + "; ".join(
+            f"{f.check.value}: {f.detail}" for f in failed) + ". Run dkd-cache inspect or verify on it")
 
 
 def _group_members(group: zarr.Group, sub: str) -> list[str]:

@@ -236,12 +236,16 @@ def train_student_cmd(
 def inspect_cmd(
     cache: Annotated[str, typer.Argument(help="A cache made by dump-teacher (a folder or s3:// prefix)")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text")] = False,
+    deep: Annotated[bool, typer.Option(help="Also read every chunk (checksums, fill values)")] = False,
 ) -> None:
-    """Recipe, teacher, shards, completeness, size on disk and bytes per view."""
+    """Recipe, teacher, shards, completeness, integrity findings, size on disk and bytes per view; exit 1 when a
+    finding fails."""
     from .inspect import describe, render_text
 
-    info = _run(describe, cache)
+    info = _run(describe, cache, deep=deep)
     typer.echo(json.dumps(info, indent=2) if as_json else render_text(info))
+    if any(not f["ok"] and not f["warning"] for f in info["findings"]):
+        raise typer.Exit(code=1)
 
 
 @app.command("verify")

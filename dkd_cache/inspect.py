@@ -8,7 +8,8 @@ from typing import Any
 from . import cache as cache_mod
 
 
-def describe(path: str | Path) -> dict[str, Any]:
+def describe(path: str | Path, *, deep: bool = False) -> dict[str, Any]:
+    """What the cache holds, and its integrity findings (Cache.check; deep reads every chunk)."""
     cache = cache_mod.open_cache(path)
     m = cache.meta
     pending = cache.pending_shards()
@@ -23,6 +24,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "bytes_on_disk": cache_mod.disk_bytes(path),
         "bytes_per_view": logit_bytes / max(total_views, 1),
         "shard_names": [s.name for s in m.manifest.shards[:3]] + (["..."] if len(m.manifest.shards) > 3 else []),
+        "findings": [f.to_dict() for f in cache.check(deep=deep)],
     }
 
 
@@ -40,4 +42,7 @@ def render_text(info: dict[str, Any]) -> str:
         f"on disk       {info['bytes_on_disk'] / 2**20:.2f} MiB, {info['bytes_per_view']:.1f} bytes per view",
         "versions      " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
     ]
+    for f in info["findings"]:
+        verdict = "ok" if f["ok"] else ("warning" if f["warning"] else "FAIL")
+        lines.append(f"check         {verdict:<8}{f['check']}" + (f"  ({f['detail']})" if f["detail"] else ""))
     return "\n".join(lines)

@@ -30,12 +30,8 @@ import dataclasses
 import difflib
 import functools
 import hashlib
-import io
-import argparse
 import os
-import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +42,7 @@ import torch
 import torchvision
 from torch import nn
 
+from .checkpoint import _load_object, _read_bytes
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
 
 SOURCE_FORMATS = ("torchvision", "safetensors", "dkd-cache", "mmpretrain")
@@ -59,13 +56,6 @@ CONTAINER_KEYS = {"model": "dkd-cache", "state_dict": "mmpretrain"}
 # Where torchvision models keep their classifier, for archs that cannot be built on the meta device (RegNet).
 _CLASSIFIER_GUESSES = ("fc.weight", "classifier.weight", "head.weight", "heads.head.weight")
 
-_CONVERT_HINT = (
-    "If you trust the file's source, convert it once, in a trusted environment: "
-    "python -c \"import torch; ck = torch.load('<IN>', map_location='cpu', weights_only=False); "
-    "sd = ck.get('model', ck.get('state_dict', ck)) if isinstance(ck, dict) else ck.state_dict(); "
-    "torch.save({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, '<OUT>')\" "
-    "(or save model.state_dict() of the loaded model), then pass <OUT>"
-)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -210,97 +200,6 @@ def num_classes_from_state_dict(sd: Mapping[str, torch.Tensor], arch: str) -> in
 # --------------------------------------------------------------------------------------------------- reading
 
 
-def _numpy_safe_globals() -> list[Any]:
-    """numpy scalars, dtypes and arrays: plain data that mmcv / mmengine checkpoints keep in ``meta`` (e.g. a best
-    score as np.float64). Their reconstructors run no code from the file; objects inside object arrays still go
-    through torch's restricted unpickler. numpy 1.x pickles name ``numpy.core``, 2.x ``numpy._core``."""
-    try:
-        import numpy._core.multiarray as mod
-    except ImportError:  # numpy < 2
-        import numpy.core.multiarray as mod  # type: ignore[no-redef]
-    out: list[Any] = [np.ndarray, np.dtype]
-    for pkg in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        out += [(mod.scalar, f"{pkg}.scalar"), (mod._reconstruct, f"{pkg}._reconstruct")]
-    out += [getattr(np.dtypes, n) for n in getattr(np.dtypes, "__all__", ()) if n.endswith("DType")]
-    # torchvision's references/classification/train.py saves its argparse.Namespace as "args": a plain
-    # attribute bag (restored by __dict__ update, no code from the file runs), so its checkpoints load as they are.
-    out.append(argparse.Namespace)
-    return out
-
-
-def _read_bytes(path: str | os.PathLike) -> bytes:
-    p = Path(path)
-    try:
-        return p.read_bytes()
-    except FileNotFoundError as e:
-        raise CheckpointNotFoundError(f"{p}: weights file not found") from e
-    except IsADirectoryError as e:
-        raise CheckpointError(f"{p}: is a directory, not a weights file") from e
-    except OSError as e:
-        raise CheckpointError(f"{p}: cannot read the weights file: {e}") from e
-
-
-def _looks_safetensors(data: bytes) -> bool:
-    if len(data) < 10:
-        return False
-    n = int.from_bytes(data[:8], "little")
-    return 8 + n <= len(data) and data[8:9] == b"{"
-
-
-def _unpickling_refusal(path: Path, e: Exception, data: bytes) -> CheckpointError:
-    msg = str(e)
-    if "Weights only load failed" not in msg:
-        return CheckpointError(f"{path}: cannot read: not a complete PyTorch weights file, "
-                               f"truncated or corrupt? ({msg})")
-    if "Unsupported operand" in msg:
-        return CheckpointError(f"{path}: cannot read: the pickled data is corrupt (an unknown pickle opcode)")
-    names: list[str] = []
-    try:
-        names = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))))
-    except Exception:  # legacy (non-zip) format: torch's message names the first refused global
-        pass
-    if not names:
-        names = [m.group(1) for m in re.finditer(r"(?:GLOBAL|got <class) '?([\w.]+)", msg)][:1]
-    what = f" ({', '.join(names)})" if names else ""
-    out = path.with_name(f"{path.stem}.state_dict.pth")
-    hint = _CONVERT_HINT.replace("<IN>", str(path)).replace("<OUT>", str(out))
-    return CheckpointError(
-        f"{path}: refused: the file contains pickled objects other than tensors{what}, which could run code when "
-        f"loaded; for safety only tensors, containers, strings and numbers are read. {hint}")
-
-
-def _load_object(path: Path, data: bytes) -> tuple[Any, str]:
-    """(loaded object, 'safetensors' | 'torch') from the file's bytes."""
-    is_zip, is_pickle = data[:4] == b"PK\x03\x04", data[:1] == b"\x80"
-    if not is_zip and not is_pickle and (_looks_safetensors(data) or path.suffix == ".safetensors"):
-        import safetensors.torch
-
-        try:
-            return safetensors.torch.load(data), "safetensors"
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read as safetensors, truncated or corrupt? ({e})") from e
-    if not data:
-        raise CheckpointError(f"{path}: the file is empty")
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), "torch"
-    except pickle.UnpicklingError as e:
-        raise _unpickling_refusal(path, e, data) from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read: not a complete PyTorch or safetensors weights file, "
-                              f"truncated or corrupt? ({type(e).__name__}: {str(e)[:200]})") from e
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A whole checkpoint (e.g. one written by :func:`save_checkpoint`: model, optimizer, config...), read with
-    weights_only=True. CheckpointNotFoundError if missing, CheckpointError if unsafe, corrupt or not a dict."""
-    p = Path(path)
-    obj, kind = _load_object(p, _read_bytes(p))
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{p}: holds a {type(obj).__name__}, not a checkpoint dict")
-    return obj
-
-
 def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
@@ -442,41 +341,3 @@ def load_teacher(arch: str, weights_path: str | os.PathLike, device: str | torch
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model, TeacherInfo(arch=arch, sha256=digest, num_classes=num_classes, source_format=fmt)
-
-
-# --------------------------------------------------------------------------------------------------- writing
-
-
-def save_checkpoint(path: str | os.PathLike, **entries: Any) -> None:
-    """Write ``entries`` as one dict with torch.save, atomically (temp file in the same folder, fsync, rename).
-    Entries must be readable back with weights_only=True (tensors, dicts, lists, tuples, str, numbers, None,
-    torch dtypes/devices); anything else raises TypeError and leaves no file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(entries, f)
-            f.flush()
-            os.fsync(f.fileno())
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
-        if unsafe:
-            raise TypeError(f"{p}: checkpoint entries hold objects that weights_only loading refuses: {unsafe}; "
-                            "store plain containers, numbers, strings and tensors")
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dfd = os.open(p.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)

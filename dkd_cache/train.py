@@ -27,12 +27,13 @@ from . import cache as cache_mod
 from . import dist as dist_mod
 from . import store as store_mod
 from .data import expand_shards, scan_shards, shard_name
-from .errors import CacheMismatchError, CheckpointError, ConfigError, DKDCacheError
+from .errors import CacheMismatchError, ConfigError, DKDCacheError
 from .loader import RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch, skips_for
 from .loss import total_loss
 from . import renderers
 from .progress import Progress
-from .teacher import build_model, load_teacher, save_checkpoint
+from .checkpoint import read_run_checkpoint, save_checkpoint
+from .teacher import build_model, load_teacher
 from .teacher_signal import Storage, dkd_from_entries, encode_entries, resolve_policy, teacher_forward
 from .views import Recipe, normalize, parse_positive_int
 
@@ -163,11 +164,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, dinfo) -> dict | None:
         store_mod.fetch_file(cfg.checkpoint_url, "checkpoint.pt", ckpt_path)
     if not ckpt_path.exists():
         return None  # nothing saved yet: start from scratch (a resume of a run killed before its first checkpoint)
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{ckpt_path} cannot be loaded ({type(e).__name__}: {e}); the checkpoint is damaged. "
-                              "Delete it to restart the run, or restore it from a backup") from e
+    ckpt = read_run_checkpoint(ckpt_path)
     saved = dict(ckpt.get("config", {}))
     now = cfg.to_dict()
     differs = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
@@ -229,7 +226,7 @@ def trim_metrics(path: Path, *, step: int, epoch: int) -> None:
 
 def _check_cache_matches(cache: cache_mod.Cache, urls: list[str], dinfo) -> list[int]:
     """Shards and cache belong together: same names, same keys (by digest). Returns per-shard usable sizes."""
-    cache_mod.require_complete(cache)
+    cache_mod.require_sound(cache)  # the fast pre-flight: records, layout, chunk files (no logit is read)
     m = cache.meta.manifest
     names = [shard_name(u) for u in urls]
     missing = [n for n in names if n not in {s.name for s in m.shards}]

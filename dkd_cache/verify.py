@@ -76,8 +76,9 @@ import torch
 from . import cache as cache_mod
 from .data import IMAGE_EXTS, expand_shards, iter_raw_samples, keys_digest, parse_sample, scan_shard, shard_name
 from .errors import BadSampleError, CheckpointError, ConfigError, DKDCacheError, ShardError
+from .checkpoint import read_checkpoint
 from .logit_codecs import Codec, FloatCodec
-from .teacher import build_model, load_teacher, read_checkpoint
+from .teacher import build_model, load_teacher
 from .teacher_signal import (ComputePolicy, Storage, dkd_from_entries, encode_entries, lse_at, policy_scope,
                              select_rows, teacher_forward)
 from .train import train_step
@@ -283,38 +284,6 @@ def _check_shards(cache: cache_mod.Cache, settings: VerifySettings, labels: np.n
     return {n: by_name[n] for n in names if n in by_name}
 
 
-def _check_layout(cache: cache_mod.Cache, per: dict[str, np.ndarray | None], rep: _Report) -> None:
-    """Per-sample arrays against the manifest: shard index, padding rows, sizes of dumped rows."""
-    m = cache.meta.manifest
-    status, shard, height, width = (per.get(k) for k in ("status", "shard", "height", "width"))
-    if status is None or shard is None:
-        return
-    expect_shard = np.full(m.rows, -1, np.int64)
-    for i, e in enumerate(m.shards):
-        expect_shard[e.row_start:e.row_start + e.samples] = i
-    bad = []
-    if not np.array_equal(shard, expect_shard):
-        bad.append(f"samples/shard differs from the manifest on {int((shard != expect_shard).sum())} rows")
-    pad = expect_shard < 0
-    if (status[pad] != cache_mod.STATUS_PADDING).any() or (status[~pad] == cache_mod.STATUS_PADDING).any():
-        bad.append("samples/status marks padding rows wrongly")
-    if not np.isin(status, (cache_mod.STATUS_PADDING, cache_mod.STATUS_OK,
-                                                   cache_mod.STATUS_SKIPPED)).all():
-        bad.append("samples/status holds unknown values")
-    ok = status == cache_mod.STATUS_OK
-    label = per.get("label")
-    if label is not None and ((label[ok] < 0) | (label[ok] >= cache.meta.num_classes)).any():
-        bad.append(f"{int(((label[ok] < 0) | (label[ok] >= cache.meta.num_classes)).sum())} OK rows have a label "
-                   f"outside 0..{cache.meta.num_classes - 1}")
-    if height is not None and width is not None and ((height[ok] <= 0) | (width[ok] <= 0)).any():
-        bad.append(f"{int(((height[ok] <= 0) | (width[ok] <= 0)).sum())} OK rows have no image size "
-                   "(never dumped)")
-    n_skipped = int((status == cache_mod.STATUS_SKIPPED).sum())
-    if n_skipped != len(cache.meta.skipped) and cache.meta.state == "complete":
-        bad.append(f"{n_skipped} rows are marked skipped, the metadata lists {len(cache.meta.skipped)}")
-    rep.check("layout: per-sample arrays agree with the manifest", not bad, detail="; ".join(bad))
-
-
 def _view_arrays(cache: cache_mod.Cache, codec: Codec) -> list[str]:
     return ["views/box", "views/flip", "logits/target", "logits/lse",
             *(f"logits/{n}" for n in codec.arrays(cache.meta.num_classes))]
@@ -376,7 +345,7 @@ def _scan_views(cache: cache_mod.Cache, codec: Codec, ok: np.ndarray, done: np.n
                     try:
                         cache_mod.check_filled(cache, name, vals[j], ok_c, start, view=v0 + j)
                     except cache_mod.CacheError:
-                        bad_rows = _unfilled(name, vals[j]) & ok_c
+                        bad_rows = cache_mod.unfilled_rows(name, vals[j]) & ok_c
                         invalid[name] = invalid.get(name, 0) + int(bad_rows.sum())
                         hit = in_chunk[(e_view[in_chunk] == v0 + j) & bad_rows[e_row[in_chunk] - start]]
                         usable[hit] = False
@@ -411,19 +380,6 @@ def _scan_views(cache: cache_mod.Cache, codec: Codec, ok: np.ndarray, done: np.n
                   detail=f"{consistency['idx_range']} out of range, {consistency['idx_distinct']} repeated")
     rep.check("stored p_t <= 1 (target logit vs lse)", consistency["p_t"] == 0, consistency["p_t"], 0)
     return out, usable
-
-
-def _unfilled(name: str, values: np.ndarray) -> np.ndarray:
-    """Rows holding the fill sentinel / non-finite values (the rule of cache.check_filled)."""
-    if name == "views/box":
-        return (values == 65535).all(axis=-1)
-    if name == "views/flip":
-        return values == 255
-    if values.dtype.kind == "f":
-        return ~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
-    if values.dtype.kind == "i":
-        return (values.reshape(values.shape[0], -1) == -1).any(axis=1)
-    return np.zeros(values.shape[0], bool)
 
 
 # --------------------------------------------------------------------------------------------- entries
@@ -782,22 +738,18 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
 
     # ---- 1. integrity
     t0 = time.perf_counter()
-    rep.check("cache complete", meta.state == "complete", meta.state, "complete")
+    # the store's own findings (state, done records, layout, chunk files, versions); chunks are read below
+    for finding in cache.check():
+        if finding.warning:
+            if not finding.ok:
+                rep.warnings.append(f"{finding.check.value}: no, {finding.detail} (their effect is the logit error "
+                                    "measured)")
+        else:
+            rep.check(finding.check.value, finding.ok, detail=finding.detail)
     pending = cache.pending_shards()
-    bad_records = []
-    for i, e in enumerate(m.shards):
-        rec = cache.shard_record(i)
-        if rec is not None and (rec.get("samples") != e.samples or rec.get("views") != meta.views):
-            bad_records.append(f"{e.name}: record says {rec.get('samples')} samples / {rec.get('views')} views")
-    rep.check("every shard has its done record", not pending, f"{len(pending)}/{len(m.shards)} missing", 0,
-              detail=f"first: {[m.shards[i].name for i in pending[:3]]}" if pending else "")
-    rep.check("done records agree with the manifest", not bad_records, detail="; ".join(bad_records[:3]))
     versions = cache_mod.library_versions()
     vdiff = {k: {"cache": meta.versions.get(k), "now": versions.get(k)} for k in sorted(set(meta.versions) | set(versions))
              if meta.versions.get(k) != versions.get(k)}
-    if vdiff:
-        rep.warnings.append("library versions differ from the dump's (their effect is the logit error measured): "
-                            + ", ".join(f"{k} {v['cache']} -> {v['now']}" for k, v in vdiff.items()))
     rep.data["versions_differ"] = vdiff
 
     per: dict[str, np.ndarray | None] = {}
@@ -805,7 +757,6 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
     for name in ("status", "label", "shard", "key", "height", "width"):
         per[name], dmg = _read_per_sample(cache, f"samples/{name}", rep)
         damaged_rows |= dmg
-    _check_layout(cache, per, rep)
     urls = _check_shards(cache, s, per["label"], rep)
 
     teacher = None

@@ -12,7 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from dkd_cache.dump import DumpSettings, dump_teacher  # noqa: E402
 from dkd_cache.synth import make_shards  # noqa: E402
-from dkd_cache.teacher import build_model, save_checkpoint  # noqa: E402
+from dkd_cache.checkpoint import save_checkpoint  # noqa: E402
+from dkd_cache.teacher import build_model  # noqa: E402
 from dkd_cache.views import Recipe  # noqa: E402
 
 CLASSES = 10

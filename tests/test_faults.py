@@ -38,7 +38,8 @@ from dkd_cache.dump import dump_teacher
 from dkd_cache.errors import CacheError, CacheMismatchError, ShardError
 from dkd_cache.loader import Item, StreamSpec, canonical_items, plan_epoch, skips_for, worker_items
 from dkd_cache.synth import make_shards
-from dkd_cache.teacher import build_model, read_checkpoint, save_checkpoint
+from dkd_cache.checkpoint import read_checkpoint, save_checkpoint
+from dkd_cache.teacher import build_model
 from dkd_cache.train import TrainConfig, train_student
 
 from .conftest import CLASSES, TINY_RECIPE, dump_settings

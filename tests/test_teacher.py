@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 
 from dkd_cache.errors import CheckpointError, CheckpointNotFoundError, ConfigError, DKDCacheError
+from dkd_cache.checkpoint import read_checkpoint, save_checkpoint
 from dkd_cache.teacher import (
     TeacherInfo,
     build_model,
@@ -21,10 +22,8 @@ from dkd_cache.teacher import (
     load_weights,
     normalize_keys,
     num_classes_from_state_dict,
-    read_checkpoint,
     read_state_dict,
     read_weights,
-    save_checkpoint,
 )
 
 NUM_CLASSES = 10

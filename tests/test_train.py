@@ -13,7 +13,7 @@ import torch
 from dkd_cache.errors import CacheMismatchError, ConfigError
 from dkd_cache.loader import canonical_position, plan_epoch, skips_for
 from dkd_cache.synth import make_shards
-from dkd_cache.teacher import read_checkpoint
+from dkd_cache.checkpoint import read_checkpoint
 from dkd_cache.train import TrainConfig, train_student
 
 from .conftest import CLASSES

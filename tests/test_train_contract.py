@@ -13,11 +13,11 @@ from PIL import Image
 
 from dkd_cache.dump import dump_teacher
 from dkd_cache.errors import CacheMismatchError, ConfigError, ShardNotFoundError
-from dkd_cache.teacher import read_checkpoint
+from dkd_cache.checkpoint import read_checkpoint
 from dkd_cache.train import TrainConfig, train_student
 
 from .conftest import dump_settings
-from .helpers import jpeg, sample_members, write_tar
+from .helpers import sample_members, write_tar
 
 
 def _cfg(shards, out, **kw) -> TrainConfig:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from dkd_cache import cache as cache_mod
 from dkd_cache.cli import app
 from dkd_cache.errors import CheckpointError
-from dkd_cache.teacher import build_model, load_teacher, save_checkpoint
+from dkd_cache.teacher import build_model, load_teacher
 
 runner = CliRunner()
 
