@@ -17,7 +17,7 @@ from dkd_cache.data import expand_shards, iter_raw_samples
 from dkd_cache.dump import dump_teacher
 from dkd_cache.errors import CacheMismatchError, ConfigError
 from dkd_cache.loader import StreamSpec, batches, canonical_runs, make_loader, plan_epoch, skips_for
-from dkd_cache.teacher import read_checkpoint
+from dkd_cache.checkpoint import read_checkpoint
 from dkd_cache.train import TrainConfig, train_student, with_views
 from dkd_cache.verify import VerifySettings, verify
 from dkd_cache.views import Recipe, draw_view, image_size_of
