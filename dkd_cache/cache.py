@@ -419,13 +419,13 @@ def check_cache(cache: "Cache", *, deep: bool = False) -> list[Finding]:
         for name in names:
             for i in done:
                 e = m.manifest.shards[i]
-                try:
-                    values = cache.read_rows(name, e.row_start, e.row_stop, view=None)
-                except CacheError as err:
-                    damaged.append(str(err))
-                    continue
-                for v in range(values.shape[0]):
-                    bad = unfilled_rows(name, values[v]) & ok_rows[e.row_start:e.row_stop]
+                for v in range(m.views):
+                    try:
+                        values = cache.read_rows(name, e.row_start, e.row_stop, view=v)
+                    except CacheError as err:
+                        damaged.append(str(err))
+                        continue
+                    bad = unfilled_rows(name, values) & ok_rows[e.row_start:e.row_stop]
                     if bad.any():
                         unfilled.append(f"{name} view {v}: {int(bad.sum())} rows of tar shard {e.name}")
         out.append(Finding(check=Check.CHUNKS_READABLE, ok=not damaged, detail="; ".join(damaged[:2])))

@@ -13,7 +13,7 @@ from .conftest import dump_settings
 
 def test_every_chunk_file_is_fsynced_before_its_done_record(shards, teacher_ckpt, tmp_path, monkeypatch):
     events: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -23,8 +23,13 @@ def test_every_chunk_file_is_fsynced_before_its_done_record(shards, teacher_ckpt
         events.append(("replace", str(dst)))
         return real_replace(src, dst, *a, **k)
 
+    def link(src, dst, *a, **k):  # done records are created with a create-only link
+        events.append(("replace", str(dst)))
+        return real_link(src, dst, *a, **k)
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
     out = tmp_path / "c.zarr"
     dump_teacher(dump_settings(shards, teacher_ckpt, out, views=1), progress=False)
     cache = cache_mod.open_cache(out)
