@@ -32,8 +32,9 @@ def live_steps(shards, teacher_ckpt, cache_path, tmp_path_factory):
 # Largest relative difference of the first step's DKD from the live teacher's exact DKD, per codec: float rounding
 # for fp32; the codec's rounding for fp16 and q8; the top-3 approximation of a 10-class teacher for topk (measured
 # values: benchmarks/results/codec_first_step.txt, from benchmarks/codec_first_step.py)
-FIRST_STEP_TOL = {"fp32": 1e-5, "fp16": 2e-3, "q8": 2e-2, "topk:3+q4": 0.15, "topk:3+q2": 0.2,
-                  "lowrank:4+top:4+sparse:2": 0.2}
+# (fp32 0, fp16 4.6e-5, q8 4.6e-4, topk:3+q4 5.0e-3, topk:3+q2 4.3e-3): tolerances are about 10x those.
+FIRST_STEP_TOL = {"fp32": 1e-5, "fp16": 5e-4, "q8": 5e-3, "topk:3+q4": 0.05, "topk:3+q2": 0.05,
+                  "lowrank:4+top:4+sparse:2": 0.2}  # lowrank: not measured by the benchmark
 
 
 @pytest.mark.parametrize("codec", ["topk:3+q2", "topk:3+q4", "q8", "fp16", "fp32", "lowrank:4+top:4+sparse:2"])
