@@ -15,6 +15,8 @@ of C and are padded to one, so two writers never touch the same chunk or Zarr sh
     logits/target   float32 (V, N)     exact teacher logit of the labelled class
     logits/lse      float32 (V, N, T)  exact logsumexp(z / T) for each configured temperature
     logits/<codec>  ...     (V, N, …)  the codec's arrays (see logit_codecs.py)
+    codec/<name>    ...                a learned codec's own arrays (lowrank: its basis), written once before the
+                                       metadata; their SHA-256 is in the codec's metadata and checked by Cache.codec
     _dkd/done/SSSSSS.json              one record per finished tar shard (skipped samples, counts);
                                        written after the shard's chunks, as one create-only object
 The store is a local folder or an s3:// prefix (store.py); the commit protocol is the same on both: whole

@@ -13,12 +13,15 @@ exact lse(z/T) per temperature are stored by the cache beside the codec's arrays
 | `q8`          | lo, scale () float32; codes (C,) uint8                                  | full       | scale/2 + 8 eps32 m |
 | `topk:K`      | topk_idx (K,) int16 (int32 if C > 32767); topk_val (K,) float16         | top-k      | fp16 bound on the K entries |
 | `topk:K+qB`   | as topk:K, plus tail_lo, tail_scale () float32; tail_codes (ceil((C-K)B/8),) uint8 | full | fp16 on the top K, scale/2 + 8 eps32 m on the rest |
+| `lowrank:R+top:M+sparse:K` | coef (R,) uint8; top_scale () float16, top_codes (ceil(M/2),) uint8; sparse_idx (K,) int16, sparse_scale () float16, sparse_codes (K,) uint8 | full | none a priori: the row's largest round-trip error |
 
 Quantisation (B bits, per row over the quantised values x): lo = min x, scale = (max x - lo) / (2^B - 1),
 code = round((x - lo) / scale) (nearest level), decoded value lo + code * scale. A row with max = min stores
 scale 0 and decodes exactly. m = max(abs(lo), abs(max x)); the 8 eps32 m term (eps32 = 2^-23) covers float32 rounding.
 The tail of `topk:K+qB` is the C-K classes outside the top-k in increasing class order; codes are packed
 little-endian, 8/B per byte (the first value in the lowest bits), each row padded with zero bits to a whole byte.
+`lowrank` is learned: `fit` on calibration logits gives it a basis (LowRankBasis, stored once per cache as
+`state_arrays`, its SHA-256 in the codec's record); see LowRankCodec.
 `decode` trusts the class count it is given (the cache's metadata): it checks every array's shape against it, but
 C and C+1 can share a packed row length. Top-k values are sorted descending. Logits must be finite, and within
 float16 range (|x| <= 65504) for codecs that store float16.
