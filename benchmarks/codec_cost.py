@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import decode_cost, imagenet_geometry_cache, time_calls  # noqa: E402
 
-CODECS = ("topk:10+q4", "q8", "lowrank:32+top:64+sparse:8", "lowrank:32+top:32+sparse:8")
+CODECS = ("topk:10+q4", "q8", "lowrank:32+top:32+sparse:8", "lowrank:32+top:64+sparse:8", "lowrank:64+top:128+sparse:32")
 
 
 def step_ms(batch: int, image_size: int, device: str, repeats: int) -> float:

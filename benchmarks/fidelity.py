@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codec specs")
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--plot", default=str(REPO / "benchmarks" / "frontier.png"), help="'' to skip the plot")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                   help="no study: table, default and plot from the rows of earlier --json outputs, together")
     a = p.parse_args(argv)
     if a.cache and not (a.shards and a.weights):
         p.error("--cache needs --shards and --weights (the teacher is run on the re-rendered views)")
@@ -329,16 +331,19 @@ def choose(rows: list[dict[str, Any]], source: str = "real", student: str = "tra
     return min(ok, key=lambda r: (r["disk_bytes_per_view"], r["codec"])) if ok else None
 
 
-def choose_everywhere(rows: list[dict[str, Any]], student: str = "trained", temperature: float = 1.0):
-    """The default's rule: the smallest codec (bytes on the first source) meeting the bar on every source."""
+def choose_everywhere(rows: list[dict[str, Any]], temperature: float = 1.0):
+    """The default's rule: the smallest codec (bytes on the first source) meeting the bar on every source, with the
+    trained student where a source has one (else its untrained student)."""
     sources = list(dict.fromkeys(r["source"] for r in rows))
+    student = {src: "trained" if any(r["source"] == src and r["student"] == "trained" for r in rows) else "untrained"
+               for src in sources}
     passing = None
     for src in sources:
-        ok = {(r["codec"], r["rule"]) for r in rows if r["source"] == src and r["student"] == student
+        ok = {(r["codec"], r["rule"]) for r in rows if r["source"] == src and r["student"] == student[src]
               and r["T"] == temperature and r["cos_median"] >= MEDIAN_COS and r["cos_p5"] >= P5_COS}
         passing = ok if passing is None else passing & ok
-    first = [r for r in rows if r["source"] == sources[0] and r["student"] == student and r["T"] == temperature
-             and (r["codec"], r["rule"]) in (passing or set())]
+    first = [r for r in rows if r["source"] == sources[0] and r["student"] == student[sources[0]]
+             and r["T"] == temperature and (r["codec"], r["rule"]) in (passing or set())]
     return (min(first, key=lambda r: (r["disk_bytes_per_view"], r["codec"])) if first else None), sources
 
 
@@ -398,25 +403,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     codecs = [c.strip() for c in a.codecs.split(",") if c.strip()]
     sources, rows = [], []
-    if not a.no_real:
-        sources.extend(real_sources(a.real_logits))
-    if a.cache:
-        sources.append(demo_source(a))
-    for src in sources:
+    if a.from_json:  # rows of earlier runs (e.g. the real logits and a demo cache, run apart): no recomputation
+        for path in a.from_json:
+            saved = json.loads(Path(path).read_text())
+            rows.extend(saved["rows"])
+            sources.extend({"about": about} for about in saved["sources"])
+    else:
+        if not a.no_real:
+            sources.extend(real_sources(a.real_logits))
+        if a.cache:
+            sources.append(demo_source(a))
+    for src in ([] if a.from_json else sources):
         print(f"source {src['name']}: {src['about']}; students {sorted(src['students'])}", flush=True)
         rows.extend(study(src, codecs, a.chunk_rows))
     print(table(rows))
-    best = choose(rows) if not a.no_real else None
+    best = choose(rows) if any(r["source"] == "real" for r in rows) else None
     if best:
         print(f"\nSmallest codec with median cosine >= {MEDIAN_COS} and p5 >= {P5_COS} at T=1 on the real logits "
               f"(trained student): {best['codec']}" + ("" if best["rule"] == "-" else f" ({best['rule']} rule)")
               + f" at {best['disk_bytes_per_view']:.1f} bytes/view on disk (median {best['cos_median']:.5f}, "
               f"p5 {best['cos_p5']:.5f}, loss error {best['rel_loss_error']:.1e})")
-    elif not a.no_real:
+    elif any(r["source"] == "real" for r in rows):
         print(f"\nNo codec reaches median cosine >= {MEDIAN_COS} and p5 >= {P5_COS} at T=1 on the real logits")
     default, names = choose_everywhere(rows) if rows else (None, [])
-    print(f"Default by the rule (smallest meeting median >= {MEDIAN_COS} and p5 >= {P5_COS} at T=1, trained "
-          f"student, on every source: {', '.join(names)}): " + (default["codec"] if default else "none"))
+    print(f"Default by the rule (smallest meeting median >= {MEDIAN_COS} and p5 >= {P5_COS} at T=1 on every "
+          f"source: {', '.join(names)}; the trained student where the source has one, else the untrained): "
+          + (default["codec"] if default else "none"))
     if a.plot:
         plot(rows, a.plot)
         print(f"frontier plot: {a.plot}")
