@@ -349,7 +349,7 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
             pixels = renderers.render_batch([it[3] for it in items], np.stack([it[5][0] for it in items]),
                                             np.array([it[5][1] for it in items]), meta.recipe, device)
         else:
-            pixels = torch.stack([it[3] for it in items]).to(device, non_blocking=True)
+            pixels = renderers.stack([it[3] for it in items], device.type == "cuda").to(device, non_blocking=True)
         x = normalize(pixels, meta.recipe)
         labels = torch.tensor([it[4] for it in items], device=device)
         stored = encode_entries(teacher_forward(model, x, policy), labels, storage)

@@ -134,6 +134,14 @@ def concat(parts: Sequence[Packed], pin_memory: bool = False) -> Packed:
     return Packed(flat, np.concatenate([p.shapes for p in parts]).reshape(-1, 2))
 
 
+def stack(images: Sequence[torch.Tensor], pin_memory: bool = False) -> torch.Tensor:
+    """torch.stack of same-shaped uint8 images into fresh (pinned) memory with numpy's memcpy: a torch copy in
+    the main process wakes the intra-op thread pool, which stalls while DataLoader workers hold the cores."""
+    out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=pin_memory)
+    _copy_into(out.view(-1), [i.reshape(-1) for i in images])
+    return out
+
+
 def _copy_into(dst: torch.Tensor, parts: Sequence[torch.Tensor]) -> None:
     out, at = dst.numpy(), 0
     for p in parts:

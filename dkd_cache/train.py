@@ -363,7 +363,8 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
 
     # Step losses stay on the device; every `log_every` steps (and before a checkpoint or the epoch's end) they
     # are read in one host sync, checked, and appended to metrics.jsonl in one write.
-    window: list[tuple[int, int, float, torch.Tensor]] = []  # (epoch, step, lr, stacked [loss, ce, dkd])
+    # (epoch, step, lr, stacked [loss, ce, dkd], host seconds since the run started when the step was issued)
+    window: list[tuple[int, int, float, torch.Tensor, float]] = []
 
     def flush_steps(bar=None) -> None:
         nonlocal last_metrics
@@ -371,9 +372,9 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
             return
         values = torch.stack([w[3] for w in window]).tolist()
         records = []
-        for (ep, step, lr, _), (loss_v, ce_v, kd_v) in zip(window, values):  # finite: train_step checked them
+        for (ep, step, lr, _, t), (loss_v, ce_v, kd_v) in zip(window, values):  # finite: train_step checked them
             records.append({"event": "step", "epoch": ep, "step": step, "loss": loss_v, "ce": ce_v, "dkd": kd_v,
-                            "lr": lr})
+                            "lr": lr, "t": round(t, 4)})
         window.clear()
         last_metrics = records[-1]
         log(*records)
@@ -468,7 +469,8 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
                 consumed += labels.shape[0]
                 seen += labels.shape[0]
                 window.append((view_epoch, global_step, optimizer.param_groups[0]["lr"],
-                               torch.stack([loss.detach(), ce.detach(), kd.detach()]).float()))
+                               torch.stack([loss.detach(), ce.detach(), kd.detach()]).float(),
+                               time.perf_counter() - t_start))
                 bar.advance(labels.shape[0])
                 if global_step % cfg.log_every == 0:
                     flush_steps(bar)
