@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import resource
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +30,7 @@ from .train import TrainConfig, train_student
 from .views import Recipe
 
 DEMO_KEYS = {"classes": 40, "train_per_class": 15, "extra_per_class": 135, "val_per_class": 25,
-             "shard_size": 500, "min_side": 36, "max_side": 56, "clutter": 2, "textures": 7, "data_seed": 0, "seed": 0,
+             "shard_size": 500, "min_side": 36, "max_side": 56, "clutter": 2, "textures": 7, "shapes": 10, "data_seed": 0, "seed": 0,
              "teacher_arch": "resnet18", "teacher_epochs": 8, "teacher_lr": 0.1, "teacher_batch_size": 128}
 MODES = (("student-ce", "CE only"), ("student-dkd-cache", "DKD from cache"), ("student-dkd-live", "DKD live teacher"))
 
@@ -73,10 +74,17 @@ def load_setup(workdir: str | Path, config: str | Path) -> DemoSetup:
 def _timed(rows: list[dict[str, Any]], echo: Callable[[str], Any], name: str, fn: Callable[[], dict | None],
            **info) -> dict:
     echo(f"== {name}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     out = fn() or {}
-    rows.append({"stage": name, "seconds": time.perf_counter() - t0, **info, **out})
+    rows.append({"stage": name, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0, **info, **out})
     return out
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DataLoader workers): what the stage cost the machine,
+    whatever else was running on it."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def prepare(setup: DemoSetup, *, echo: Callable[[str], Any] = print, progress: bool = True,
@@ -89,7 +97,7 @@ def prepare(setup: DemoSetup, *, echo: Callable[[str], Any] = print, progress: b
             make_shards(shards, classes=d["classes"], train_per_class=d["train_per_class"],
                         val_per_class=d["val_per_class"], extra_per_class=d["extra_per_class"],
                         shard_size=d["shard_size"], min_side=d["min_side"], max_side=d["max_side"],
-                        clutter=d["clutter"], textures=d["textures"], seed=d["data_seed"]))})
+                        clutter=d["clutter"], textures=d["textures"], shapes=d["shapes"], seed=d["data_seed"]))})
     if stop_after == "make-shards":
         return rows
     teacher_shards = (str(shards / "train.txt"),) + ((str(shards / "extra.txt"),) if d["extra_per_class"] else ())
@@ -185,13 +193,19 @@ def default_recipe(name: str = "demo.toml") -> Path:
         return Path(__file__).resolve().parents[1] / "pipelines" / name
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_demo(workdir: str | Path, config: str | Path | None = None, *, echo=print, progress: bool = True,
              stop_after: str | None = None) -> dict[str, Any]:
     """The demo with `config` (default: the shipped pipelines/demo.toml); stop_after "make-shards" stops once the
     shards exist (what CI runs from an installed wheel)."""
     if stop_after is not None and stop_after not in STOP_POINTS:
         raise ConfigError(f"stop_after must be one of {STOP_POINTS}, got {stop_after!r}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     setup = load_setup(workdir, config or default_recipe())
     rows = prepare(setup, echo=echo, progress=progress, stop_after=stop_after)
     if stop_after is not None:
@@ -213,7 +227,8 @@ def run_demo(workdir: str | Path, config: str | Path | None = None, *, echo=prin
                     title=f"demo students, seed {seed}: {setup.file['train'].get('arch', 'resnet18')} "
                           f"taught by {setup.demo['teacher_arch']}")
     summary = {"stages": rows, "cache_bytes": size, "teacher_val_top1": teacher_top1, "seed": seed,
-               "demo": setup.demo, "wall_seconds": time.perf_counter() - t0, "curves": str(png),
+               "demo": setup.demo, "wall_seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0,
+               "torch_threads": torch_threads(), "curves": str(png),
                "verify": report.get("verdict")}
     table = render_table(summary)
     echo(table)
@@ -228,14 +243,17 @@ def render_table(summary: dict[str, Any]) -> str:
     rows = summary["stages"]
     top1 = {r.get("mode"): r.get("val_top1") for r in rows if r.get("mode")}
     student_arch = next((r.get("arch") for r in rows if r.get("arch")), "student")
-    lines = [f"{'stage':<30}{'seconds':>9}{'img/s':>9}{'val top-1':>11}", "-" * 59]
+    lines = [f"{'stage':<30}{'seconds':>9}{'cpu s':>8}{'img/s':>9}{'val top-1':>11}", "-" * 67]
     for r in rows:
-        secs, ips, acc = r.get("seconds"), r.get("images_per_s"), r.get("val_top1")
+        secs, ips, acc, cpu = r.get("seconds"), r.get("images_per_s"), r.get("val_top1"), r.get("cpu_seconds")
         lines.append(f"{r['stage']:<30}{(f'{secs:.1f}' if secs is not None else 'kept'):>9}"
+                     f"{(f'{cpu:.0f}' if cpu is not None else '-'):>8}"
                      f"{(f'{ips:.0f}' if ips else '-'):>9}{(f'{100 * acc:.1f}%' if acc is not None else '-'):>11}"
                      + (f"   {r['verdict']}" if "verdict" in r else ""))
     lines.append(f"cache on disk: {summary['cache_bytes'] / 2**20:.2f} MiB; wall time "
-                 f"{int(summary['wall_seconds'] // 60)}m{summary['wall_seconds'] % 60:02.0f}s")
+                 f"{int(summary['wall_seconds'] // 60)}m{summary['wall_seconds'] % 60:02.0f}s, CPU time "
+                 f"{int(summary['cpu_seconds'] // 60)}m{summary['cpu_seconds'] % 60:02.0f}s (all processes, {torch_threads()} "
+                 "torch thread(s))")
     ce, cached, live = top1.get("CE only"), top1.get("DKD from cache"), top1.get("DKD live teacher")
     chance = 1.0 / d["classes"]
     lines += ["", "what the numbers mean (validation top-1 on "

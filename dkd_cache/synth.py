@@ -88,15 +88,17 @@ _UNIT_SHAPES: dict[str, list[tuple[list[tuple[float, float]], int]]] = {
 }
 
 
-def class_specs(classes: int, seed: int = 0, textures: int = len(TEXTURES)) -> list[ClassSpec]:
+def class_specs(classes: int, seed: int = 0, textures: int = len(TEXTURES), shapes: int = len(SHAPES)
+                ) -> list[ClassSpec]:
     """Distinct (shape, texture, hue) combinations for `classes` classes, drawn by a seeded permutation.
 
-    Only the first `textures` entries of TEXTURES are used (1: plain objects, classes differ by shape and hue).
-    The hue grid has at least 8 steps and grows so that the grid always holds enough combinations.
+    Only the first `shapes` entries of SHAPES and the first `textures` of TEXTURES are used (textures=1: plain
+    objects, classes differ by shape and hue). The hue grid has at least 8 steps and grows so that the grid
+    always holds enough combinations.
     """
     n_tex = textures
-    n_hue = max(8, math.ceil(classes / (len(SHAPES) * n_tex)))
-    grid = len(SHAPES) * n_tex * n_hue
+    n_hue = max(8, math.ceil(classes / (shapes * n_tex)))
+    grid = shapes * n_tex * n_hue
     rng = np.random.default_rng(np.random.SeedSequence([seed, _CLASSDEF_TAG]))
     picks = rng.permutation(grid)[:classes]
     specs = []
@@ -249,10 +251,10 @@ def _write_shard_tar(path: Path, samples: list[dict]) -> None:
 
 
 def _check_args(classes, train_per_class, val_per_class, shard_size, seed, min_side, max_side, writer,
-                extra_per_class=0, clutter=5, textures=len(TEXTURES)) -> None:
+                extra_per_class=0, clutter=5, textures=len(TEXTURES), shapes=len(SHAPES)) -> None:
     ints = dict(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
                 shard_size=shard_size, seed=seed, min_side=min_side, max_side=max_side,
-                extra_per_class=extra_per_class, clutter=clutter, textures=textures)
+                extra_per_class=extra_per_class, clutter=clutter, textures=textures, shapes=shapes)
     for name, v in ints.items():
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ConfigError(f"{name} must be an integer, got {v!r}")
@@ -261,8 +263,9 @@ def _check_args(classes, train_per_class, val_per_class, shard_size, seed, min_s
             raise ConfigError(f"{name} must be positive, got {ints[name]}")
     if classes > MAX_CLASSES:
         raise ConfigError(f"classes must be at most {MAX_CLASSES} (keys hold 4 digits), got {classes}")
-    if not 1 <= textures <= len(TEXTURES):
-        raise ConfigError(f"textures must lie in 1..{len(TEXTURES)}, got {textures}")
+    if not 1 <= textures <= len(TEXTURES) or not 1 <= shapes <= len(SHAPES):
+        raise ConfigError(f"textures must lie in 1..{len(TEXTURES)} and shapes in 1..{len(SHAPES)}, "
+                          f"got {textures} and {shapes}")
     if extra_per_class < 0 or clutter < 0:
         raise ConfigError(f"extra_per_class and clutter must be >= 0, got {extra_per_class} and {clutter}")
     if max(train_per_class, val_per_class, extra_per_class) > MAX_PER_CLASS:
@@ -286,7 +289,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def make_shards(out: str | Path, *, classes: int = 100, train_per_class: int = 30, val_per_class: int = 10,
                 shard_size: int = 500, seed: int = 0, min_side: int = 48, max_side: int = 160,
                 writer: Literal["webdataset", "tar"] = "webdataset", extra_per_class: int = 0,
-                clutter: int = 5, textures: int = len(TEXTURES)) -> dict:
+                clutter: int = 5, textures: int = len(TEXTURES), shapes: int = len(SHAPES)) -> dict:
     """Write a synthetic dataset of `classes` classes as train and val tar shards under `out`.
 
     Samples of each split are in a seeded shuffled order across classes, `shard_size` per shard (the last
@@ -301,7 +304,7 @@ def make_shards(out: str | Path, *, classes: int = 100, train_per_class: int = 3
     Raises ConfigError for invalid arguments, or when `out/train` or `out/val` exists and is not empty.
     """
     _check_args(classes, train_per_class, val_per_class, shard_size, seed, min_side, max_side, writer,
-                extra_per_class, clutter, textures)
+                extra_per_class, clutter, textures, shapes)
     splits = {"train": train_per_class, "val": val_per_class, **({"extra": extra_per_class} if extra_per_class else {})}
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
@@ -310,7 +313,7 @@ def make_shards(out: str | Path, *, classes: int = 100, train_per_class: int = 3
         d = out / split
         if d.exists() and (not d.is_dir() or any(d.iterdir())):
             raise ConfigError(f"{d} already exists and is not empty: pick another output folder or delete it")
-    specs = class_specs(classes, seed, textures)
+    specs = class_specs(classes, seed, textures, shapes)
     write = _write_shard_webdataset if writer == "webdataset" else _write_shard_tar
     summary: dict = {"classes": classes}
     for split, per_class in splits.items():

@@ -112,7 +112,7 @@ def test_class_specs_distinct():
         dict(classes=0), dict(classes=10001), dict(classes=2.5), dict(train_per_class=0), dict(val_per_class=-1),
         dict(shard_size=0), dict(seed=-1), dict(min_side=100, max_side=50), dict(min_side=8),
         dict(max_side=5000), dict(writer="zip"), dict(classes=True), dict(extra_per_class=-1), dict(clutter=-1),
-        dict(textures=0), dict(textures=8),
+        dict(textures=0), dict(textures=8), dict(shapes=0), dict(shapes=11),
     ],
 )
 def test_bad_args(tmp_path, bad):
@@ -163,6 +163,8 @@ def test_plain_textures_give_classes_that_differ_by_shape_and_hue_only():
     assert {s.texture for s in specs} == {"plain"}
     assert len({(s.shape, s.hue) for s in specs}) == 40
     assert class_specs(40) == class_specs(40, textures=7)  # the default is every texture, as before
+    two = class_specs(20, textures=1, shapes=2)
+    assert {s.shape for s in two} == {"circle", "square"} and len({s.hue for s in two}) == 10
 
 
 def test_clutter_zero_draws_no_distractors(tmp_path):
