@@ -15,8 +15,8 @@ Reports, from the final validation top-1 of every run:
                    threads (another summation order in the CPU kernels, what another machine changes: by how much?)
 Writes OUT.json (every number), OUT.txt (the table) and OUT.png (curves: each seed thin, the mean bold).
 
-Reproduce (the committed result; about 30 minutes on 2 idle CPU cores):
-    OMP_NUM_THREADS=1 python benchmarks/parity.py --workdir /tmp/dkd-parity --seeds 5 --repeat \\
+Reproduce (the committed result):
+    OMP_NUM_THREADS=1 python benchmarks/parity.py --workdir /tmp/dkd-parity --seeds 5 --repeat --jobs 2 \\
         --out benchmarks/results/parity
 """
 
@@ -29,6 +29,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,30 +110,43 @@ def epoch_curve(run_dir: str | Path) -> list[float]:
     return [out[e] for e in sorted(out)]
 
 
-def repeat_first_seed(setup: DemoSetup, seed: int, scratch: Path, threads: int) -> dict[str, Any]:
-    """The seed's DKD-from-cache student again: as it was, and with `threads` torch threads."""
-    ref = setup.work / "runs" / f"seed-{seed}" / "student-dkd-cache"
-    ref_model = torch.load(ref / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+def repeat_first_seed(setup: DemoSetup, seed: int, scratch: Path, threads: int,
+                      only: str | None = None) -> dict[str, Any]:
+    """The seed's DKD-from-cache student again: as it was ("same"), and with `threads` torch threads ("threads").
+
+    A rerun already finished in `scratch` with the same thread count is kept (as the seeds' runs are)."""
     base_threads = torch.get_num_threads()
-    results = {}
     for name, n in (("same", base_threads), ("threads", threads)):
+        if only not in (None, name):
+            continue
         out = scratch / f"repeat-{name}"
+        marker = out / "threads.json"
+        if marker.exists() and json.loads(marker.read_text()) == {"threads": n} and (out / "checkpoint.pt").exists() \
+                and len(epoch_curve(out)) == setup.file["train"].get("epochs", 0):
+            continue
         shutil.rmtree(out, ignore_errors=True)
         cfg = merge(TrainConfig, setup.file["train"], {}, where="repeat", fixed={
             "shards": str(setup.shards / "train.txt"), "val_shards": str(setup.shards / "val.txt"), "out": str(out),
             "cache": str(setup.cache_path), "seed": seed, "loss": "dkd"})
         torch.set_num_threads(n)
-        t0 = time.perf_counter()
         try:
             train_student(cfg, progress=False)
         finally:
             torch.set_num_threads(base_threads)
+        marker.write_text(json.dumps({"threads": n}))
+    if only is not None:
+        return {}
+    ref = setup.work / "runs" / f"seed-{seed}" / "student-dkd-cache"
+    ref_model = torch.load(ref / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    results = {}
+    for name in ("same", "threads"):
+        out = scratch / f"repeat-{name}"
         model = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
         max_diff = max(float((model[k].double() - ref_model[k].double()).abs().max()) for k in ref_model
                        if ref_model[k].is_floating_point())
         curve, ref_curve = epoch_curve(out), epoch_curve(ref)
-        results[name] = {"threads": n, "seconds": time.perf_counter() - t0, "val_top1_curve": curve,
-                         "reference_curve": ref_curve, "identical_curve": curve == ref_curve,
+        results[name] = {"threads": json.loads((out / "threads.json").read_text())["threads"],
+                         "val_top1_curve": curve, "reference_curve": ref_curve, "identical_curve": curve == ref_curve,
                          "max_abs_weight_diff": max_diff, "final_top1_diff": curve[-1] - ref_curve[-1]}
     return results
 
@@ -168,8 +182,9 @@ def render(report: dict[str, Any]) -> str:
                   f"{100 * rt['final_top1_diff']:+.2f} pts, max |weight diff| {rt['max_abs_weight_diff']:.3g}"]
     t = report["timing"]
     lines += ["", f"wall time {t['total_seconds'] / 60:.1f} min ({t['prepare_seconds'] / 60:.1f} min shards/teacher/dump"
-              f"{' (reused)' if t['prepare_reused'] else ''}, {t['students_seconds'] / 60:.1f} min students) on "
-              f"{report['machine']}"]
+              f"{' (reused)' if t['prepare_reused'] else ''}, {t['students_seconds'] / 60:.1f} min students in "
+              f"{t['jobs']} process(es){', repeat included' if report.get('repeat') else ''}; {t['runs_kept']} "
+              f"student runs found finished and kept) on {report['machine']}"]
     return "\n".join(lines)
 
 
@@ -181,6 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeat", action="store_true", help="rerun the first seed's cached student (determinism)")
     ap.add_argument("--repeat-threads", type=int, default=0,
                     help="threads for the second rerun (default: 2 if torch uses 1, else 1)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="train the seeds after the first in this many processes at once (each seed's runs are the "
+                         "same whichever process trains them)")
+    ap.add_argument("--train-seeds", default="", help=argparse.SUPPRESS)  # internal: a --jobs worker's seeds
+    ap.add_argument("--train-repeat", default="", help=argparse.SUPPRESS)  # internal: one rerun, "same" | "threads"
     ap.add_argument("--machine", default="", help="what ran it, for the report (e.g. 'shared 2-core VM')")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "parity"), help="OUT.json/.txt/.png")
     args = ap.parse_args(argv)
@@ -188,11 +208,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--seeds must be at least 2 (a spread needs two)")
     t0 = time.perf_counter()
     setup = load_setup(args.workdir, args.config)
+    if args.train_seeds:  # a --jobs worker: train these seeds' students, nothing else
+        for s in (int(x) for x in args.train_seeds.split(",")):
+            train_modes(setup, s, setup.work / "runs" / f"seed-{s}", progress=False)
+        return {}
+    if args.train_repeat:
+        repeat_first_seed(setup, 0, setup.work / "repeat", args.repeat_threads or
+                          (2 if torch.get_num_threads() == 1 else 1), only=args.train_repeat)
+        return {}
     prep_rows = prepare(setup, progress=False)
     t_prep = time.perf_counter() - t0
     seeds = list(range(args.seeds))
     top1: dict[str, dict[str, float]] = {}
     runs, rows = [], list(prep_rows)
+    repeat = None
+    if args.jobs > 1:
+        train_modes(setup, seeds[0], setup.work / "runs" / f"seed-{seeds[0]}", progress=False)
+        groups = [seeds[1:][j::args.jobs] for j in range(args.jobs)]
+        procs = [subprocess.Popen([sys.executable, __file__, "--workdir", args.workdir, "--config", args.config,
+                                   "--train-seeds", ",".join(map(str, g))]) for g in groups if g]
+        if args.repeat:  # the main process reruns the first seed meanwhile
+            repeat = repeat_first_seed(setup, seeds[0], setup.work / "repeat",
+                                       args.repeat_threads or (2 if torch.get_num_threads() == 1 else 1))
+        failed = [p.args for p in procs if p.wait() != 0]
+        if failed:
+            raise SystemExit(f"a --jobs worker failed: {failed}")
     for s in seeds:
         seed_rows = train_modes(setup, s, setup.work / "runs" / f"seed-{s}", progress=False)
         rows += seed_rows
@@ -222,9 +262,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.repeat:
         threads = args.repeat_threads or (2 if torch.get_num_threads() == 1 else 1)
-        report["repeat"] = repeat_first_seed(setup, seeds[0], setup.work / "repeat", threads)
+        report["repeat"] = repeat or repeat_first_seed(setup, seeds[0], setup.work / "repeat", threads)
     report["timing"] = {"total_seconds": time.perf_counter() - t0, "prepare_seconds": t_prep,
-                        "prepare_reused": not prep_rows, "students_seconds": t_students}
+                        "prepare_reused": not prep_rows, "students_seconds": t_students, "jobs": args.jobs,
+                        "runs_kept": sum(r.get("seconds") is None for r in rows if r.get("mode"))}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render(report)

@@ -50,7 +50,7 @@ def read_run(run_dir: str | Path) -> RunCurves:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{cfg_path}: not valid JSON ({e}); the run directory is damaged") from e
-    steps: dict[int, list[tuple[float, float]]] = {}
+    steps: dict[int, tuple[int, float, float]] = {}  # global step -> (epoch, loss, ce); a resumed run logs again
     val: dict[int, float | None] = {}
     for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
         if not line.strip():
@@ -61,12 +61,16 @@ def read_run(run_dir: str | Path) -> RunCurves:
             raise ConfigError(f"{metrics_path} line {n}: not valid JSON ({e}); a run killed mid-write leaves a "
                               "partial last line: delete that line") from e
         if rec.get("event") == "step":
-            steps.setdefault(int(rec["epoch"]), []).append((float(rec["loss"]), float(rec["ce"])))
+            steps[int(rec["step"])] = (int(rec["epoch"]), float(rec["loss"]), float(rec["ce"]))
         elif rec.get("event") == "epoch":
             val[int(rec["epoch"])] = rec.get("val_top1")  # a resumed epoch logs again: the last record wins
     epochs = sorted(val)
     if not epochs:
         raise ConfigError(f"{metrics_path} holds no finished epoch yet; plot a run after its first epoch")
+
+    by_epoch: dict[int, list[tuple[float, float]]] = {}
+    for epoch, loss, ce in steps.values():
+        by_epoch.setdefault(epoch, []).append((loss, ce))
 
     def mean(xs: list[float]) -> float | None:
         return sum(xs) / len(xs) if xs else None
@@ -74,8 +78,8 @@ def read_run(run_dir: str | Path) -> RunCurves:
     return RunCurves(
         run_dir=str(run), label=f"{config.get('arch', '?')} {run_mode(config)}", seed=int(config.get("seed", 0)),
         epochs=tuple(e + 1 for e in epochs), val_top1=tuple(val[e] for e in epochs),
-        train_loss=tuple(mean([s[0] for s in steps.get(e, [])]) for e in epochs),
-        train_ce=tuple(mean([s[1] for s in steps.get(e, [])]) for e in epochs))
+        train_loss=tuple(mean([s[0] for s in by_epoch.get(e, [])]) for e in epochs),
+        train_ce=tuple(mean([s[1] for s in by_epoch.get(e, [])]) for e in epochs))
 
 
 def group_runs(runs: list[RunCurves]) -> dict[str, list[RunCurves]]:

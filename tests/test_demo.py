@@ -118,6 +118,20 @@ def test_read_run_gives_per_epoch_top1_and_mean_step_losses(demo_run):
     assert labels == {MODE_CE, MODE_CACHE, MODE_LIVE}
 
 
+def test_a_resumed_run_counts_each_step_once(demo_run, tmp_path):
+    work, _ = demo_run
+    run = tmp_path / "resumed"
+    src = work / "runs" / "seed-0" / "student-ce"
+    (run).mkdir()
+    (run / "config.json").write_text((src / "config.json").read_text())
+    lines = (src / "metrics.jsonl").read_text().splitlines()
+    replayed = [l for l in lines if '"event": "step"' in l and json.loads(l)["epoch"] == 1][:2]
+    # killed after two steps of epoch 1, resumed from the epoch-0 checkpoint: those two steps are logged twice
+    cut = lines.index(replayed[-1]) + 1
+    (run / "metrics.jsonl").write_text("\n".join(lines[:cut] + lines[lines.index(replayed[0]):]) + "\n")
+    assert read_run(run).train_loss == read_run(src).train_loss
+
+
 def test_plot_command_writes_a_png_and_refuses_what_is_not_a_run(demo_run, tmp_path):
     work, _ = demo_run
     runs = [str(work / "runs" / "seed-0" / n) for n in ("student-ce", "student-dkd-cache", "student-dkd-live")]
@@ -132,7 +146,7 @@ def test_plot_command_writes_a_png_and_refuses_what_is_not_a_run(demo_run, tmp_p
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
-    (broken / "metrics.jsonl").write_text('{"event": "step", "epoch": 0, "loss": 1.0, "ce": 1.0}\n{"event": ')
+    (broken / "metrics.jsonl").write_text('{"event": "step", "epoch": 0, "step": 1, "loss": 1.0, "ce": 1.0}\n{"event": ')
     with pytest.raises(DKDCacheError, match="line 2"):
         read_run(broken)
 
