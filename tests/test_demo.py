@@ -171,3 +171,28 @@ def test_parity_interval_is_the_t_interval_and_the_verdict_follows_it():
     shifted = parity.summary([0.03, 0.04, 0.035, 0.05, 0.03])
     v = parity.verdict(shifted, parity.summary([0.0, 0.01, -0.01, 0.0, 0.02]), {"CE only": 0.01})
     assert v[0].startswith("the cache differs") and v[1].startswith("distillation is not shown")
+
+
+def test_parity_table_shows_every_seed_the_intervals_and_the_determinism_check():
+    parity = _parity()
+    modes = ["CE only", "DKD from cache", "DKD live teacher"]
+    top1 = {str(s): {"CE only": 0.20 + 0.01 * s, "DKD from cache": 0.30 + 0.01 * s, "DKD live teacher": 0.31}
+            for s in range(3)}
+    per_mode = {m: parity.summary([top1[str(s)][m] for s in range(3)]) for m in modes}
+    paired = {"cache_minus_live": parity.summary([top1[str(s)]["DKD from cache"] - 0.31 for s in range(3)]),
+              "cache_minus_ce": parity.summary([0.10, 0.10, 0.10])}
+    report = {"seeds": [0, 1, 2], "top1": top1, "per_mode": per_mode, "paired": paired,
+              "teacher": {"arch": "resnet18", "val_top1": 0.55}, "student_arch": "resnet18", "val_images": 600,
+              "classes": 20, "verdict": ["v1", "v2"], "machine": "m",
+              "repeat": {"same": {"threads": 1, "identical_curve": True, "max_abs_weight_diff": 0.0,
+                                  "final_top1_diff": 0.0},
+                         "threads": {"threads": 2, "identical_curve": False, "max_abs_weight_diff": 0.01,
+                                     "final_top1_diff": -0.005}},
+              "timing": {"total_seconds": 600, "prepare_seconds": 0, "prepare_reused": True, "students_seconds": 600,
+                         "jobs": 2, "runs_kept": 9}}
+    text = parity.render(report)
+    rows = text.splitlines()
+    assert rows[1].startswith("0 ") and rows[3].startswith("2 ")
+    assert "30.00%" in rows[1] and "-1.00" in rows[1] and "+10.00" in rows[1]
+    assert rows[5].startswith("mean") and rows[6].startswith("std") and rows[7].startswith("95% CI")
+    assert "identical per-epoch top-1: True" in text and "2 threads instead" in text and "-0.50 pts" in text
