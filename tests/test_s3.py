@@ -29,9 +29,9 @@ from typer.testing import CliRunner
 from dkd_cache import cache as cache_mod
 from dkd_cache import store as store_mod
 from dkd_cache.cli import app
-from dkd_cache.data import expand_shards, iter_raw_samples, scan_shard
+from dkd_cache.data import expand_shards, iter_raw_samples, parse_sample, scan_shard
 from dkd_cache.dump import dump_teacher
-from dkd_cache.errors import CacheError, CacheLockedError, RemoteReadError, ShardError, ShardNotFoundError
+from dkd_cache.errors import BadSampleError, CacheError, CacheLockedError, RemoteReadError, ShardError, ShardNotFoundError
 from dkd_cache.verify import VerifySettings, verify
 
 from .conftest import dump_settings
@@ -138,10 +138,10 @@ def test_remote_shard_errors_name_the_object(shards, bucket, tmp_path):
     fs.pipe_file(f"{bucket}/cut.tar", tar[: len(tar) // 2 + 100])
     with pytest.raises(ShardError, match=rf"s3://{bucket}/cut.tar: tar is truncated or corrupt after sample 'k00"):
         list(iter_raw_samples(f"s3://{bucket}/cut.tar"))
-    # a duplicate key: the same BadSampleError as local
+    # a duplicate key: the same skippable BadSampleError as local, raised when the sample is parsed
     fs.pipe_file(f"{bucket}/dup.tar", write_tar(tmp_path / "dup.tar", members[:4] + members[:2]).read_bytes())
-    with pytest.raises(ShardError, match="duplicate key"):
-        list(iter_raw_samples(f"s3://{bucket}/dup.tar"))
+    with pytest.raises(BadSampleError, match="duplicate key"):
+        [parse_sample(raw) for raw in iter_raw_samples(f"s3://{bucket}/dup.tar")]
 
 
 def test_a_transient_outage_is_retried_and_a_lasting_one_is_named(shards, bucket, s3_server, monkeypatch):
