@@ -227,6 +227,7 @@ def run_demo(workdir: str | Path, config: str | Path | None = None, *, echo=prin
                     title=f"demo students, seed {seed}: {setup.file['train'].get('arch', 'resnet18')} "
                           f"taught by {setup.demo['teacher_arch']}")
     summary = {"stages": rows, "cache_bytes": size, "teacher_val_top1": teacher_top1, "seed": seed,
+               "student_arch": setup.file["train"].get("arch", TrainConfig.__dataclass_fields__["arch"].default),
                "demo": setup.demo, "wall_seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0,
                "torch_threads": torch_threads(), "curves": str(png),
                "verify": report.get("verdict")}
@@ -242,7 +243,7 @@ def render_table(summary: dict[str, Any]) -> str:
     d = summary["demo"]
     rows = summary["stages"]
     top1 = {r.get("mode"): r.get("val_top1") for r in rows if r.get("mode")}
-    student_arch = next((r.get("arch") for r in rows if r.get("arch")), "student")
+    student_arch = summary.get("student_arch") or next((r.get("arch") for r in rows if r.get("arch")), "?")
     lines = [f"{'stage':<30}{'seconds':>9}{'cpu s':>8}{'img/s':>9}{'val top-1':>11}", "-" * 67]
     for r in rows:
         secs, ips, acc, cpu = r.get("seconds"), r.get("images_per_s"), r.get("val_top1"), r.get("cpu_seconds")
@@ -260,7 +261,7 @@ def render_table(summary: dict[str, Any]) -> str:
               f"{d['classes'] * d['val_per_class']:,} held-out images, {d['classes']} classes, chance {100 * chance:.1f}%):",
               f"  teacher {d['teacher_arch']:<22}{_pct(summary['teacher_val_top1'])}  trained with CE on "
               f"{(d['train_per_class'] + d['extra_per_class'])} images/class for {d['teacher_epochs']} epochs",
-              f"  student {student_arch}, CE only    {_pct(ce)}  the same student without a teacher: "
+              f"  student {student_arch + ', CE only':<18}{_pct(ce)}  the same student without a teacher: "
               f"{d['train_per_class']} images/class",
               f"  student, DKD from cache   {_pct(cached)}  the teacher's logits read from {Path('teacher.zarr')}",
               f"  student, DKD live teacher {_pct(live)}  the teacher run on every step (what the cache replaces)"]
