@@ -374,7 +374,7 @@ def test_two_node_torchrun_dump_and_train_with_shards_and_cache_on_s3(shards, te
 
 def test_checkpoints_go_to_the_store_whole_and_a_fresh_machine_resumes_from_there(shards, cache_path, bucket,
                                                                                   tmp_path):
-    from dkd_cache.teacher import read_checkpoint
+    from dkd_cache.checkpoint import read_checkpoint
     from dkd_cache.train import TrainConfig, train_student
 
     url = f"s3://{bucket}/runs/r18"
