@@ -94,7 +94,8 @@ class DiskLocation:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def put(self, key: str, data: bytes) -> None:
+    def _staged(self, key: str, data: bytes) -> tuple[Path, Path]:
+        """Write `data` durably to a private file beside `key`'s target; return (target, staged file)."""
         target = self.path / key
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
@@ -102,16 +103,14 @@ class DiskLocation:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        return target, tmp
+
+    def put(self, key: str, data: bytes) -> None:
+        target, tmp = self._staged(key, data)
         os.replace(tmp, target)
 
     def create(self, key: str, data: bytes) -> bool:
-        target = self.path / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        target, tmp = self._staged(key, data)
         try:
             os.link(tmp, target)  # atomic and create-only: fails when the target exists
             return True
