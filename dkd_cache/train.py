@@ -316,6 +316,14 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
             raise ConfigError("without a cache, give num_classes (in the config or --num-classes)")
 
     renderers.check_recipe(renderer, recipe)
+    if cfg.loss == "dkd" and cfg.live_teacher:
+        # The live teacher sees the batch the student sees; at another size its logits would not be the teacher's
+        # signal for the recorded views (the cache's logits always are: rendered at the recipe's size).
+        sizes_used = {student_size(cfg, recipe, e) for e in range(cfg.epochs)}
+        if sizes_used != {recipe.image_size}:
+            raise ConfigError(f"--live-teacher renders one batch for teacher and student, so the student's image "
+                              f"size must be the recipe's ({recipe.image_size} px), got {sorted(sizes_used)}: "
+                              f"drop --image-size/--image-size-schedule, or train from the cache (--cache) instead")
 
     # ---- models: the teacher exists only in live mode
     torch.manual_seed(cfg.seed)  # the student's initial weights: same seed, same start, on every rank

@@ -243,6 +243,15 @@ def test_the_student_trains_at_its_own_size_and_schedule(shards, cache_path, tmp
         _cfg(shards, tmp_path / "y", image_size_schedule="5:160")
 
 
+def test_a_live_teacher_at_another_student_size_is_refused(shards, teacher_ckpt, cache_path, tmp_path):
+    # The live teacher would see the student-size batch, not the recorded view at the recipe's size.
+    for kw in ({"image_size": 24}, {"image_size_schedule": "0:32,1:24"}):
+        with pytest.raises(ConfigError, match="student's image size must be the recipe's"):
+            train_student(_cfg(shards, tmp_path / "live", cache=str(cache_path), live_teacher=str(teacher_ckpt),
+                               **kw), progress=False)
+    assert not (tmp_path / "live" / "metrics.jsonl").exists()
+
+
 def test_cli_names_the_renderer_and_refuses_another_without_the_flag(shards, cache_path, tmp_path):
     from typer.testing import CliRunner
 
