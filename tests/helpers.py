@@ -13,6 +13,8 @@ import torch
 import zarr
 from PIL import Image
 
+from dkd_cache.store import location
+
 
 def jpeg(seed: int = 0, size=(40, 50)) -> bytes:
     arr = (np.random.default_rng(seed).random((*size, 3)) * 255).astype(np.uint8)
@@ -39,9 +41,9 @@ def sample_members(key: str, label, seed: int = 0, image: bytes | None = None) -
     return out
 
 
-def assert_caches_equal(a: Path, b: Path) -> None:
-    """Every array of two caches equal, value for value (NaN == NaN), and the same metadata bar timestamps."""
-    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+def assert_caches_equal(a: str | Path, b: str | Path) -> None:
+    """Every array of two caches (local folders or s3:// urls) equal, value for value (NaN == NaN), same metadata."""
+    ga, gb = (zarr.open_group(location(str(x)).zarr_store(read_only=True), mode="r") for x in (a, b))
     names = sorted(f"{g}/{k}" for g in ("samples", "views", "logits") for k, _ in ga[g].members())
     assert names == sorted(f"{g}/{k}" for g in ("samples", "views", "logits") for k, _ in gb[g].members())
     for name in names:

@@ -35,7 +35,7 @@ from dkd_cache.errors import BadSampleError, CacheError, CacheLockedError, Remot
 from dkd_cache.verify import VerifySettings, verify
 
 from .conftest import dump_settings
-from .helpers import sample_members, write_tar
+from .helpers import assert_caches_equal, sample_members, write_tar
 
 
 def free_port() -> int:
@@ -185,7 +185,7 @@ def test_dump_to_s3_equals_the_local_cache_and_other_readers_read_it(shards, tea
     assert report.complete
     cache = cache_mod.open_cache(out)
     assert cache.meta.state == "complete" and cache.pending_shards() == []
-    assert_same_arrays(cache_path, out)
+    assert_caches_equal(cache_path, out)
     fs = store_mod.object_fs()
     assert not fs.exists(f"{bucket}/caches/c.zarr/_dkd/lease.json"), "the lease is released at the end"
     assert not fs.exists(f"{bucket}/caches/c.zarr/{store_mod.CREATING}")
@@ -211,18 +211,6 @@ def test_dump_to_s3_equals_the_local_cache_and_other_readers_read_it(shards, tea
             got = ts.open(spec).result().read().result()
             want = local[f"{group}/{name}"][...]
             assert np.array_equal(got, want, equal_nan=want.dtype.kind == "f"), f"{group}/{name}"
-
-
-def assert_same_arrays(local: Path, remote: str) -> None:
-    ga = zarr.open_group(str(local), mode="r")
-    gb = zarr.open_group(store_mod.location(remote).zarr_store(read_only=True), mode="r")
-    names = sorted(f"{g}/{k}" for g in ("samples", "views", "logits") for k, _ in ga[g].members())
-    assert names == sorted(f"{g}/{k}" for g in ("samples", "views", "logits") for k, _ in gb[g].members())
-    for name in names:
-        x, y = ga[name][...], gb[name][...]
-        assert x.dtype == y.dtype and x.shape == y.shape, name
-        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f"{name} differs"
-    assert dict(ga.attrs["dkd_cache"]) == dict(gb.attrs["dkd_cache"])
 
 
 def test_a_live_lease_refuses_a_second_dump_and_a_stale_one_is_taken_over(shards, teacher_ckpt, bucket):
@@ -319,7 +307,7 @@ def test_dump_killed_on_s3_then_rerun_equals_uninterrupted(shards, teacher_ckpt,
     manifest = cache_mod.open_cache(out).meta.manifest
     assert report.complete
     assert report.views_written == 2 * (manifest.samples - sum(manifest.shards[int(d[:6])].samples for d in done))
-    assert_same_arrays(cache_path, out)
+    assert_caches_equal(cache_path, out)
     assert not loc.exists(store_mod.LEASE) and not loc.exists(store_mod.CREATING)
 
 
@@ -355,7 +343,7 @@ def test_two_node_torchrun_dump_and_train_with_shards_and_cache_on_s3(shards, te
     runs = _two_nodes(dump_args)
     assert all(r.returncode == 0 for r in runs), "\n".join(r.stdout[-3000:] for r in runs)
     # four ranks, one whole shard each; the cache equals the one-process dump, array for array
-    assert_same_arrays(cache_path, out)
+    assert_caches_equal(cache_path, out)
     assert not store_mod.location(out).exists(store_mod.LEASE)
 
     run = tmp_path / "run"
