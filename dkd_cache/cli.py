@@ -90,6 +90,8 @@ def make_shards_cmd(
     clutter: Annotated[int, typer.Option(help="At most this many distractor shapes per image (0: none)")] = 5,
     textures: Annotated[int, typer.Option(help="Textures classes draw from, 1..7 (1: plain; shape and hue only)")] = 7,
     shapes: Annotated[int, typer.Option(help="Shapes classes draw from, 1..10")] = 10,
+    rotation: Annotated[float, typer.Option(
+        help="Largest rotation of the main object, degrees either way (180: any angle; 0: upright)")] = 180.0,
     shard_size: Annotated[int, typer.Option(help="Samples per shard")] = 500,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes byte-identical shards")] = 0,
     writer: Annotated[Writer, typer.Option(help="webdataset's ShardWriter or plain tar")] = Writer.webdataset,
@@ -99,7 +101,7 @@ def make_shards_cmd(
 
     summary = _run(make_shards, out, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
                    shard_size=shard_size, seed=seed, writer=writer.value, extra_per_class=extra_per_class,
-                   clutter=clutter, textures=textures, shapes=shapes)
+                   clutter=clutter, textures=textures, shapes=shapes, rotation=rotation)
     extra = f", {summary['extra_samples']} extra" if extra_per_class else ""
     typer.echo(f"wrote {summary['train_samples']} train{extra} and {summary['val_samples']} val samples, "
                f"{summary['classes']} classes, to {out}")

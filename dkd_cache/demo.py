@@ -30,7 +30,7 @@ from .train import TrainConfig, train_student
 from .views import Recipe
 
 DEMO_KEYS = {"classes": 40, "train_per_class": 15, "extra_per_class": 135, "val_per_class": 25,
-             "shard_size": 500, "min_side": 36, "max_side": 56, "clutter": 2, "textures": 7, "shapes": 10, "data_seed": 0, "seed": 0,
+             "shard_size": 500, "min_side": 36, "max_side": 56, "clutter": 2, "textures": 7, "shapes": 10, "rotation": 180.0, "data_seed": 0, "seed": 0,
              "teacher_arch": "resnet18", "teacher_epochs": 8, "teacher_lr": 0.1, "teacher_batch_size": 128}
 MODES = (("student-ce", "CE only"), ("student-dkd-cache", "DKD from cache"), ("student-dkd-live", "DKD live teacher"))
 
@@ -97,7 +97,8 @@ def prepare(setup: DemoSetup, *, echo: Callable[[str], Any] = print, progress: b
             make_shards(shards, classes=d["classes"], train_per_class=d["train_per_class"],
                         val_per_class=d["val_per_class"], extra_per_class=d["extra_per_class"],
                         shard_size=d["shard_size"], min_side=d["min_side"], max_side=d["max_side"],
-                        clutter=d["clutter"], textures=d["textures"], shapes=d["shapes"], seed=d["data_seed"]))})
+                        clutter=d["clutter"], textures=d["textures"], shapes=d["shapes"], rotation=d["rotation"],
+                        seed=d["data_seed"]))})
     if stop_after == "make-shards":
         return rows
     teacher_shards = (str(shards / "train.txt"),) + ((str(shards / "extra.txt"),) if d["extra_per_class"] else ())

@@ -148,8 +148,12 @@ def _texture(spec: ClassSpec, size: int, angle: float, c1, c2, rng: np.random.Ge
 
 
 def render_image(spec: ClassSpec, rng: np.random.Generator, min_side: int = 48, max_side: int = 160,
-                 clutter: int = 5) -> Image.Image:
-    """Draw one RGB image of class `spec` with every random choice taken from `rng`; 1..`clutter` distractors."""
+                 clutter: int = 5, rotation: float = 180.0) -> Image.Image:
+    """Draw one RGB image of class `spec` with every random choice taken from `rng`; 1..`clutter` distractors.
+
+    The main object is rotated by at most `rotation` degrees either way (180: any angle; 0: upright). The angle
+    is drawn the same way whatever `rotation` is, so the other random choices of an image do not depend on it.
+    """
     w, h = (int(x) for x in rng.integers(min_side, max_side + 1, size=2))
     short = min(w, h)
 
@@ -173,6 +177,8 @@ def render_image(spec: ClassSpec, rng: np.random.Generator, min_side: int = 48, 
     # Main object: class shape with class texture, in the class hue (jittered well inside its hue step).
     size = max(8, int(short * rng.uniform(0.4, 0.85)))
     angle = rng.uniform(0, 2 * math.pi)
+    if rotation < 180:  # the same draw, mapped onto [-rotation, +rotation] degrees
+        angle = (angle - math.pi) * (rotation / 180.0)
     hue = spec.hue + rng.uniform(-0.3, 0.3) * spec.hue_step
     c1 = _rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0))
     c2 = _rgb(hue, rng.uniform(0.2, 0.6), rng.uniform(0.1, 0.35)) if rng.random() < 0.5 else _rgb(
@@ -223,11 +229,11 @@ def sample_key(split: str, cls: int, j: int) -> str:
 
 
 def encode_sample(spec: ClassSpec, split: str, cls: int, j: int, *, seed: int, min_side: int, max_side: int,
-                  clutter: int = 5) -> dict:
+                  clutter: int = 5, rotation: float = 180.0) -> dict:
     """The members of one sample as bytes: {"__key__", "jpg", "cls", "json"}; deterministic in its arguments."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split], cls, j]))
     buf = io.BytesIO()
-    render_image(spec, rng, min_side, max_side, clutter).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    render_image(spec, rng, min_side, max_side, clutter, rotation).save(buf, format="JPEG", quality=JPEG_QUALITY)
     meta = json.dumps({"class": cls, "synset": f"s{cls:04d}"}).encode()
     return {"__key__": sample_key(split, cls, j), "jpg": buf.getvalue(), "cls": str(cls).encode(), "json": meta}
 
@@ -251,7 +257,7 @@ def _write_shard_tar(path: Path, samples: list[dict]) -> None:
 
 
 def _check_args(classes, train_per_class, val_per_class, shard_size, seed, min_side, max_side, writer,
-                extra_per_class=0, clutter=5, textures=len(TEXTURES), shapes=len(SHAPES)) -> None:
+                extra_per_class=0, clutter=5, textures=len(TEXTURES), shapes=len(SHAPES), rotation=180.0) -> None:
     ints = dict(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
                 shard_size=shard_size, seed=seed, min_side=min_side, max_side=max_side,
                 extra_per_class=extra_per_class, clutter=clutter, textures=textures, shapes=shapes)
@@ -266,6 +272,8 @@ def _check_args(classes, train_per_class, val_per_class, shard_size, seed, min_s
     if not 1 <= textures <= len(TEXTURES) or not 1 <= shapes <= len(SHAPES):
         raise ConfigError(f"textures must lie in 1..{len(TEXTURES)} and shapes in 1..{len(SHAPES)}, "
                           f"got {textures} and {shapes}")
+    if isinstance(rotation, bool) or not isinstance(rotation, (int, float)) or not 0 <= rotation <= 180:
+        raise ConfigError(f"rotation must be a number of degrees in 0..180, got {rotation!r}")
     if extra_per_class < 0 or clutter < 0:
         raise ConfigError(f"extra_per_class and clutter must be >= 0, got {extra_per_class} and {clutter}")
     if max(train_per_class, val_per_class, extra_per_class) > MAX_PER_CLASS:
@@ -289,7 +297,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def make_shards(out: str | Path, *, classes: int = 100, train_per_class: int = 30, val_per_class: int = 10,
                 shard_size: int = 500, seed: int = 0, min_side: int = 48, max_side: int = 160,
                 writer: Literal["webdataset", "tar"] = "webdataset", extra_per_class: int = 0,
-                clutter: int = 5, textures: int = len(TEXTURES), shapes: int = len(SHAPES)) -> dict:
+                clutter: int = 5, textures: int = len(TEXTURES), shapes: int = len(SHAPES),
+                rotation: float = 180.0) -> dict:
     """Write a synthetic dataset of `classes` classes as train and val tar shards under `out`.
 
     Samples of each split are in a seeded shuffled order across classes, `shard_size` per shard (the last
@@ -304,7 +313,7 @@ def make_shards(out: str | Path, *, classes: int = 100, train_per_class: int = 3
     Raises ConfigError for invalid arguments, or when `out/train` or `out/val` exists and is not empty.
     """
     _check_args(classes, train_per_class, val_per_class, shard_size, seed, min_side, max_side, writer,
-                extra_per_class, clutter, textures, shapes)
+                extra_per_class, clutter, textures, shapes, rotation)
     splits = {"train": train_per_class, "val": val_per_class, **({"extra": extra_per_class} if extra_per_class else {})}
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
@@ -325,7 +334,7 @@ def make_shards(out: str | Path, *, classes: int = 100, train_per_class: int = 3
         paths = []
         for n, start in enumerate(range(0, len(order), shard_size)):
             samples = [encode_sample(specs[c], split, c, j, seed=seed, min_side=min_side, max_side=max_side,
-                                     clutter=clutter)
+                                     clutter=clutter, rotation=rotation)
                        for c, j in order[start:start + shard_size]]
             path = d / f"{split}-{n:06d}.tar"
             tmp = path.with_name(path.name + ".tmp")

@@ -176,3 +176,19 @@ def test_clutter_zero_draws_no_distractors(tmp_path):
     a = render_image(spec, np.random.default_rng(0), 64, 64, clutter=0)
     b = render_image(spec, np.random.default_rng(0), 64, 64, clutter=5)
     assert a.size == b.size == (64, 64) and a.tobytes() != b.tobytes()
+
+
+def test_rotation_limits_the_main_object_and_keeps_the_default_bytes(tmp_path):
+    from dkd_cache.synth import encode_sample
+
+    spec = class_specs(4, textures=1, shapes=4)[0]
+    kw = dict(seed=0, min_side=64, max_side=64, clutter=0)
+    default = encode_sample(spec, "train", 0, 3, **kw)
+    assert encode_sample(spec, "train", 0, 3, rotation=180.0, **kw) == default  # 180 writes today's shards
+    upright = encode_sample(spec, "train", 0, 3, rotation=0.0, **kw)
+    assert upright["jpg"] != default["jpg"] and upright["cls"] == default["cls"]
+    assert Image.open(io.BytesIO(upright["jpg"])).size == (64, 64)  # same geometry: only the angle changed
+    for bad in (-1, 181, "90", True):
+        with pytest.raises(ConfigError, match="rotation"):
+            make_shards(tmp_path / "never", classes=2, train_per_class=1, val_per_class=1, rotation=bad)
+    assert not (tmp_path / "never").exists()
