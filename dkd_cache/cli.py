@@ -136,7 +136,9 @@ def dump_teacher_cmd(
     allow_pipe: Annotated[bool, typer.Option(help="Allow 'pipe:' shard urls (they run shell commands)")] = False,
     lease_seconds: Annotated[Optional[float], typer.Option(
         help="s3:// caches: a killed dump's writer lease lapses after this many seconds")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    log_every: Annotated[Optional[int], typer.Option(
+        help="Teacher batches between progress lines when stdout is not a terminal (Slurm, nohup)")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress: a bar on a terminal, lines in a log")] = True,
 ) -> None:
     """Run the teacher once per recorded view and store its logits in a Zarr v3 cache (resumable)."""
     from .config import load_toml, merge
@@ -155,14 +157,17 @@ def dump_teacher_cmd(
             batch_size=batch_size, workers=workers, seed=seed, device=device, amp=amp, chunk_rows=chunk_rows,
             calibration_views=calibration_views,
             lease_seconds=lease_seconds,
-            renderer=renderer,
+            renderer=renderer, log_every=log_every,
         ), where=f"{config} [dump]", fixed={"shards": shards, "weights": str(weights), "out": str(out),
                                             "recipe": recipe, "skip_bad": skip_bad or file["dump"].get("skip_bad", False),
                                             "allow_pipe": allow_pipe})
         report = dump_teacher(settings, progress=progress)
     except DKDCacheError as e:
         _fail(e)
-    typer.echo(f"dumped {report.views_written} views of {report.samples} samples in {report.seconds:.1f} s "
+    if report.rank != 0:  # one summary per dump, not one per rank
+        return
+    share = "" if report.world == 1 else f"rank 0 of {report.world} (its shards): "
+    typer.echo(f"{share}dumped {report.views_written} views of {report.samples} samples in {report.seconds:.1f} s "
                f"({report.images_per_s:.1f} views/s); skipped {report.skipped}; "
                f"cache {'complete' if report.complete else 'incomplete (other ranks still writing)'}: {report.path}")
 

@@ -63,9 +63,10 @@ class DumpSettings:
     calibration_views: int = 4096  # learned codecs (lowrank): views the basis is fitted on, before any row is written
     lease_seconds: float = 120.0  # object-store caches: the writer lease lapses this long after its last renewal
     renderer: str = "cpu"  # renderers.RENDERERS: recorded in the cache; training and verify use it by default
+    log_every: int = 20  # teacher batches between progress lines when stdout is not a terminal (Slurm, nohup)
 
     def __post_init__(self) -> None:
-        for name in ("views", "batch_size", "chunk_rows", "calibration_views"):
+        for name in ("views", "batch_size", "chunk_rows", "calibration_views", "log_every"):
             parse_positive_int(name, getattr(self, name))
         if isinstance(self.workers, bool) or self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
@@ -91,6 +92,8 @@ class DumpReport:
     seconds: float
     images_per_s: float
     complete: bool
+    rank: int = 0  # the counts are this rank's share (its shards); only rank 0 prints the summary
+    world: int = 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -301,8 +304,9 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
         by_name = {shard_name(u): u for u in urls}
         jobs = [(i, by_name[cache.meta.manifest.shards[i].name]) for i in mine]
         n_samples = sum(cache.meta.manifest.shards[i].samples for i in mine)
+        label = "dump-teacher" if dinfo.world == 1 else f"dump-teacher rank 0/{dinfo.world} (its shards)"
         views_written, skipped = _run(cache, model, codec, codec_arrays, jobs, s, device, n_samples,
-                                      progress and dinfo.is_main, lease)
+                                      progress and dinfo.is_main, label, lease)
 
         # Whoever finds every shard recorded marks the cache complete (idempotent if two ranks do it). On an
         # object store rank 0 must still hold the lease then: it waits for the others before releasing it.
@@ -314,7 +318,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
     seconds = time.perf_counter() - t0
     return DumpReport(path=str(s.out), shards_done=len(jobs), samples=n_samples, views_written=views_written,
                       skipped=skipped, seconds=seconds, images_per_s=views_written / max(seconds, 1e-9),
-                      complete=complete)
+                      complete=complete, rank=dinfo.rank, world=dinfo.world)
 
 
 def fit_codec(codec, indexes, urls, meta: cache_mod.CacheMeta, model, s: DumpSettings):
@@ -331,7 +335,7 @@ def fit_codec(codec, indexes, urls, meta: cache_mod.CacheMeta, model, s: DumpSet
     return codec.fit(logits)
 
 
-def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_samples, show,
+def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_samples, show, label,
          lease) -> tuple[int, int]:
     meta = cache.meta
     if not jobs:
@@ -341,7 +345,7 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
     policy = ComputePolicy.from_dict(meta.compute)
     storage = Storage(codec=codec, num_classes=meta.num_classes, temperatures=tuple(meta.temperatures))
     buffers: dict[int, _ShardBuffer] = {}
-    views_written = skipped = 0
+    views_written = skipped = shards_written = 0
 
     def flush_batch(items) -> None:
         nonlocal views_written
@@ -366,18 +370,22 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
         views_written += len(items)
 
     def write_finished() -> None:
-        nonlocal skipped
+        nonlocal skipped, shards_written
         for sh in [sh for sh, b in buffers.items() if b.filled == b.expected and b.pending_views == 0]:
             b = buffers.pop(sh)
             cache_mod.write_shard(cache, sh, b.block, {"shard": b.entry.name, "samples": b.expected,
                                                        "skipped": b.skipped, "views": meta.views}, lease)
             skipped += len(b.skipped)
+            shards_written += 1
 
     # Teacher batches hold views of one shard only, in (sample, view) order, cut every batch_size views: the
     # batches are a function of the shard alone, so the logits (which can differ in the last bit with batch
     # composition) are the same whatever the worker count, rank count or crash-and-resume history.
     queues: dict[int, list] = {}  # shard -> [(shard, pos, view, image, label)]
-    with Progress(total=n_samples * meta.views, label="dump-teacher", unit="view", enabled=show) as bar:
+    # On a terminal a bar; in a log file a line every s.log_every teacher batches (views done/total, views/s,
+    # ETA, the shard of the batch and the shards written so far).
+    with Progress(total=n_samples * meta.views, label=label, unit="view", enabled=show,
+                  line_every=s.log_every) as bar:
         for item in loader:
             if isinstance(item, tuple):
                 raise item[1]
@@ -396,7 +404,8 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
             while len(queue) >= s.batch_size or (queue and buf.filled == buf.expected):
                 batch, queue[:] = queue[: s.batch_size], queue[s.batch_size :]
                 flush_batch(batch)
-                bar.advance(len(batch))
+                write_finished()
+                bar.advance(len(batch), info=f"shard {buf.entry.name}, {shards_written}/{len(jobs)} shards written")
             write_finished()
     if buffers:
         raise ShardError(f"shards {sorted(buffers)} ended before all their samples arrived; rerun to complete them")

@@ -31,7 +31,7 @@ from .errors import CacheMismatchError, ConfigError, DKDCacheError
 from .loader import RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch, skips_for
 from .loss import total_loss
 from . import renderers
-from .progress import Progress
+from .progress import Progress, hms
 from .checkpoint import read_run_checkpoint, save_checkpoint
 from .teacher import build_model, load_teacher
 from .teacher_signal import Storage, dkd_from_entries, encode_entries, resolve_policy, teacher_forward
@@ -409,7 +409,7 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         eta = left * elapsed / max(done, 1)
         return (f"epoch {m['epoch'] + 1}/{cfg.epochs}  step {position['step_in_epoch0'] + done}/{position['steps']} "
                 f"(total {m['step']})  {rate:.1f} img/s  loss {m['loss']:.4f}  lr {m['lr']:.4g}  "
-                f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+                f"ETA {hms(eta)}")
 
     def save(epoch: int, consumed: int) -> None:
         if dinfo.is_main:

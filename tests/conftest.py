@@ -22,7 +22,7 @@ TINY_RECIPE = Recipe(image_size=32)
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> dict:
-    """10 classes, 78 train samples in 4 shards of unequal size (25, 25, 25, 3), 20 val samples."""
+    """10 classes, 80 train samples in 4 shards of unequal size (25, 25, 25, 5), 20 val samples."""
     out = tmp_path_factory.mktemp("shards") / "data"
     return make_shards(out, classes=CLASSES, train_per_class=8, val_per_class=2, shard_size=25, seed=0,
                        min_side=40, max_side=90)

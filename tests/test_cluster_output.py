@@ -36,6 +36,27 @@ def test_train_prints_progress_lines_and_validation_when_stdout_is_a_file(shards
     assert {x["lr"] for x in records if x["event"] == "step"} == {0.05}  # the lr shown is the one used
 
 
+def test_dump_prints_progress_lines_and_one_summary_when_stdout_is_a_file(shards, teacher_ckpt, tmp_path):
+    out = tmp_path / "c.zarr"
+    r = runner.invoke(app, ["dump-teacher", "--shards", str(Path(shards["train"][0]).parent), "--weights",
+                            str(teacher_ckpt), "--out", str(out), "--arch", "resnet18", "--views", "1", "--codec",
+                            "topk:4", "--image-size", "32", "--batch-size", "16", "--workers", "0",
+                            "--chunk-rows", "8", "--log-every", "2"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    pattern = (r"dump-teacher  (\d+)/80 views \((\d+)%\)  [\d.]+ views/s  ETA \d+:\d\d:\d\d  "
+               r"shard (train-\d+\.tar), (\d)/4 shards written")
+    progress = [re.fullmatch(pattern, line) for line in lines[:-1]]
+    assert all(progress), r.output  # nothing else is printed before the summary
+    # 80 samples x 1 view in batches of 16 cut within a shard (25 -> 16 + 9, 5 -> 5): 7 batches, a line every 2
+    # and one at the end
+    assert [int(m[1]) for m in progress] == [25, 50, 75, 80], r.output
+    assert [m[3] for m in progress] == [f"train-00000{i}.tar" for i in range(4)]
+    assert [int(m[4]) for m in progress] == [1, 2, 3, 4]
+    assert progress[-1][2] == "100"
+    assert lines[-1].startswith("dumped 80 views of 80 samples in ") and "cache complete" in lines[-1]
+
+
 def test_no_lock_folder_is_left_after_a_dump_ends_or_fails(shards, teacher_ckpt, tmp_path):
     out = tmp_path / "c.zarr"
     dump_teacher(dump_settings(shards, teacher_ckpt, out, views=1), progress=False)

@@ -141,11 +141,21 @@ def test_kill_9_mid_dump_then_rerun_equals_uninterrupted(shards, teacher_ckpt, c
 @pytest.mark.slow
 def test_torchrun_two_ranks_equals_single_process(shards, teacher_ckpt, cache_path, tmp_path):
     out = tmp_path / "ddp.zarr"
+    args = [a for a in _dump_args(shards, teacher_ckpt, out, "--log-every", "1") if a != "--no-progress"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dkd_cache",
-           *_dump_args(shards, teacher_ckpt, out)]
+           *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert_caches_equal(cache_path, out)
+    # stdout is a pipe: rank 0 prints progress lines for its share (shards 0 and 2: 50 samples x 2 views) and the
+    # only summary; rank 1 (shards 1 and 3: 60 views) prints nothing
+    lines = r.stdout.splitlines()
+    progress = [line for line in lines if line.startswith("dump-teacher")]
+    assert progress and all(line.startswith("dump-teacher rank 0/2 (its shards)  ") and "/100 views" in line
+                            for line in progress), r.stdout
+    assert " 100/100 views (100%) " in progress[-1]
+    summaries = [line for line in lines if "dumped" in line]
+    assert len(summaries) == 1 and summaries[0].startswith("rank 0 of 2 (its shards): dumped 100 views"), r.stdout
 
 
 # ------------------------------------------------------------------------------------------ bad input
