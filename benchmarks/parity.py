@@ -105,7 +105,7 @@ def epoch_curve(run_dir: str | Path) -> list[float]:
     out: dict[int, float] = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("event") == "epoch":
+        if rec.get("event") == "epoch" and rec.get("val_top1") is not None:  # eval_every > 1 skips epochs
             out[int(rec["epoch"])] = float(rec["val_top1"])
     return [out[e] for e in sorted(out)]
 

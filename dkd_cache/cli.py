@@ -212,6 +212,8 @@ def train_student_cmd(
     image_size_schedule: Annotated[Optional[str], typer.Option(
         help="Per-epoch student size, EPOCH:SIZE pairs from epoch 0, e.g. 0:160,30:192,90:224")] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Steps between metrics records and log lines")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(
+        help="Epochs between validations on --val-shards (the last epoch is always validated)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
@@ -230,7 +232,7 @@ def train_student_cmd(
             cache=str(cache) if cache else None, renderer=renderer, allow_other_renderer=allow_other_renderer,
             views_per_decode=views_per_decode, image_size=image_size, image_size_schedule=image_size_schedule,
             checkpoint_url=checkpoint_url,
-            log_every=log_every,
+            log_every=log_every, eval_every=eval_every,
         ), where=f"{config} [train]", fixed={"shards": shards, "out": str(out),
                                              **({"recipe": file["recipe"]} if file["recipe"] else {})})
         result = train_student(cfg, resume=resume, progress=progress)

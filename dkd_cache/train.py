@@ -77,6 +77,7 @@ class TrainConfig:
     allow_pipe: bool = False
     max_steps: int = 0  # stop after this many steps in total (0: no limit); for tests and quick checks
     log_every: int = 20  # steps between reads of the step losses (one host sync and one metrics write each)
+    eval_every: int = 1  # epochs between validations (the last epoch is always validated)
     renderer: str | None = None  # renderers.RENDERERS; None: the cache's (without a cache: cpu)
     allow_other_renderer: bool = False  # train with another renderer than the cache's (other pixels than the teacher's)
     views_per_decode: int = 1  # M: each decoded image gives M of its stored views to one pass (= M epochs)
@@ -84,7 +85,8 @@ class TrainConfig:
     image_size_schedule: tuple[tuple[int, int], ...] = ()  # ((first epoch, size), ...): progressive resizing
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "lr_batch", "shuffle_buffer", "log_every", "views_per_decode"):
+        for name in ("epochs", "batch_size", "lr_batch", "shuffle_buffer", "log_every", "views_per_decode",
+                     "eval_every"):
             parse_positive_int(name, getattr(self, name))
         if self.epochs % self.views_per_decode:
             raise ConfigError(f"epochs ({self.epochs}) must be a multiple of views_per_decode "
@@ -176,7 +178,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, dinfo) -> dict | None:
 
 # Settings a resume may change: they decide when to stop, what is evaluated and how often metrics are written,
 # never which sample a step sees or what it computes.
-RESUMABLE = ("epochs", "workers", "max_steps", "log_every", "val_shards")
+RESUMABLE = ("epochs", "workers", "max_steps", "log_every", "val_shards", "eval_every")
 
 
 def plan_workers(workers: int) -> int:
@@ -495,7 +497,8 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
                         "samples": seen * dinfo.world, "padding": padding * m, "dropped": dropped,
                         "image_size": size, "renderer": renderer,
                         "images_per_s": seen * dinfo.world / max(seconds, 1e-9), "seconds": seconds}
-        if cfg.val_shards:
+        # Validation costs as much as a small run's epoch of training: every eval_every epochs, and at the end.
+        if cfg.val_shards and ((epoch + m) % cfg.eval_every == 0 or epoch + m >= cfg.epochs):
             epoch_record.update(evaluate(model, cfg, recipe, num_classes, device, dinfo))
             say(f"epoch {epoch + 1}/{cfg.epochs}  val top-1 {100 * epoch_record['val_top1']:.2f}%  top-5 "
                 f"{100 * epoch_record['val_top5']:.2f}%  ({epoch_record['val_samples']} samples)")

@@ -118,3 +118,14 @@ def test_metrics_after_resume_match_the_checkpoint_and_carry_a_timestamp(shards,
     assert epochs == [0, 1]  # the partial epoch records of the stopped runs were replaced
     times = [x["time"] for x in recs]
     assert all(isinstance(t, float) for t in times) and times == sorted(times)
+
+
+def test_eval_every_validates_every_nth_epoch_and_always_the_last(shards, cache_path, tmp_path):
+    val = str(Path(shards["val"][0]).parent)
+    run = tmp_path / "run"
+    r = train_student(_cfg(shards, run, cache=str(cache_path), epochs=3, eval_every=2, val_shards=val, max_steps=0),
+                      progress=False)
+    validated = [e["epoch"] for e in _records(run) if e["event"] == "epoch" and "val_top1" in e]
+    assert validated == [1, 2] and r["val_samples"] == shards["val_samples"]
+    with pytest.raises(ConfigError, match="eval_every"):
+        _cfg(shards, run, eval_every=0)
