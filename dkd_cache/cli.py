@@ -214,6 +214,8 @@ def train_student_cmd(
     log_every: Annotated[Optional[int], typer.Option(help="Steps between metrics records and log lines")] = None,
     eval_every: Annotated[Optional[int], typer.Option(
         help="Epochs between validations on --val-shards (the last epoch is always validated)")] = None,
+    tensorboard: Annotated[Optional[bool], typer.Option(
+        "--tensorboard", help="Also write TensorBoard scalars to OUT/tensorboard (needs: pip install tensorboard)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
@@ -232,7 +234,7 @@ def train_student_cmd(
             cache=str(cache) if cache else None, renderer=renderer, allow_other_renderer=allow_other_renderer,
             views_per_decode=views_per_decode, image_size=image_size, image_size_schedule=image_size_schedule,
             checkpoint_url=checkpoint_url,
-            log_every=log_every, eval_every=eval_every,
+            log_every=log_every, eval_every=eval_every, tensorboard=tensorboard,
         ), where=f"{config} [train]", fixed={"shards": shards, "out": str(out),
                                              **({"recipe": file["recipe"]} if file["recipe"] else {})})
         result = train_student(cfg, resume=resume, progress=progress)

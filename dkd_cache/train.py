@@ -30,7 +30,7 @@ from .data import expand_shards, scan_shards, shard_name
 from .errors import CacheMismatchError, ConfigError, DKDCacheError
 from .loader import RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch, skips_for
 from .loss import total_loss
-from . import renderers
+from . import renderers, tb_log
 from .progress import Progress, hms
 from .checkpoint import read_run_checkpoint, save_checkpoint
 from .teacher import build_model, load_teacher
@@ -78,6 +78,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps in total (0: no limit); for tests and quick checks
     log_every: int = 20  # steps between reads of the step losses (one host sync and one metrics write each)
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
+    tensorboard: bool = False  # mirror metrics.jsonl as TensorBoard scalars in RUN_DIR/tensorboard (rank 0)
     renderer: str | None = None  # renderers.RENDERERS; None: the cache's (without a cache: cpu)
     allow_other_renderer: bool = False  # train with another renderer than the cache's (other pixels than the teacher's)
     views_per_decode: int = 1  # M: each decoded image gives M of its stored views to one pass (= M epochs)
@@ -178,7 +179,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool, dinfo) -> dict | None:
 
 # Settings a resume may change: they decide when to stop, what is evaluated and how often metrics are written,
 # never which sample a step sees or what it computes.
-RESUMABLE = ("epochs", "workers", "max_steps", "log_every", "val_shards", "eval_every")
+RESUMABLE = ("epochs", "workers", "max_steps", "log_every", "val_shards", "eval_every", "tensorboard")
 
 
 def plan_workers(workers: int) -> int:
@@ -279,6 +280,8 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {dinfo.world} ranks")
     local_batch = cfg.batch_size // dinfo.world
     urls = expand_shards(cfg.shards, allow_pipe=cfg.allow_pipe)
+    if cfg.tensorboard:
+        tb_log.require_tensorboard()
     if cfg.val_shards:  # every input is checked before the first step: a typo must not cost an epoch
         expand_shards(cfg.val_shards, allow_pipe=cfg.allow_pipe)
     out = Path(cfg.out)
@@ -365,11 +368,17 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
     if dinfo.is_main:  # what a killed or stopped run logged after its checkpoint is logged again by this one
         trim_metrics(metrics_path, step=global_step, epoch=start_epoch)
 
+    tb_write, tb_close = (tb_log.open_writer(out, global_step) if cfg.tensorboard and dinfo.is_main
+                          else (None, None))
+
     def log(*records: dict) -> None:
         if dinfo.is_main and records:
             now = time.time()
             with open(metrics_path, "a") as f:
                 f.write("".join(json.dumps({**r, "time": now}) + "\n" for r in records))
+            if tb_write is not None:
+                for r in records:
+                    tb_write(r, r.get("step", global_step))
 
     # Step losses stay on the device; every `log_every` steps (and before a checkpoint or the epoch's end) they
     # are read in one host sync, checked, and appended to metrics.jsonl in one write.
@@ -512,6 +521,8 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
             save(epoch, consumed)
         if cfg.max_steps and global_step >= cfg.max_steps:
             break
+    if tb_close is not None:
+        tb_close()
     result = {**last_metrics, "wall_seconds": time.perf_counter() - t_start, "run_dir": str(out), "rank": dinfo.rank}
     dist_mod.shutdown(dinfo)
     return result

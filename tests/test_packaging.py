@@ -46,13 +46,21 @@ def _direct_imports() -> set[str]:
     return {m for m in found if m not in stdlib and m != "dkd_cache"}
 
 
+OPTIONAL = {"tensorboard"}  # train-student --tensorboard; pip install "dkd-cache[tensorboard]"
+
+
 def test_every_direct_import_is_a_declared_dependency(wheel):
     meta = zipfile.ZipFile(wheel).read(next(n for n in zipfile.ZipFile(wheel).namelist()
                                             if n.endswith(".dist-info/METADATA"))).decode()
-    declared = {re.split(r"[<>=!~ ;\[]", line.split(":", 1)[1].strip())[0].lower().replace("_", "-")
-                for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line}
+    def names(extra: bool) -> set[str]:
+        return {re.split(r"[<>=!~ ;\[]", line.split(":", 1)[1].strip())[0].lower().replace("_", "-")
+                for line in meta.splitlines() if line.startswith("Requires-Dist:") and ("extra ==" in line) == extra}
+
+    declared, in_extras = names(extra=False), names(extra=True)
     imports = _direct_imports()
-    assert {"torch", "zarr", "rich", "braceexpand"} <= imports  # the scan sees the imports
-    missing = sorted(m for m in imports if DISTRIBUTION.get(m, m).lower().replace("_", "-") not in declared)
+    assert {"torch", "zarr", "rich", "braceexpand", "tensorboard"} <= imports  # the scan sees the imports
+    # An optional feature's package (imported only when the feature is asked for) is declared in an extra.
+    missing = sorted(m for m in imports - OPTIONAL if DISTRIBUTION.get(m, m).lower().replace("_", "-") not in declared)
     assert not missing, f"imported by dkd_cache but not declared in pyproject.toml: {missing}"
+    assert OPTIONAL <= in_extras, f"optional imports not declared in an extra: {sorted(OPTIONAL - in_extras)}"
 

@@ -129,3 +129,23 @@ def test_eval_every_validates_every_nth_epoch_and_always_the_last(shards, cache_
     assert validated == [1, 2] and r["val_samples"] == shards["val_samples"]
     with pytest.raises(ConfigError, match="eval_every"):
         _cfg(shards, run, eval_every=0)
+
+
+def test_tensorboard_scalars_mirror_the_metrics_and_a_resume_purges_what_it_replays(shards, cache_path, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    val = str(Path(shards["val"][0]).parent)
+    run = tmp_path / "run"
+    train_student(_cfg(shards, run, cache=str(cache_path), epochs=2, val_shards=val, log_every=1, max_steps=3,
+                       tensorboard=True), progress=False)
+    train_student(_cfg(shards, run, cache=str(cache_path), epochs=2, val_shards=val, log_every=1, tensorboard=True),
+                  resume=True, progress=False)
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    steps = {r["step"]: r for r in _records(run) if r["event"] == "step"}
+    events = acc.Scalars("train/loss")
+    assert sorted(e.step for e in events) == sorted(steps)  # every step once, though steps after the checkpoint ran twice
+    logged = {e.step: e.value for e in events}
+    assert all(abs(logged[s] - steps[s]["loss"]) < 1e-6 * max(1.0, abs(steps[s]["loss"])) for s in steps)
+    final = [r for r in _records(run) if r["event"] == "epoch"][-1]
+    assert abs(acc.Scalars("val/top1")[-1].value - final["val_top1"]) < 1e-6
