@@ -177,7 +177,7 @@ def demo_source(a: argparse.Namespace) -> dict[str, Any]:
                 images[r] = s.image
     x = torch.stack([render(images[r], tuple(int(b) for b in boxes[v, r]), bool(flips[v, r]), meta.recipe)
                      for r, v in want])
-    teacher, _ = load_teacher(meta.teacher["arch"], a.weights)
+    teacher, _ = load_teacher(meta.teacher.arch, a.weights)
     students = {"untrained": None}
     if a.student:  # any weights file the teacher loader reads (a train-student checkpoint included)
         model, _ = load_teacher(a.student_arch, a.student)
@@ -203,7 +203,7 @@ def demo_source(a: argparse.Namespace) -> dict[str, Any]:
     whole = {"teacher": z.clone(), "labels": y, "students": {k: v.clone() for k, v in stud.items()},
              "features": torch.cat(feats).clone(),
              "fc": (teacher.fc.weight.detach().float().clone(), teacher.fc.bias.detach().float().clone()),
-             "about": f"{a.cache}: {meta.teacher['arch']} teacher, {len(want)} (sample, view) entries, "
+             "about": f"{a.cache}: {meta.teacher.arch} teacher, {len(want)} (sample, view) entries, "
                       f"{meta.num_classes} classes; re-rendered teacher vs stored target logit: max |diff| {gap:.2e}"}
     sample = np.array([r for r, _ in want])
     return held_out(whole, np.isin(sample, np.unique(sample)[::2]), "demo", "held-out samples (every other sample)")

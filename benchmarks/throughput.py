@@ -291,6 +291,7 @@ def imagenet_geometry_cache(path: Path, codec_spec: str, *, shards: int = 4, per
     from dkd_cache import cache as cache_mod
     from dkd_cache.data import ShardIndex
     from dkd_cache.logit_codecs import parse_codec
+    from dkd_cache.teacher import TeacherInfo
     from dkd_cache.views import Recipe
 
     rng = np.random.default_rng(seed)
@@ -301,12 +302,12 @@ def imagenet_geometry_cache(path: Path, codec_spec: str, *, shards: int = 4, per
                           labels=tuple(int(x) for x in rng.integers(0, classes, per_shard))) for i in range(shards)]
     meta = cache_mod.CacheMeta(
         format_version=FORMAT_VERSION,
-        teacher={"arch": "resnet34", "sha256": "0" * 64, "num_classes": classes, "source_format": "torchvision"},
-        recipe=Recipe(), seed=seed, views=1, codec=codec.to_dict(), temperatures=(1.0,), chunk_rows=chunk_rows,
+        teacher=TeacherInfo(arch="resnet34", sha256="0" * 64, num_classes=classes, source_format="torchvision"),
+        recipe=Recipe(), seed=seed, views=1, codec=codec, temperatures=(1.0,), chunk_rows=chunk_rows,
         manifest=cache_mod.build_manifest(indexes, chunk_rows), versions=cache_mod.library_versions())
     if codec.learned:  # fitted on logits drawn like the rows below (timing only: the fit's quality is irrelevant)
         codec = codec.fit(torch.from_numpy(rng.normal(0, 2, (max(1024, 2 * classes), classes)).astype(np.float32)))
-        meta = dataclasses.replace(meta, codec=codec.to_dict())
+        meta = dataclasses.replace(meta, codec=codec)
     cache = cache_mod.create_cache(path, meta, indexes, arrays, codec.state_arrays())
     for i, e in enumerate(cache.meta.manifest.shards):
         rows = e.row_stop - e.row_start

@@ -33,7 +33,7 @@ import dataclasses
 import enum
 import json
 import platform
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,12 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from . import FORMAT_VERSION, __version__
 from .data import ShardIndex, keys_digest
-from .errors import CacheError, CacheMismatchError, ConfigError
+from .errors import CacheError, CacheMetadataError, CacheMismatchError, ConfigError
 from .logit_codecs import Codec, codec_from_dict
 from .store import CREATING, DiskLocation, ObjectLocation, is_remote, location
 from .renderers import RendererInfo
+from .teacher import TeacherInfo
+from .teacher_signal import ComputePolicy
 from .views import Recipe
 
 STATUS_PADDING, STATUS_OK, STATUS_SKIPPED = 0, 1, 2
@@ -76,6 +78,9 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        known = {"shards", "rows", "samples", "keys_sha256"}
+        if set(d) != known:
+            raise ConfigError(f"manifest must have exactly {sorted(known)}, got {sorted(d)}")
         return cls(shards=tuple(ShardEntry(**s) for s in d["shards"]), rows=int(d["rows"]),
                    samples=int(d["samples"]), keys_sha256=d["keys_sha256"])
 
@@ -109,51 +114,235 @@ def library_versions() -> dict[str, str]:
             "numcodecs": numcodecs.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
+class CacheState(str, enum.Enum):
+    """A cache's commit state; the value is what zarr.json stores. A dump creates the cache WRITING and rewrites its
+    metadata COMPLETE as its very last write, once every tar shard has its done record."""
+
+    WRITING = "writing"
+    COMPLETE = "complete"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SkippedSample:
+    """A sample dump-teacher left out (--skip-bad): its tar shard, its key and why. Listed in its shard's done record
+    and, once the cache is complete, in the metadata's `skipped`; its row's status is STATUS_SKIPPED."""
+
+    shard: str
+    key: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"shard": self.shard, "key": self.key, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: Any, *, where: str = "cache metadata") -> "SkippedSample":
+        return parse_skipped([d], where=where)[0]
+
+
+METADATA = "cache metadata"  # what a metadata error names when no cache path is known (a CacheMeta built in code)
+
+
+def _table(value: Any, field: str, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise CacheMetadataError(where, field, f"must be a table, got {value!r}")
+    return value
+
+
+def parse_state(value: Any, *, where: str = METADATA) -> CacheState:
+    """'writing' or 'complete' (or a CacheState)."""
+    if isinstance(value, str):
+        for state in CacheState:
+            if value == state.value:
+                return state
+    raise CacheMetadataError(where, "state", f"must be one of {[s.value for s in CacheState]}, got {value!r}")
+
+
+def parse_teacher(value: Any, *, where: str = METADATA) -> TeacherInfo:
+    """A TeacherInfo or its table: exactly arch, sha256, num_classes, source_format (an unknown key is refused:
+    the teacher's identity is compared on reuse and on training, field by field)."""
+    if isinstance(value, TeacherInfo):
+        return value
+    try:
+        return TeacherInfo.from_dict(_table(value, "teacher", where))
+    except ConfigError as e:
+        raise CacheMetadataError(where, "teacher", str(e)) from None
+
+
+def parse_codec_record(value: Any, *, where: str = METADATA) -> Codec:
+    """A Codec or its table (Codec.to_dict): every field of the codec's kind and no other (an unknown key is
+    refused: decoding depends on every field). A learned codec's fit record keeps whatever statistics it holds
+    beside its sha256, grid and rank (informational; forward compatible)."""
+    if isinstance(value, Codec):
+        return value
+    try:
+        return codec_from_dict(_table(value, "codec", where))
+    except ConfigError as e:
+        raise CacheMetadataError(where, "codec", str(e)) from None
+
+
+def parse_compute(value: Any, *, where: str = METADATA) -> ComputePolicy | None:
+    """A ComputePolicy, its table (device, amp, tf32; an unknown key is refused: verify recomputes the logits under
+    this policy and must not ignore part of it), or None / {} for a cache written before the policy was recorded."""
+    if value is None or isinstance(value, ComputePolicy):
+        return value
+    if isinstance(value, Mapping) and not value:
+        return None
+    try:
+        return ComputePolicy.from_dict(_table(value, "compute", where))
+    except ConfigError as e:
+        raise CacheMetadataError(where, "compute", str(e)) from None
+
+
+def parse_skipped(value: Any, *, where: str = METADATA) -> tuple[SkippedSample, ...]:
+    """A list of skipped samples, each a SkippedSample or a table of exactly shard, key, reason (strings; an
+    unknown key is refused: each entry stands for one row marked skipped, and nothing else is recorded there)."""
+    if not isinstance(value, (list, tuple)):
+        raise CacheMetadataError(where, "skipped", f"must be a list of skipped samples, got {value!r}")
+    out = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, SkippedSample):
+            out.append(entry)
+            continue
+        names = ("shard", "key", "reason")
+        d = _table(entry, f"skipped[{i}]", where)
+        if set(d) != set(names) or not all(isinstance(d[k], str) for k in names):
+            raise CacheMetadataError(where, f"skipped[{i}]", f"must have exactly {list(names)}, all strings, "
+                                                             f"got {dict(d)!r}")
+        out.append(SkippedSample(shard=d["shard"], key=d["key"], reason=d["reason"]))
+    return tuple(out)
+
+
+def parse_int(field: str, value: Any, *, minimum: int | None = None, where: str = METADATA) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (minimum is not None and value < minimum):
+        need = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise CacheMetadataError(where, field, f"must be {need}, got {value!r}")
+    return int(value)
+
+
+def parse_temperatures(value: Any, *, where: str = METADATA) -> tuple[float, ...]:
+    """A non-empty list of positive finite numbers (the temperatures whose log-partition is stored)."""
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            not isinstance(t, bool) and isinstance(t, (int, float)) and 0 < t < float("inf") for t in value):
+        raise CacheMetadataError(where, "temperatures", f"must be a non-empty list of positive numbers, got {value!r}")
+    return tuple(float(t) for t in value)
+
+
+def parse_versions(value: Any, *, where: str = METADATA) -> dict[str, str]:
+    """Library -> version string. Any library name is kept (informational: the list grows with the libraries a
+    dump records; Cache.check compares them as a warning)."""
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise CacheMetadataError(where, "versions", f"must be a table of library -> version strings, got {value!r}")
+    return dict(value)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CacheMeta:
+    """A cache's metadata: zarr.json's `dkd_cache` attribute (format version 1). Every field is parsed on
+    construction (parse_*), so a CacheMeta in hand is well-formed.
+
+    Unknown keys, field by field: at the top level, in `teacher`, `codec`, `compute`, `manifest`, `recipe`,
+    `renderer` and in each `skipped` entry an unknown key is refused (CacheMetadataError naming the cache and the key): it may change
+    what the rows mean, and a dump rewrites zarr.json when it completes, which would silently drop it; a change of
+    meaning bumps the format version. Kept as written: the libraries in `versions` and in the renderer's `versions`,
+    and the statistics of a learned codec's fit record (informational). Fields added after format version 1 was first
+    written are optional: `compute` (None: not recorded), `renderer` (the cpu renderer), and `state` / `skipped`."""
+
     format_version: int
-    teacher: dict[str, Any]  # TeacherInfo.to_dict(): arch, sha256, num_classes, source_format
+    teacher: TeacherInfo
     recipe: Recipe
     seed: int
     views: int
-    codec: dict[str, Any]  # Codec.to_dict()
+    codec: Codec  # its spec and fit record; a learned codec's arrays live in codec/* (Cache.codec adds them)
     temperatures: tuple[float, ...]
     chunk_rows: int
     manifest: Manifest
     versions: dict[str, str]
-    compute: dict[str, Any] = dataclasses.field(default_factory=dict)  # device type, amp, tf32 of the teacher run
+    compute: ComputePolicy | None = None  # how the teacher ran; None: not recorded (caches written before it was)
     # how views became pixels (renderers.py); caches written before it was recorded used the cpu renderer
     renderer: RendererInfo = dataclasses.field(default_factory=lambda: RendererInfo.from_dict(None))
-    state: str = "writing"  # "writing" | "complete"
-    skipped: tuple[dict[str, Any], ...] = ()
+    state: CacheState = CacheState.WRITING
+    skipped: tuple[SkippedSample, ...] = ()
+
+    def __post_init__(self) -> None:
+        parsed = {"teacher": parse_teacher(self.teacher), "codec": parse_codec_record(self.codec),
+                  "compute": parse_compute(self.compute), "state": parse_state(self.state),
+                  "skipped": parse_skipped(self.skipped), "seed": parse_int("seed", self.seed),
+                  "views": parse_int("views", self.views, minimum=1),
+                  "chunk_rows": parse_int("chunk_rows", self.chunk_rows, minimum=1),
+                  "temperatures": parse_temperatures(self.temperatures), "versions": parse_versions(self.versions)}
+        for name, kind in (("recipe", Recipe), ("manifest", Manifest), ("renderer", RendererInfo)):
+            if not isinstance(getattr(self, name), kind):
+                raise CacheMetadataError(METADATA, name, f"must be a {kind.__name__}, got {getattr(self, name)!r}")
+        for name, value in parsed.items():
+            object.__setattr__(self, name, value)
 
     @property
     def num_classes(self) -> int:
-        return int(self.teacher["num_classes"])
+        return self.teacher.num_classes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": self.format_version, "teacher": self.teacher, "recipe": self.recipe.to_dict(),
-                "seed": self.seed, "views": self.views, "codec": self.codec,
-                "temperatures": list(self.temperatures), "chunk_rows": self.chunk_rows,
-                "manifest": self.manifest.to_dict(), "versions": self.versions, "compute": self.compute,
-                "renderer": self.renderer.to_dict(), "state": self.state,
-                "skipped": list(self.skipped)}
+        """The stored form; the same JSON, key for key and in the same order, as caches written before the fields
+        were typed (tests/test_cache_meta.py)."""
+        return {"format_version": self.format_version, "teacher": self.teacher.to_dict(),
+                "recipe": self.recipe.to_dict(), "seed": self.seed, "views": self.views,
+                "codec": self.codec.to_dict(), "temperatures": list(self.temperatures), "chunk_rows": self.chunk_rows,
+                "manifest": self.manifest.to_dict(), "versions": self.versions,
+                "compute": {} if self.compute is None else self.compute.to_dict(),
+                "renderer": self.renderer.to_dict(), "state": self.state.value,
+                "skipped": [s.to_dict() for s in self.skipped]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CacheMeta":
+    def from_dict(cls, d: Any, *, where: str = METADATA) -> "CacheMeta":
+        """Parse the stored form; `where` (the cache's path or url) is named in every error (CacheMetadataError,
+        or CacheMismatchError for another format version)."""
+        if not isinstance(d, Mapping):
+            raise CacheMetadataError(where, "dkd_cache", f"must be a table, got {type(d).__name__}")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise CacheMismatchError(f"cache format version {version} is not the supported {FORMAT_VERSION}; "
-                                     "re-dump the cache with this version of dkd-cache")
+            raise CacheMismatchError(f"{where}: cache format version {version} is not the supported "
+                                     f"{FORMAT_VERSION}; re-dump the cache with this version of dkd-cache")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in fields:
+                raise CacheMetadataError(where, key, f"is not a field of format version {FORMAT_VERSION} "
+                                                     f"(known: {fields}); written by a newer dkd-cache?")
+        for key in ("teacher", "recipe", "seed", "views", "codec", "temperatures", "chunk_rows", "manifest",
+                    "versions"):
+            if key not in d:
+                raise CacheMetadataError(where, key, "is missing")
+
+        def nested(name: str, parse):  # a field whose own from_dict raises ConfigError or a built-in error
+            try:
+                return parse(d.get(name))
+            except (KeyError, TypeError, ValueError) as e:  # ConfigError is a ValueError
+                if isinstance(e, CacheMetadataError):
+                    raise
+                raise CacheMetadataError(where, name, f"{type(e).__name__}: {e}") from None
+
+        renderer = d.get("renderer")
+        if renderer is not None and not isinstance(renderer, Mapping):
+            raise CacheMetadataError(where, "renderer", f"must be a table, got {renderer!r}")
         try:
-            return cls(format_version=version, teacher=dict(d["teacher"]), recipe=Recipe.from_dict(d["recipe"]),
-                       seed=int(d["seed"]), views=int(d["views"]), codec=dict(d["codec"]),
-                       temperatures=tuple(float(t) for t in d["temperatures"]), chunk_rows=int(d["chunk_rows"]),
-                       manifest=Manifest.from_dict(d["manifest"]), versions=dict(d["versions"]),
-                       compute=dict(d.get("compute", {})), renderer=RendererInfo.from_dict(d.get("renderer")),
-                       state=str(d.get("state", "writing")), skipped=tuple(d.get("skipped", ())))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CacheError(f"cache metadata is damaged or incomplete ({type(e).__name__}: {e})") from e
+            return cls(format_version=version, teacher=parse_teacher(d["teacher"], where=where),
+                       recipe=nested("recipe", lambda v: Recipe.from_dict(_table(v, "recipe", where))),
+                       seed=parse_int("seed", d["seed"], where=where),
+                       views=parse_int("views", d["views"], minimum=1, where=where),
+                       codec=parse_codec_record(d["codec"], where=where),
+                       temperatures=parse_temperatures(d["temperatures"], where=where),
+                       chunk_rows=parse_int("chunk_rows", d["chunk_rows"], minimum=1, where=where),
+                       manifest=nested("manifest", Manifest.from_dict),
+                       versions=parse_versions(d["versions"], where=where),
+                       compute=parse_compute(d.get("compute"), where=where),
+                       renderer=nested("renderer", lambda v: RendererInfo.from_dict(v)),
+                       state=parse_state(d.get("state", CacheState.WRITING.value), where=where),
+                       skipped=parse_skipped(d.get("skipped", []), where=where))
+        except CacheMetadataError as e:
+            if e.cache == where:
+                raise
+            raise CacheMetadataError(where, e.field, e.problem) from None
 
     def differences(self, other: "CacheMeta") -> list[str]:
         """What would make `other`'s settings mix into this cache: each difference as 'field: ours != theirs'."""
@@ -236,7 +425,7 @@ class Cache:
     def codec(self) -> Codec:
         """The cache's codec, with its own arrays (`codec/*`: a learned basis) read back and checked against the
         SHA-256 its metadata records; a basis that does not match is refused (CacheMismatchError)."""
-        codec = codec_from_dict(self.meta.codec)
+        codec = self.meta.codec
         state = {name: np.asarray(self.array(f"codec/{name}")[...]) for name in _group_members(self.group, "codec")}
         try:
             return codec.with_state(state)
@@ -373,17 +562,17 @@ def layout_problems(meta: "CacheMeta", per: dict[str, np.ndarray]) -> list[str]:
     if out_of_range.any():
         bad.append(f"{int(out_of_range.sum())} OK rows have a label outside 0..{meta.num_classes - 1}")
     unsized = (height[ok] <= 0) | (width[ok] <= 0)
-    if meta.state == "complete" and unsized.any():
+    if meta.state is CacheState.COMPLETE and unsized.any():
         bad.append(f"{int(unsized.sum())} OK rows have no image size (never dumped)")
     n_skipped = int((status == STATUS_SKIPPED).sum())
-    if n_skipped != len(meta.skipped) and meta.state == "complete":
+    if n_skipped != len(meta.skipped) and meta.state is CacheState.COMPLETE:
         bad.append(f"{n_skipped} rows are marked skipped, the metadata lists {len(meta.skipped)}")
     return bad
 
 
 def check_cache(cache: "Cache", *, deep: bool = False) -> list[Finding]:
     m = cache.meta
-    out = [Finding(check=Check.STATE, ok=m.state == "complete", detail=f"state {m.state!r}")]
+    out = [Finding(check=Check.STATE, ok=m.state is CacheState.COMPLETE, detail=f"state {m.state.value!r}")]
     pending = cache.pending_shards()
     out.append(Finding(check=Check.RECORDS, ok=not pending,
                        detail=f"{len(pending)}/{len(m.manifest.shards)} missing, first "
@@ -583,7 +772,7 @@ def open_cache(path: str | Path, *, mode: str = "r") -> Cache:
             name = node.rsplit("/", 1)[0]
             raise CacheError(f"{path}: the metadata of {name!r} ({name}/zarr.json) is damaged "
                              f"({type(e).__name__}: {e}); re-dump the cache") from e
-    return Cache(location=loc, meta=CacheMeta.from_dict(raw), group=group)
+    return Cache(location=loc, meta=CacheMeta.from_dict(raw, where=path), group=group)
 
 
 def write_meta(cache: Cache, meta: CacheMeta) -> Cache:
@@ -627,14 +816,15 @@ def finalize(cache: Cache, lease=None) -> Cache:
     if pending:
         raise CacheError(f"{cache.path}: {len(pending)} shard(s) not dumped yet, first "
                          f"{[cache.meta.manifest.shards[i].name for i in pending[:3]]}; rerun dump-teacher")
-    skipped = []
-    for i in range(len(cache.meta.manifest.shards)):
-        skipped.extend(cache.shard_record(i).get("skipped", []))
-    return write_meta(cache, dataclasses.replace(cache.meta, state="complete", skipped=tuple(skipped)))
+    skipped: list[SkippedSample] = []
+    for i, entry in enumerate(cache.meta.manifest.shards):
+        skipped.extend(parse_skipped(cache.shard_record(i).get("skipped", []),
+                                     where=f"{cache.path}: done record of tar shard {entry.name}"))
+    return write_meta(cache, dataclasses.replace(cache.meta, state=CacheState.COMPLETE, skipped=tuple(skipped)))
 
 
 def require_complete(cache: Cache) -> None:
-    if cache.meta.state != "complete":
+    if cache.meta.state is not CacheState.COMPLETE:
         pending = cache.pending_shards()
         raise CacheError(f"{cache.path} is incomplete ({len(pending)} of {len(cache.meta.manifest.shards)} shards "
                          "not dumped); rerun the same dump-teacher command to finish it")

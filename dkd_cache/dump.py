@@ -32,7 +32,7 @@ from . import store as store_mod
 from .data import REMOTE_PREFIXES, keep_as_is, expand_shards, iter_raw_samples, parse_sample, scan_shards, shard_name
 from .errors import BadSampleError, CacheMismatchError, ConfigError, DKDCacheError, ShardError
 from .calibration import calibration_logits, calibration_plan, render_plan
-from .logit_codecs import codec_from_dict, parse_codec
+from .logit_codecs import parse_codec
 from .progress import Progress
 from . import renderers
 from .teacher import load_teacher
@@ -213,7 +213,7 @@ class _ShardBuffer:
         for name, (tail, dtype) in codec_arrays.items():
             self.block[f"logits/{name}"] = np.zeros((v, rows, *tail), dtype)
         self.keys = cache_mod.decode_keys(cache.read_rows("samples/key", start, start + entry.samples))
-        self.skipped: list[dict[str, str]] = []
+        self.skipped: list[cache_mod.SkippedSample] = []
         self.pending_views = 0
 
     def add_sample(self, s: RenderedSample) -> None:
@@ -223,7 +223,7 @@ class _ShardBuffer:
         self.block["views/flip"][:, s.pos] = s.flips
         if s.skipped is not None:
             self.block["samples/status"][s.pos] = cache_mod.STATUS_SKIPPED
-            self.skipped.append({"shard": self.entry.name, "key": self.keys[s.pos], "reason": s.skipped})
+            self.skipped.append(cache_mod.SkippedSample(shard=self.entry.name, key=self.keys[s.pos], reason=s.skipped))
             self.filled += 1
 
     def add_logits(self, pos: np.ndarray, view: np.ndarray, encoded: dict[str, np.ndarray],
@@ -243,7 +243,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
     check_out_path(s.out, urls, [s.shards] if isinstance(s.shards, str) else list(s.shards))
     model, tinfo = load_teacher(s.arch, s.weights, device=device)
     # fp32 means fp32 (TF32 would move logits by ~1e-3 relative); set around each forward, never left global
-    compute = resolve_policy(device, s.amp).to_dict()
+    compute = resolve_policy(device, s.amp)
     codec = parse_codec(s.codec, tinfo.num_classes)
 
     out = store_mod.location(s.out)
@@ -263,14 +263,14 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                 out.remove_stale()
                 indexes = scan_shards(urls, tinfo.num_classes, s.skip_bad, threads=max(2, s.workers * 2))
                 meta = cache_mod.CacheMeta(
-                    format_version=FORMAT_VERSION, teacher=tinfo.to_dict(), recipe=s.recipe, seed=s.seed,
-                    views=s.views, codec=codec.to_dict(), temperatures=tuple(float(t) for t in s.temperatures),
+                    format_version=FORMAT_VERSION, teacher=tinfo, recipe=s.recipe, seed=s.seed,
+                    views=s.views, codec=codec, temperatures=tuple(float(t) for t in s.temperatures),
                     chunk_rows=s.chunk_rows, manifest=cache_mod.build_manifest(indexes, s.chunk_rows),
                     versions=cache_mod.library_versions(), compute=compute,
                     renderer=renderers.renderer_info(s.renderer))
                 if out.exists("zarr.json"):
                     existing = cache_mod.open_cache(s.out, mode="r+")
-                    if codec_from_dict(existing.meta.codec).name == codec.name:
+                    if existing.meta.codec.name == codec.name:
                         # the same codec: a learned one keeps its stored basis (resume never refits)
                         meta = dataclasses.replace(meta, codec=existing.meta.codec)
                     diffs = existing.meta.differences(meta)
@@ -282,7 +282,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                 else:
                     if codec.learned:
                         codec = fit_codec(codec, indexes, urls, meta, model, s)
-                        meta = dataclasses.replace(meta, codec=codec.to_dict())
+                        meta = dataclasses.replace(meta, codec=codec)
                     cache_mod.create_cache(s.out, meta, indexes, codec.arrays(tinfo.num_classes), codec.state_arrays())
             except DKDCacheError as e:
                 error = e
@@ -329,7 +329,7 @@ def fit_codec(codec, indexes, urls, meta: cache_mod.CacheMeta, model, s: DumpSet
     device = next(model.parameters()).device
     renders = render_plan(plan, [by_name[n] for n in names], names, meta.seed, meta.recipe, meta.num_classes,
                           s.skip_bad)
-    policy = ComputePolicy.from_dict(meta.compute)  # the teacher runs exactly as for the cache's rows
+    policy = meta.compute  # the teacher runs exactly as for the cache's rows
     logits = calibration_logits(renders, lambda x: teacher_forward(model, x, policy), meta.recipe, device,
                                 s.batch_size)
     return codec.fit(logits)
@@ -342,7 +342,7 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
         return 0, 0
     loader = DataLoader(_RenderStream(jobs, meta, s.skip_bad), batch_size=None, num_workers=min(s.workers, len(jobs)),
                         prefetch_factor=4 if s.workers else None, persistent_workers=False, collate_fn=keep_as_is)
-    policy = ComputePolicy.from_dict(meta.compute)
+    policy = meta.compute or ComputePolicy()  # None: a cache written before the policy was recorded (fp32)
     storage = Storage(codec=codec, num_classes=meta.num_classes, temperatures=tuple(meta.temperatures))
     buffers: dict[int, _ShardBuffer] = {}
     views_written = skipped = shards_written = 0
@@ -374,7 +374,8 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
         for sh in [sh for sh, b in buffers.items() if b.filled == b.expected and b.pending_views == 0]:
             b = buffers.pop(sh)
             cache_mod.write_shard(cache, sh, b.block, {"shard": b.entry.name, "samples": b.expected,
-                                                       "skipped": b.skipped, "views": meta.views}, lease)
+                                                       "skipped": [x.to_dict() for x in b.skipped],
+                                                       "views": meta.views}, lease)
             skipped += len(b.skipped)
             shards_written += 1
 

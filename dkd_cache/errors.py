@@ -39,6 +39,19 @@ class CacheError(DKDCacheError, ValueError):
     """A cache store is damaged, incomplete or does not match what it is used with."""
 
 
+class CacheMetadataError(CacheError):
+    """A cache's stored metadata (the `dkd_cache` attribute of its zarr.json) is malformed: names the cache, the
+    field and what is wrong with it."""
+
+    def __init__(self, cache: str, field: str, problem: str):
+        self.cache, self.field, self.problem = cache, field, problem
+        super().__init__(f"{cache}: metadata field {field!r}: {problem}. The cache's zarr.json is damaged or was "
+                         "written by another version of dkd-cache; re-dump the cache with this version")
+
+    def __reduce__(self):
+        return (type(self), (self.cache, self.field, self.problem))
+
+
 class CacheMismatchError(CacheError):
     """An existing cache was made with other settings, shards or teacher."""
 

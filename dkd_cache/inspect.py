@@ -16,10 +16,10 @@ def describe(path: str | Path, *, deep: bool = False) -> dict[str, Any]:
     total_views = m.manifest.samples * m.views
     logit_bytes = cache_mod.disk_bytes(path, "logits") + cache_mod.disk_bytes(path, "views")
     return {
-        "path": str(path), "format_version": m.format_version, "state": m.state,
+        "path": str(path), "format_version": m.format_version, "state": m.state.value,
         "shards_done": len(m.manifest.shards) - len(pending), "shards": len(m.manifest.shards),
         "samples": m.manifest.samples, "rows": m.manifest.rows, "views": m.views, "skipped": len(m.skipped),
-        "teacher": m.teacher, "codec": m.codec, "temperatures": list(m.temperatures), "seed": m.seed,
+        "teacher": m.teacher.to_dict(), "codec": m.codec.to_dict(), "temperatures": list(m.temperatures), "seed": m.seed,
         "recipe": m.recipe.to_dict(), "renderer": m.renderer.to_dict(), "chunk_rows": m.chunk_rows, "versions": m.versions,
         "bytes_on_disk": cache_mod.disk_bytes(path),
         "bytes_per_view": logit_bytes / max(total_views, 1),

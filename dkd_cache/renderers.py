@@ -56,6 +56,9 @@ class RendererInfo:
         """A cache's record; None (a cache written before renderers were recorded) is the cpu renderer."""
         if d is None:
             return cls(name="cpu", backend=BACKENDS["cpu"] + " (not recorded: written before renderers were)")
+        unknown = sorted(set(d) - {"name", "backend", "versions"})
+        if unknown:
+            raise ConfigError(f"renderer record has unknown keys {unknown}")
         parse_renderer(d.get("name"))
         return cls(name=d["name"], backend=str(d.get("backend", "")), versions=dict(d.get("versions", {})))
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .logit_codecs import Codec, FloatCodec, codec_from_dict
+from .logit_codecs import Codec, FloatCodec
 from .loss import REDUCTIONS, dkd_loss, dkd_loss_topk
 
 AMPS = ("none", "bf16")
@@ -112,7 +112,7 @@ class Storage:
         meta = getattr(cache, "meta", cache)
         codec = getattr(cache, "codec", None) if cache is not meta else None
         if not isinstance(codec, Codec):
-            codec = meta.codec if isinstance(meta.codec, Codec) else codec_from_dict(meta.codec)
+            codec = meta.codec  # the spec; a learned codec without its arrays (an open Cache adds them)
         return cls(codec=codec, num_classes=meta.num_classes, temperatures=tuple(meta.temperatures))
 
     @classmethod

@@ -340,7 +340,7 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         teacher, tinfo = load_teacher(cfg.teacher_arch, cfg.live_teacher, device=device)
         if tinfo.num_classes != num_classes:
             raise ConfigError(f"live teacher has {tinfo.num_classes} classes, the data {num_classes}")
-        if cache is not None and tinfo.sha256 != cache.meta.teacher["sha256"] and dinfo.is_main:
+        if cache is not None and tinfo.sha256 != cache.meta.teacher.sha256 and dinfo.is_main:
             warnings.warn("the live teacher's weights differ from the cache's teacher", stacklevel=2)
     # ---- the teacher's signal: the cache's storage, or (live) exact storage of the teacher computed per batch
     storage = teacher_policy = None

@@ -731,9 +731,9 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
     device = torch.device(s.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    rep.data["cache"] = {"path": str(s.cache), "state": meta.state, "codec": codec.name, "classes": meta.num_classes,
+    rep.data["cache"] = {"path": str(s.cache), "state": meta.state.value, "codec": codec.name, "classes": meta.num_classes,
                          "views": meta.views, "temperatures": list(meta.temperatures), "shards": len(m.shards),
-                         "samples": m.samples, "teacher": meta.teacher, "recipe": meta.recipe.to_dict()}
+                         "samples": m.samples, "teacher": meta.teacher.to_dict(), "recipe": meta.recipe.to_dict()}
     rep.data["settings"] = dataclasses.asdict(s)
 
     # ---- 1. integrity
@@ -761,12 +761,12 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
 
     teacher = None
     try:
-        teacher, tinfo = load_teacher(meta.teacher["arch"], s.weights, device=device)
+        teacher, tinfo = load_teacher(meta.teacher.arch, s.weights, device=device)
     except (CheckpointError, ConfigError) as e:
-        rep.check(f"teacher weights load as {meta.teacher['arch']}", False, detail=str(e))
+        rep.check(f"teacher weights load as {meta.teacher.arch}", False, detail=str(e))
     if teacher is not None:
-        rep.check("teacher weights SHA-256 = the cache's", tinfo.sha256 == meta.teacher["sha256"],
-                  tinfo.sha256[:12], str(meta.teacher["sha256"])[:12],
+        rep.check("teacher weights SHA-256 = the cache's", tinfo.sha256 == meta.teacher.sha256,
+                  tinfo.sha256[:12], meta.teacher.sha256[:12],
                   detail="these are not the weights the cache was dumped with")
         if not rep.check("teacher classes = the cache's", tinfo.num_classes == meta.num_classes,
                          tinfo.num_classes, meta.num_classes):
@@ -845,7 +845,7 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
         images = torch.stack(renders)
         y = torch.as_tensor(per["label"][rows_k].astype(np.int64))
         # The live teacher runs as the dump did (the cache's compute policy): under bf16 autocast for a bf16 cache.
-        policy = ComputePolicy.from_dict(meta.compute) if meta.compute else ComputePolicy(device=device.type)
+        policy = meta.compute or ComputePolicy(device=device.type)  # None: not recorded (an older cache)
         bf16 = policy.amp == "bf16"
         z = _logits(teacher, images, meta.recipe, device, s.batch_size, policy)
         logit_tol = s.logit_tol

@@ -19,7 +19,6 @@ from dkd_cache.data import expand_shards, iter_raw_samples, parse_sample
 from dkd_cache.dump import dump_teacher, render_shard
 from dkd_cache.errors import (BadSampleError, CacheLockedError, CacheMismatchError, ConfigError, ShardError,
                               ShardNotFoundError)
-from dkd_cache.logit_codecs import codec_from_dict
 from dkd_cache.teacher import load_teacher
 from dkd_cache.views import normalize, render
 
@@ -32,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_cache_round_trips_keys_labels_and_metadata(cache_path, shards):
     cache = cache_mod.open_cache(cache_path)
     m = cache.meta
-    assert m.state == "complete" and m.views == 2 and m.temperatures == (1.0, 4.0)
+    assert m.state is cache_mod.CacheState.COMPLETE and m.views == 2 and m.temperatures == (1.0, 4.0)
     assert cache_mod.CacheMeta.from_dict(m.to_dict()) == m
     urls = expand_shards(str(Path(shards["train"][0]).parent))
     for i, url in enumerate(urls):
@@ -75,7 +74,7 @@ def test_stored_views_re_render_to_the_dumped_tensors_and_logits(cache_path, sha
     live_target = logits[torch.arange(len(images)), torch.from_numpy(labels).long()].numpy()
     np.testing.assert_allclose(target[: len(images)], live_target, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse[: len(images), 1], torch.logsumexp(logits / 4.0, 1).numpy(), rtol=1e-5, atol=1e-5)
-    codec = codec_from_dict(m.codec)
+    codec = m.codec
     idx = cache.read_rows("logits/topk_idx", entry.row_start, entry.row_stop, view=1)[: len(images)]
     assert (np.sort(idx, 1) == np.sort(logits.topk(codec.k, 1).indices.numpy(), 1)).all()
 
@@ -191,8 +190,8 @@ def test_skip_bad_records_each_skipped_sample(tmp_path, teacher_ckpt):
     report = _dump_dir(tmp_path, teacher_ckpt, shard_dir, skip_bad=True)
     assert report.complete and report.skipped == 2
     meta = cache_mod.open_cache(tmp_path / "c.zarr").meta
-    assert sorted((s["key"], s["shard"]) for s in meta.skipped) == [("b", "x.tar"), ("c", "x.tar")]
-    assert all(s["reason"] for s in meta.skipped)
+    assert sorted((s.key, s.shard) for s in meta.skipped) == [("b", "x.tar"), ("c", "x.tar")]
+    assert all(s.reason for s in meta.skipped)
     status = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["samples/status"][:4]
     assert status.tolist() == [1, 2, 2, 1]
 

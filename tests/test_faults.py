@@ -486,7 +486,7 @@ def test_image_bomb_is_refused_or_skipped_and_pipe_needs_allow_pipe(shards, teac
                           progress=False)
     assert report.complete and report.skipped == 1
     (skipped,) = cache_mod.open_cache(tmp_path / "c.zarr").meta.skipped
-    assert (skipped["shard"], skipped["key"]) == ("x.tar", "b") and "decompression bomb" in skipped["reason"]
+    assert (skipped.shard, skipped.key) == ("x.tar", "b") and "decompression bomb" in skipped.reason
 
     pipe = f"pipe:cat {shards['train'][3]}"
     res = runner.invoke(app, ["dump-teacher", "--shards", pipe, "--weights", str(teacher_ckpt), "--out",
@@ -501,7 +501,7 @@ def test_image_bomb_is_refused_or_skipped_and_pipe_needs_allow_pipe(shards, teac
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     m = cache_mod.open_cache(tmp_path / "p.zarr").meta
-    assert [s.name for s in m.manifest.shards] == ["train-000003.tar"] and m.state == "complete"
+    assert [s.name for s in m.manifest.shards] == ["train-000003.tar"] and m.state is cache_mod.CacheState.COMPLETE
 
 
 @pytest.mark.parametrize("extra, words", [

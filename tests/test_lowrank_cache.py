@@ -50,7 +50,7 @@ def test_basis_is_recorded_reused_on_resume_and_checked(shards, teacher_ckpt, tm
     out = tmp_path / "lr.zarr"
     _cache(shards, teacher_ckpt, out)
     cache = cache_mod.open_cache(out)
-    rec = cache.meta.codec["fit"]
+    rec = cache.meta.codec.record
     assert rec["calibration_views"] == shards["train_samples"]  # fewer samples than asked for: all of them
     codec = cache.codec
     assert codec.basis.sha256 == rec["sha256"] and codec.name == SPEC

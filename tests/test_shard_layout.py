@@ -42,7 +42,7 @@ def test_duplicate_keys_are_skippable_bad_samples(tmp_path, teacher_ckpt):
                           progress=False)
     assert report.complete and report.skipped == 1
     meta = cache_mod.open_cache(tmp_path / "c.zarr").meta
-    assert [(s["key"], "duplicate key" in s["reason"]) for s in meta.skipped] == [("a", True)]
+    assert [(s.key, "duplicate key" in s.reason) for s in meta.skipped] == [("a", True)]
 
 
 def test_a_member_twice_in_one_sample_is_a_skippable_bad_sample(tmp_path):

@@ -136,7 +136,7 @@ def test_the_cache_holds_what_encode_entries_computes(cache_path, shards, teache
         sample = parse_sample(raws[keys[r]], CLASSES)
         imgs.append(render(sample.image, tuple(int(v) for v in box[r]), bool(flip[r]), m.recipe))
         labels.append(sample.label)
-    z = teacher_forward(teacher, normalize(torch.stack(imgs), m.recipe), ComputePolicy.from_dict(m.compute))
+    z = teacher_forward(teacher, normalize(torch.stack(imgs), m.recipe), m.compute)
     live = encode_entries(z, torch.tensor(labels), storage)
     for name, values in live.items():
         stored = cache.read_rows(name, e.row_start, e.row_stop, view=1)[rows]
