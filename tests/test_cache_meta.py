@@ -21,7 +21,7 @@ from dkd_cache.teacher import TeacherInfo
 from dkd_cache.teacher_signal import ComputePolicy
 from dkd_cache.train import TrainConfig, train_student
 
-# The `dkd_cache` attribute of zarr.json exactly as the code before CacheMeta was typed (commit 2f9e845) wrote it,
+# The `dkd_cache` attribute of zarr.json exactly as the code before CacheMeta was typed (main at 50cbf4e) wrote it,
 # for the conftest shards dumped with the conftest settings (resnet18, 2 views, topk:4, T 1 and 4, 32 px, chunk_rows 8)
 PREVIOUS = Path(__file__).parent / "data" / "cache_meta_previous.json"
 
