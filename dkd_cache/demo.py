@@ -87,9 +87,35 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def check_workdir(setup: DemoSetup) -> None:
+    """A work directory belongs to one recipe: finished stages are kept on a rerun, so a rerun with another recipe
+    would report the old shards, teacher or students as the new recipe's. The first run records the recipe in
+    WORKDIR/recipe.json; a rerun whose recipe differs is refused, naming the keys. The student seed ([demo] seed)
+    may change: its runs live in their own folder."""
+    def tables(file: dict[str, dict[str, Any]], demo: dict[str, Any]) -> dict[str, Any]:
+        return json.loads(json.dumps({**file, "demo": {k: v for k, v in demo.items() if k != "seed"}}))
+
+    now = tables(setup.file, setup.demo)
+    record = setup.work / "recipe.json"
+    if not record.exists():
+        setup.work.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(json.dumps({"config": str(setup.config), **now}, indent=2))
+        tmp.replace(record)
+        return
+    saved = json.loads(record.read_text())
+    changed = [f"[{t}] {k}: {saved.get(t, {}).get(k)!r} -> {now[t].get(k)!r}" for t in now
+               for k in sorted(set(now[t]) | set(saved.get(t, {}))) if saved.get(t, {}).get(k) != now[t].get(k)]
+    if changed:
+        raise ConfigError(f"{setup.work} was made with another recipe ({saved.get('config')}); {setup.config} "
+                          f"differs in {'; '.join(changed)}. Its finished stages would be reported as this "
+                          "recipe's: use a new work directory, or delete this one")
+
+
 def prepare(setup: DemoSetup, *, echo: Callable[[str], Any] = print, progress: bool = True,
             stop_after: str | None = None) -> list[dict[str, Any]]:
     """Shards, the teacher and its cache: the part every seed shares. Returns one timing row per stage run."""
+    check_workdir(setup)
     d, rows = setup.demo, []
     shards = setup.shards
     if not (shards / "val.txt").exists():

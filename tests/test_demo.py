@@ -196,3 +196,15 @@ def test_parity_table_shows_every_seed_the_intervals_and_the_determinism_check()
     assert "30.00%" in rows[1] and "-1.00" in rows[1] and "+10.00" in rows[1]
     assert rows[5].startswith("mean") and rows[6].startswith("std") and rows[7].startswith("95% CI")
     assert "identical per-epoch top-1: True" in text and "2 threads instead" in text and "-0.50 pts" in text
+
+
+def test_a_rerun_with_another_recipe_is_refused_naming_what_changed(demo_run, tmp_path):
+    work, r = demo_run
+    other = tmp_path / "other.toml"
+    other.write_text(TINY.replace("beta = 8.0", "beta = 2.0"))
+    with pytest.raises(ConfigError, match=r"\[train\] beta: 8.0 -> 2.0"):
+        run_demo(work, other, echo=lambda s: None, progress=False)
+    other.write_text(TINY.replace("classes = 4", "classes = 4\nseed = 3"))  # another student seed is not a new recipe
+    from dkd_cache.demo import check_workdir, load_setup
+
+    check_workdir(load_setup(work, other))
