@@ -114,6 +114,9 @@ def library_versions() -> dict[str, str]:
             "numcodecs": numcodecs.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
+METADATA = "cache metadata"  # what a metadata error names when no cache path is known (a CacheMeta built in code)
+
+
 class CacheState(str, enum.Enum):
     """A cache's commit state; the value is what zarr.json stores. A dump creates the cache WRITING and rewrites its
     metadata COMPLETE as its very last write, once every tar shard has its done record."""
@@ -138,11 +141,8 @@ class SkippedSample:
         return {"shard": self.shard, "key": self.key, "reason": self.reason}
 
     @classmethod
-    def from_dict(cls, d: Any, *, where: str = "cache metadata") -> "SkippedSample":
+    def from_dict(cls, d: Any, *, where: str = METADATA) -> "SkippedSample":
         return parse_skipped([d], where=where)[0]
-
-
-METADATA = "cache metadata"  # what a metadata error names when no cache path is known (a CacheMeta built in code)
 
 
 def _table(value: Any, field: str, where: str) -> Mapping[str, Any]:
