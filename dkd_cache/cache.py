@@ -34,6 +34,7 @@ import enum
 import json
 import platform
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from . import FORMAT_VERSION, __version__
+from . import FORMAT_VERSION, __version__, zarr_chunks
 from .data import ShardIndex, keys_digest
 from .errors import CacheError, CacheMetadataError, CacheMismatchError, ConfigError
 from .logit_codecs import Codec, codec_from_dict
@@ -407,6 +408,13 @@ class Cache:
         return self.location.url
 
     _arrays: dict[str, zarr.Array] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    _layouts: dict[str, Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def chunk_layout(self, name: str) -> "zarr_chunks.Layout | None":
+        """How the array's whole chunks are encoded without zarr's pipeline (None: write through zarr)."""
+        if name not in self._layouts:
+            self._layouts[name] = zarr_chunks.layout(self.array(name).metadata.to_dict())
+        return self._layouts[name]
 
     def array(self, name: str) -> zarr.Array:
         """The opened array, kept: its metadata is read once, not on every block read (a request on S3)."""
@@ -461,7 +469,9 @@ class Cache:
         return check_cache(self, deep=deep)
 
     # -- reads, a chunk-aligned block at a time
-    def read_rows(self, name: str, start: int, stop: int, view: int | None = None) -> np.ndarray:
+    def read_rows(self, name: str, start: int, stop: int, view: int | slice | None = None) -> np.ndarray:
+        """Rows start..stop of an array; of one view (an int) or of consecutive views (a slice: one read of
+        the Zarr shard for all of them) for the per-view arrays."""
         arr = self.array(name)
         check_chunks_present(self, name, start, stop, ndim=arr.ndim)
         try:
@@ -473,8 +483,10 @@ class Cache:
             bad = self._unreadable_chunks(arr, start, stop, view) or [(start, stop - 1)]
             m = self.meta.manifest
             shards = sorted({s.name for s in m.shards for a, _ in bad if s.row_start <= a < s.row_stop})
+            views = "" if view is None else f" view {view}" if isinstance(view, int) else \
+                f" views {view.start}..{view.stop - 1}"
             raise CacheError(f"{self.path}: array {name!r} rows {', '.join(f'{a}..{b}' for a, b in bad[:5])}"
-                             f"{'' if view is None else f' view {view}'} (tar shard(s) {shards}) cannot be read "
+                             f"{views} (tar shard(s) {shards}) cannot be read "
                              f"({type(e).__name__}: {e}); the chunk is damaged: re-dump the affected shard (delete "
                              "its _dkd/done record and rerun dump-teacher)") from e
 
@@ -782,29 +794,59 @@ def write_meta(cache: Cache, meta: CacheMeta) -> Cache:
 
 
 def write_shard(cache: Cache, shard: int, block: dict[str, np.ndarray], record: dict[str, Any],
-                lease=None) -> None:
+                lease=None, commit: Executor | None = None) -> Future | None:
     """Write one tar shard's rows for every array (whole chunks and Zarr shards only), then its completion
-    record: one create-only object, written last, and only while `lease` (store.Lease) is still ours."""
-    with _store_writes(cache.path, f"shard {cache.meta.manifest.shards[shard].name}'s rows"):
-        _write_shard(cache, shard, block, record, lease)
+    record: one create-only object, written last, and only while `lease` (store.Lease) is still ours.
 
-
-def _write_shard(cache: Cache, shard: int, block: dict[str, np.ndarray], record: dict[str, Any], lease) -> None:
+    With `commit` (an executor of one thread), the rows are written now and the rest (fsync of the chunks, lease
+    check, record) runs there, overlapped with the caller's next work; the returned future raises what it
+    raised. One thread keeps the records in the order the shards were written."""
     entry = cache.meta.manifest.shards[shard]
+    what = f"shard {entry.name}'s rows"
+    with _store_writes(cache.path, what):
+        _write_rows(cache, entry, block)
+
+    def finish() -> None:
+        with _store_writes(cache.path, what):
+            if lease is not None:
+                lease.check()
+            # Durable before vouched for: after a power loss the record must never stand for torn or missing chunks.
+            cache.location.sync([k for name in block for k in chunk_keys(cache, name, entry.row_start,
+                                                                           entry.row_stop)])
+            if not cache.location.create(cache.done_key(shard), json.dumps(record).encode()):
+                raise CacheError(f"{cache.path}: shard {entry.name} already has a done record although this dump "
+                                 "wrote it; two dumps wrote this cache at once. Check it with dkd-cache verify")
+
+    if commit is None:
+        finish()
+        return None
+    return commit.submit(finish)
+
+
+def _write_rows(cache: Cache, entry: ShardEntry, block: dict[str, np.ndarray]) -> None:
     rows = slice(entry.row_start, entry.row_stop)
+    files: dict[str, bytes] = {}  # whole chunks encoded here (zarr_chunks), written as one batch of files
     for name, values in block.items():
         arr = cache.array(name)
-        if name.startswith("samples/"):
-            arr[rows] = values
+        per_row = name.startswith("samples/")
+        region = (rows,) if per_row else (slice(0, arr.shape[0]), rows)
+        encoded = _whole_chunks(cache, name, arr, region, values)
+        if encoded is None:
+            arr[region] = values
         else:
-            arr[:, rows] = values
-    if lease is not None:
-        lease.check()
-    # Durable before vouched for: after a power loss the record must never stand for torn or missing chunks.
-    cache.location.sync([k for name in block for k in chunk_keys(cache, name, entry.row_start, entry.row_stop)])
-    if not cache.location.create(cache.done_key(shard), json.dumps(record).encode()):
-        raise CacheError(f"{cache.path}: shard {entry.name} already has a done record although this dump wrote it; "
-                         "two dumps wrote this cache at once. Check it with dkd-cache verify")
+            files.update({f"{name}/{k}": v for k, v in encoded.items()})
+    cache.location.write_files(files)
+
+
+def _whole_chunks(cache: Cache, name: str, arr: zarr.Array, region: tuple[slice, ...],
+                  values: np.ndarray) -> dict[str, bytes] | None:
+    """The chunk files of `values` written at `region` (leading axes; the rest whole), encoded in this thread
+    (zarr_chunks), or None when zarr must write them (another codec chain, or not whole chunks)."""
+    lay = cache.chunk_layout(name)
+    shape = tuple(r.stop - r.start for r in region) + tuple(arr.shape[len(region):])
+    if lay is None or np.shape(values) != shape:
+        return None
+    return zarr_chunks.encode(lay, tuple(r.start for r in region) + (0,) * (len(shape) - len(region)), values)
 
 
 def finalize(cache: Cache, lease=None) -> Cache:

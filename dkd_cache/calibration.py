@@ -22,7 +22,7 @@ import torch
 
 from .data import ShardIndex, iter_raw_samples, parse_sample
 from .errors import BadSampleError, ConfigError
-from .views import Recipe, decode, draw_view, normalize, render_decoded
+from .views import Recipe, decode, draw_view, normalize, pixel_major, render_decoded
 
 
 def calibration_plan(indexes: Sequence[ShardIndex], views: int, n: int) -> list[tuple[int, int, int]]:
@@ -71,6 +71,8 @@ def render_plan(plan: Sequence[tuple[int, int, int]], urls: Sequence[str], names
                         raise
                     continue
                 h, w = int(img.shape[1]), int(img.shape[2])
+                if len(wanted[pos]) > 1:
+                    img = pixel_major(img)
                 for view in wanted[pos]:
                     top, left, bh, bw, flip = draw_view(seed, view, sample.key, h, w, recipe)
                     yield render_decoded(img, (top, left, bh, bw), flip, recipe)

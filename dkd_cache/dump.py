@@ -5,7 +5,8 @@ Stream shapes:
       --worker: iter_raw_samples + parse_sample + draw_view + render-->  RenderedSample (V views of one sample)
       --main: batch views ------------------------------------------>  uint8 (B, 3, S, S) + where each row goes
       --teacher, encode ------------------------------------------->  per-shard buffers (V, rows, …)
-      --write_shard when a shard is whole ------------------------->  Zarr chunks, then the shard's done record
+      --write_shard when a shard is whole ------------------------->  Zarr chunks; on the commit thread: fsync,
+                                                                       then the shard's done record
 Decoding and cropping run in DataLoader workers, overlapped with teacher compute in the main process.
 """
 
@@ -17,6 +18,7 @@ import fnmatch
 import math
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from .progress import Progress
 from . import renderers
 from .teacher import load_teacher
 from .teacher_signal import LSE, TARGET, ComputePolicy, Storage, encode_entries, resolve_policy, teacher_forward
-from .views import Recipe, decode, draw_view, normalize, parse_positive_int, render_decoded
+from .views import Recipe, decode, draw_view, normalize, parse_positive_int, pixel_major, render_decoded
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -173,15 +175,17 @@ def render_shard(shard: int, url: str, meta: cache_mod.CacheMeta, skip_bad: bool
                 raise BadSampleError(entry.name, sample.key, f"image side {max(h, w)} exceeds 65535 pixels")
             boxes = np.zeros((v, 4), np.uint16)
             flips = np.zeros(v, np.uint8)
-            images = img if on_device else torch.empty((v, 3, recipe.image_size, recipe.image_size), dtype=torch.uint8)
+            if not on_device:
+                images = renderers.transfer_buffer((v, 3, recipe.image_size, recipe.image_size))
+                img = pixel_major(img)  # converted once for its V views
             for view in range(v):
                 top, left, bh, bw, flip = draw_view(meta.seed, view, sample.key, h, w, recipe)
                 boxes[view] = (top, left, bh, bw)
                 flips[view] = flip
                 if not on_device:  # the device renderer renders whole batches in the main process
-                    images[view] = render_decoded(img, (top, left, bh, bw), flip, recipe)
-            yield dataclasses.replace(empty, images=images, boxes=boxes, flips=flips, height=h, width=w,
-                                      label=sample.label)
+                    images[view] = render_decoded(img, (top, left, bh, bw), flip, recipe, contiguous=False)
+            yield dataclasses.replace(empty, images=img if on_device else images, boxes=boxes, flips=flips,
+                                      height=h, width=w, label=sample.label)
         except BadSampleError as e:
             if not skip_bad:
                 raise
@@ -195,14 +199,14 @@ def render_shard(shard: int, url: str, meta: cache_mod.CacheMeta, skip_bad: bool
 class _ShardBuffer:
     """Accumulates one tar shard's rows until every view of every sample has its logits."""
 
-    def __init__(self, cache: cache_mod.Cache, shard: int, codec_arrays: dict[str, tuple[tuple[int, ...], Any]]):
+    def __init__(self, cache: cache_mod.Cache, shard: int, codec_arrays: dict[str, tuple[tuple[int, ...], Any]],
+                 status: np.ndarray):
         meta = cache.meta
         entry = meta.manifest.shards[shard]
         rows, v = entry.row_stop - entry.row_start, meta.views
-        start = entry.row_start
         self.shard, self.entry, self.expected, self.filled = shard, entry, entry.samples, 0
         self.block: dict[str, np.ndarray] = {
-            "samples/status": cache.read_rows("samples/status", start, entry.row_stop).copy(),
+            "samples/status": status[entry.row_start : entry.row_stop].copy(),  # as created (scan-time skips)
             "samples/height": np.zeros(rows, np.int32),
             "samples/width": np.zeros(rows, np.int32),
             "views/box": np.zeros((v, rows, 4), np.uint16),
@@ -212,7 +216,7 @@ class _ShardBuffer:
         }
         for name, (tail, dtype) in codec_arrays.items():
             self.block[f"logits/{name}"] = np.zeros((v, rows, *tail), dtype)
-        self.keys = cache_mod.decode_keys(cache.read_rows("samples/key", start, start + entry.samples))
+        self.cache = cache
         self.skipped: list[cache_mod.SkippedSample] = []
         self.pending_views = 0
 
@@ -223,7 +227,9 @@ class _ShardBuffer:
         self.block["views/flip"][:, s.pos] = s.flips
         if s.skipped is not None:
             self.block["samples/status"][s.pos] = cache_mod.STATUS_SKIPPED
-            self.skipped.append(cache_mod.SkippedSample(shard=self.entry.name, key=self.keys[s.pos], reason=s.skipped))
+            key = cache_mod.decode_keys(self.cache.read_rows("samples/key", self.entry.row_start + s.pos,
+                                                             self.entry.row_start + s.pos + 1))[0]
+            self.skipped.append(cache_mod.SkippedSample(shard=self.entry.name, key=key, reason=s.skipped))
             self.filled += 1
 
     def add_logits(self, pos: np.ndarray, view: np.ndarray, encoded: dict[str, np.ndarray],
@@ -345,6 +351,7 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
     policy = meta.compute or ComputePolicy()  # None: a cache written before the policy was recorded (fp32)
     storage = Storage(codec=codec, num_classes=meta.num_classes, temperatures=tuple(meta.temperatures))
     buffers: dict[int, _ShardBuffer] = {}
+    status = cache.read_rows("samples/status", 0, meta.manifest.rows)  # one read, not one per tar shard
     views_written = skipped = shards_written = 0
 
     def flush_batch(items) -> None:
@@ -369,30 +376,38 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
             buffers[int(sh)].pending_views -= int(sel.sum())
         views_written += len(items)
 
+    commits: list = []  # futures of the shards whose fsyncs and done record run on the commit thread
+
     def write_finished() -> None:
         nonlocal skipped, shards_written
         for sh in [sh for sh, b in buffers.items() if b.filled == b.expected and b.pending_views == 0]:
             b = buffers.pop(sh)
-            cache_mod.write_shard(cache, sh, b.block, {"shard": b.entry.name, "samples": b.expected,
-                                                       "skipped": [x.to_dict() for x in b.skipped],
-                                                       "views": meta.views}, lease)
+            commits.append(cache_mod.write_shard(cache, sh, b.block, {"shard": b.entry.name, "samples": b.expected,
+                                                                      "skipped": [x.to_dict() for x in b.skipped],
+                                                                      "views": meta.views},
+                                                 lease, commit=committer))
             skipped += len(b.skipped)
             shards_written += 1
+        while commits and commits[0].done():
+            commits.pop(0).result()  # raises a failed commit here
 
     # Teacher batches hold views of one shard only, in (sample, view) order, cut every batch_size views: the
     # batches are a function of the shard alone, so the logits (which can differ in the last bit with batch
     # composition) are the same whatever the worker count, rank count or crash-and-resume history.
     queues: dict[int, list] = {}  # shard -> [(shard, pos, view, image, label)]
     # On a terminal a bar; in a log file a line every s.log_every teacher batches (views done/total, views/s,
-    # ETA, the shard of the batch and the shards written so far).
-    with Progress(total=n_samples * meta.views, label=label, unit="view", enabled=show,
-                  line_every=s.log_every) as bar:
+    # ETA, the shard of the batch and the shards written so far). The fsyncs and done record of a written shard
+    # wait on the disk on one commit thread, in shard order, while this loop encodes the next shard; every commit
+    # has finished (or raised) when _run returns.
+    with ThreadPoolExecutor(1, thread_name_prefix="dkd-commit") as committer, \
+            Progress(total=n_samples * meta.views, label=label, unit="view", enabled=show,
+                     line_every=s.log_every) as bar:
         for item in loader:
             if isinstance(item, tuple):
                 raise item[1]
             buf = buffers.get(item.shard)
             if buf is None:
-                buf = buffers[item.shard] = _ShardBuffer(cache, item.shard, codec_arrays)
+                buf = buffers[item.shard] = _ShardBuffer(cache, item.shard, codec_arrays, status)
             buf.add_sample(item)
             queue = queues.setdefault(item.shard, [])
             if item.images is not None:
@@ -408,6 +423,8 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
                 write_finished()
                 bar.advance(len(batch), info=f"shard {buf.entry.name}, {shards_written}/{len(jobs)} shards written")
             write_finished()
+        for done in commits:
+            done.result()
     if buffers:
         raise ShardError(f"shards {sorted(buffers)} ended before all their samples arrived; rerun to complete them")
     return views_written, skipped

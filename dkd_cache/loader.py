@@ -30,7 +30,7 @@ from .data import keep_as_is, iter_raw_samples, parse_sample, shard_name
 from .errors import BadSampleError, CacheMismatchError, DKDCacheError, ShardError
 from . import renderers
 from .renderers import Packed
-from .views import Recipe, center_crop, decode, draw_view, image_size_of, render_decoded
+from .views import Recipe, center_crop, decode, draw_view, image_size_of, pixel_major, render_decoded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +218,8 @@ def group_items(items: Iterable[Item], size: int = ITEMS_PER_TRANSFER, *, packed
 
 def _group(buf: list[Item], packed: bool = False) -> ItemGroup:
     images = None if buf[0].image is None else \
-        renderers.pack([i.image for i in buf]) if packed else torch.stack([i.image for i in buf])
+        renderers.pack([i.image for i in buf]) if packed else \
+        torch.stack([i.image for i in buf], out=renderers.transfer_buffer((len(buf), *buf[0].image.shape)))
     entries = {k: np.stack([i.entry[k] for i in buf]) for k in buf[0].entry}
     return ItemGroup(buf[0].worker, buf[0].seq, images, np.array([i.label for i in buf], np.int64), entries)
 
@@ -258,9 +259,18 @@ def _cache_rows(cache: cache_mod.Cache, shard: int, spec: StreamSpec):
     sizes = {}
     if "views/box" in spec.entry_arrays:  # stored boxes are in the dumped image's pixels: render_items checks it
         sizes = {name: cache.read_rows(name, e.row_start, e.row_stop) for name in SIZE_ENTRIES}
+    views = stream_views(spec, cache.meta.views)
+    runs = []  # the views as runs of consecutive ones (they wrap around at most once): one read per run and array
+    for v in views:
+        if runs and runs[-1][1] == v:
+            runs[-1][1] = v + 1
+        else:
+            runs.append([v, v + 1])
+    read = {name: np.concatenate([cache.read_rows(name, e.row_start, e.row_stop, view=slice(a, b)) for a, b in runs])
+            for name in spec.entry_arrays}
     per_view = []
-    for view in stream_views(spec, cache.meta.views):
-        arrays = {name: cache.read_rows(name, e.row_start, e.row_stop, view=view) for name in spec.entry_arrays}
+    for j, view in enumerate(views):
+        arrays = {name: values[j] for name, values in read.items()}
         for name, values in arrays.items():
             cache_mod.check_filled(cache, name, values, ok, e.row_start, view)
         per_view.append({**arrays, **sizes})
@@ -345,6 +355,8 @@ def render_items(spec: StreamSpec, raw: dict, cache_label: int | None, entries: 
                 "or re-dump the cache")
     recipe = dataclasses.replace(spec.recipe, image_size=spec.size)
     views = stream_views(spec, None)
+    if not on_device and len(entries) - first > 1:
+        img = pixel_major(img)  # once per decode: each view's resize then reads it without a conversion copy
     items = []
     for j in range(first, len(entries)):
         entry = entries[j]
@@ -355,7 +367,7 @@ def render_items(spec: StreamSpec, raw: dict, cache_label: int | None, entries: 
             box = (top, left, h, w)
             if on_device:
                 entry = {**entry, "views/box": np.array(box, np.uint16), "views/flip": np.uint8(flip)}
-        image = img if on_device else render_decoded(img, box, flip, recipe)
+        image = img if on_device else render_decoded(img, box, flip, recipe, contiguous=False)  # _group copies it
         items.append(Item(worker, seq0 + j, image, sample.label, entry))
     return items
 

@@ -558,9 +558,30 @@ def _rank_keys(score: Any, c: int) -> Any:
 
 def _order(score: np.ndarray, m: int) -> np.ndarray:
     """The m classes of largest integer score per row, in descending order (ties: lower class first)."""
-    key = _rank_keys(score, score.shape[1])
-    part = np.argpartition(-key, m - 1, axis=1)[:, :m] if m < key.shape[1] else np.tile(np.arange(m), (len(key), 1))
-    return np.take_along_axis(part, np.argsort(-np.take_along_axis(key, part, 1), axis=1), 1)
+    c = score.shape[1]
+    if score.size and (np.abs(score).max() + 1) * c < 2 ** 31:  # the same integer keys in int32: a faster select
+        key = score.astype(np.int32) * np.int32(c) + (c - 1 - np.arange(c, dtype=np.int32))
+    else:
+        key = _rank_keys(score, c)
+    np.negative(key, out=key)  # ascending order of -key = descending key
+    part = np.argpartition(key, m - 1, axis=1)[:, :m] if m < c else np.tile(np.arange(m), (len(key), 1))
+    return np.take_along_axis(part, np.argsort(np.take_along_axis(key, part, 1), axis=1), 1)
+
+
+def _largest(w: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the k columns of largest w in increasing column order; ties at the k-th value go to the lower
+    columns (the first k of a stable descending sort, sorted): no full sort of the row."""
+    n = w.shape[1]
+    if k >= n:
+        return np.tile(np.arange(n), (len(w), 1))
+    kth = np.partition(w, n - k, axis=1)[:, n - k : n - k + 1]  # the k-th largest value of each row
+    keep = w >= kth
+    if int(keep.sum()) != k * len(w):  # some row ties at its k-th value: the lowest tied columns first
+        above = w > kth
+        tied = keep & ~above
+        room = k - above.sum(axis=1, keepdims=True)
+        keep = above | (tied & (np.cumsum(tied, axis=1) <= room))
+    return np.nonzero(keep)[1].reshape(len(w), k)  # row-major: increasing column order per row
 
 
 def _sym_quantise(r: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -713,13 +734,14 @@ class LowRankCodec(Codec):
             order = _order(score, m)
             resid = np.take_along_axis(x, order, 1) - np.take_along_axis(approx, order, 1)
             scale, q = _sym_quantise(resid, _LR_TOP)
-            np.add.at(approx, (np.arange(len(x))[:, None], order), q.astype(np.float32) * scale.astype(np.float32)[:, None])
+            rows = np.arange(len(x))[:, None]
+            approx[rows, order] += q.astype(np.float32) * scale.astype(np.float32)[:, None]  # distinct per row
             out.update({"top_scale": scale, "top_codes": pack_bits((q + 8).astype(np.uint8), 4)})
         if k:
             resid = x - approx
-            shifted = x - x.max(axis=1, keepdims=True)
-            weight = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-            idx = np.sort(np.argsort(-(np.abs(resid) * weight), axis=1, kind="stable")[:, :k], axis=1)
+            e = np.exp(x - x.max(axis=1, keepdims=True))
+            weight = e / e.sum(axis=1, keepdims=True)
+            idx = _largest(np.abs(resid) * weight, k)
             scale, q = _sym_quantise(np.take_along_axis(resid, idx, 1), _LR_SPARSE)
             out.update({"sparse_idx": idx.astype(TopKCodec.index_dtype(c)), "sparse_scale": scale,
                         "sparse_codes": (q.astype(np.int16) + 128).astype(np.uint8)})

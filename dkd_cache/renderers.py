@@ -23,11 +23,13 @@ Stream shapes (device renderer):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from .errors import CacheMismatchError, ConfigError
 from .views import Recipe, decode, render_decoded
@@ -135,6 +137,16 @@ def concat(parts: Sequence[Packed], pin_memory: bool = False) -> Packed:
     flat = torch.empty(sum(int(p.flat.numel()) for p in parts), dtype=torch.uint8, pin_memory=pin_memory)
     _copy_into(flat, [p.flat for p in parts])
     return Packed(flat, np.concatenate([p.shapes for p in parts]).reshape(-1, 2))
+
+
+def transfer_buffer(shape: Sequence[int], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An empty tensor to fill in a DataLoader worker and hand to the main process: in shared memory from the
+    start (as torch's default_collate does), so that handing it over does not copy it there; elsewhere plain."""
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    n = math.prod(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(n, device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(tuple(shape))
 
 
 def stack(images: Sequence[torch.Tensor], pin_memory: bool = False) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,21 @@ class DiskLocation:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def write_files(self, files: dict[str, bytes]) -> None:
+        """Write each file whole: a temporary file renamed over the target, as zarr's LocalStore does. Not
+        fsynced here: `sync` makes them durable before anything vouches for them (a done record)."""
+        for key, data in files.items():
+            target = os.path.join(self.path, key)
+            tmp = f"{target}.{os.getpid()}.partial"
+            try:
+                f = open(tmp, "wb")
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                f = open(tmp, "wb")
+            with f:
+                f.write(data)
+            os.replace(tmp, target)
+
     def exists(self, key: str) -> bool:
         return (self.path / key).exists()
 
@@ -126,13 +143,16 @@ class DiskLocation:
         return (self.path / key).exists()
 
     def sync(self, keys: Sequence[str]) -> None:
-        """fsync these files and their folders: on disk before anything vouches for them (a done record)."""
-        folders = set()
-        for key in keys:
-            _fsync(self.path / key)
-            folders.add((self.path / key).parent)
-        for folder in sorted(folders):
-            _fsync(folder)
+        """fsync these files and their folders: on disk before anything vouches for them (a done record).
+        All at once from a few threads: ext4 commits concurrent fsyncs together (one after another, a tar
+        shard's ~30 files and folders took ~80 ms here; together ~10 ms)."""
+        paths = [self.path / key for key in keys]
+        paths += sorted({p.parent for p in paths})
+        if len(paths) <= 1:
+            for p in paths:
+                _fsync(p)
+            return
+        list(_fsync_pool().map(_fsync, paths))  # re-raises the first error
 
     def keys(self, prefix: str) -> list[str]:
         """Names of the files directly under `prefix` (a folder)."""
@@ -199,6 +219,12 @@ class DiskLocation:
                 lock_dir.rmdir()
 
 
+@functools.cache
+def _fsync_pool() -> ThreadPoolExecutor:
+    """Threads that only wait on fsync, kept for the process (a dump syncs every tar shard)."""
+    return ThreadPoolExecutor(16, thread_name_prefix="dkd-fsync")
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -260,6 +286,12 @@ class ObjectLocation:
         out = self.fs.pipe_file(self._p(key), data, **conditions)
         self._listed.clear()
         return (out or {}).get("ETag", "")
+
+    def write_files(self, files: dict[str, bytes]) -> None:
+        """One PUT per object, sent concurrently."""
+        if files:
+            self.fs.pipe({self._p(k): v for k, v in files.items()})
+            self._listed.clear()
 
     def create(self, key: str, data: bytes) -> bool:
         try:

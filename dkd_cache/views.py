@@ -136,14 +136,23 @@ def decode(data: bytes) -> torch.Tensor:
     return img
 
 
-def render_decoded(img: torch.Tensor, box: tuple[int, int, int, int], flip: bool, recipe: Recipe) -> torch.Tensor:
-    """Crop, resize to the recipe's size, flip: uint8 (3, S, S)."""
+def pixel_major(img: torch.Tensor) -> torch.Tensor:
+    """The same uint8 (3, H, W) image, its pixels stored channel-interleaved (channels-last strides): torch's uint8
+    resize works in that layout and otherwise converts every crop to it, so an image decoded once for several
+    views is converted once here. The rendered pixels are identical either way (tests/test_views.py)."""
+    return img.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
+def render_decoded(img: torch.Tensor, box: tuple[int, int, int, int], flip: bool, recipe: Recipe,
+                   contiguous: bool = True) -> torch.Tensor:
+    """Crop, resize to the recipe's size, flip: uint8 (3, S, S). `img` in either layout (pixel_major); the result
+    contiguous, or with `contiguous=False` in whatever layout the resize gave (the caller copies it anyway)."""
     top, left, h, w = (int(x) for x in box)
     out = F.resized_crop(img, top, left, h, w, [recipe.image_size, recipe.image_size],
                          interpolation=INTERPOLATIONS[recipe.interpolation], antialias=recipe.antialias)
     if flip:
         out = F.horizontal_flip(out)
-    return out.contiguous()
+    return out.contiguous() if contiguous else out
 
 
 def render(data: bytes, box: tuple[int, int, int, int], flip: bool, recipe: Recipe) -> torch.Tensor:

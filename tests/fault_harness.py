@@ -5,7 +5,7 @@
                                           of runs, each {"args", "fault", "env"}) forks one child per run
                                           (all at once) and answers one line: [{"rc", "output", "t"}] (rc < 0:
                                           killed by that signal; t: time.monotonic() when it was reaped)
-Each fault patches one low-level call in the child only (Zarr's file write, os.replace, torch.save, the optimizer
+Each fault patches one low-level call in the child only (Zarr's file write and dump-teacher's chunk-file write, os.replace, torch.save, the optimizer
 step, the file size limit); the product code runs unchanged.
 """
 
@@ -21,6 +21,7 @@ import torch
 import zarr.storage._local as zlocal
 
 import dkd_cache.cache as cache_mod
+import dkd_cache.store as store_mod
 from dkd_cache.cli import app
 
 
@@ -53,6 +54,22 @@ def apply(spec: dict) -> None:
             return real_put(path, value, exclusive=exclusive)
 
         zlocal._put = put
+        real_files = store_mod.DiskLocation.write_files
+
+        def write_files(self, files):  # dump-teacher's own chunk writes (zarr_chunks): the same count, cut alike
+            for key, data in files.items():
+                path = self.path / key
+                if spec["put"].get("match", "") in str(path) and spec["put"].get("contains", "").encode() in data:
+                    puts[0] += 1
+                    if puts[0] == spec["put"]["n"]:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        with open(f"{path}.{os.getpid()}.partial", "wb") as f:  # its temporary file, half written
+                            f.write(data[: len(data) // 2])
+                            f.flush()
+                            die()
+                real_files(self, {key: data})
+
+        store_mod.DiskLocation.write_files = write_files
 
     if armed and "record" in spec:  # SIGKILL after the Nth shard record is written, before it is linked in place
         real_link, records = os.link, [0]

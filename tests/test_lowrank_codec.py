@@ -175,3 +175,22 @@ def test_rank_is_capped_by_the_calibration_sample():
     assert loaded.arrays(C) == codec.arrays(C)  # the metadata alone gives the stored layout
     back = loaded.with_state(codec.state_arrays())
     assert torch.equal(roundtrip(back, x).full, roundtrip(codec, x).full)
+
+
+def test_encoder_selections_match_their_full_sort_definitions():
+    """The encoder picks its top-M order and sparse classes by partition; each must equal the definition by a
+    full sort (descending score, ties to the lower class; the first K of a stable descending sort, sorted),
+    including rows full of ties, and on both key widths of the order (int32 and float64)."""
+    from dkd_cache.logit_codecs import _largest, _order, _rank_keys
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        w = rng.integers(0, 6 if trial % 2 else 10_000, size=(17, 50)).astype(np.float32)
+        w[3] = 0  # a row that is one tie
+        for k in (1, 7, 49, 50):
+            want = np.sort(np.argsort(-w, axis=1, kind="stable")[:, :k], axis=1)
+            assert np.array_equal(_largest(w, k), want)
+        score = rng.integers(-3, 4, size=(9, 50)).astype(np.float64) * (1.0 if trial % 2 else 2.0 ** 40)
+        for m in (1, 10, 50):
+            want = np.argsort(-_rank_keys(score, 50), axis=1)[:, :m]
+            assert np.array_equal(_order(score, m), want)
