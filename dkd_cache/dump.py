@@ -305,7 +305,10 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
         codec = cache.codec  # with its basis, checked against the recorded hash (every rank reads the same one)
         codec_arrays = codec.arrays(tinfo.num_classes)
 
-        pending = cache.pending_shards()
+        # One plan for every rank: rank 0 lists the done records once, before any rank can write, and every rank
+        # splits that same list. (Each rank listing on its own raced with the fastest rank's first done record: a
+        # late rank saw a shorter list, so its round-robin share shifted, a shard went to no rank, another to two.)
+        pending = dist_mod.on_rank0(dinfo, cache.pending_shards)
         mine = pending[dinfo.rank :: dinfo.world]  # whole shards per rank: each rank writes only its own chunks
         by_name = {shard_name(u): u for u in urls}
         jobs = [(i, by_name[cache.meta.manifest.shards[i].name]) for i in mine]
@@ -314,13 +317,15 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
         views_written, skipped = _run(cache, model, codec, codec_arrays, jobs, s, device, n_samples,
                                       progress and dinfo.is_main, label, lease)
 
-        # Whoever finds every shard recorded marks the cache complete (idempotent if two ranks do it). On an
-        # object store rank 0 must still hold the lease then: it waits for the others before releasing it.
-        complete = not cache.pending_shards()
-        if complete:
-            cache = cache_mod.finalize(cache, lease)
-        if out.is_remote:
-            dist_mod.barrier(dinfo)
+        # Once every rank has written (and committed) its shards, rank 0, which holds the lease, marks the cache
+        # complete; finalize refuses (CacheError on every rank) if any shard of the plan has no done record, so
+        # a dump never ends successfully with the cache still 'writing'.
+        dist_mod.barrier(dinfo)
+
+        def mark_complete() -> bool:
+            return cache_mod.finalize(cache, lease).meta.state is cache_mod.CacheState.COMPLETE
+
+        complete = dist_mod.on_rank0(dinfo, mark_complete)
     seconds = time.perf_counter() - t0
     return DumpReport(path=str(s.out), shards_done=len(jobs), samples=n_samples, views_written=views_written,
                       skipped=skipped, seconds=seconds, images_per_s=views_written / max(seconds, 1e-9),

@@ -309,7 +309,10 @@ class ObjectLocation:
 
     def chunk_exists(self, key: str) -> bool:
         """For chunk lookups in a cache being read: one recursive listing per array (`NAME/c/...`), made once per
-        location (a request per chunk would cost more than the read). Writes through this location refresh it."""
+        location (a request per chunk would cost more than the read). Chunks are never deleted from a cache, so a
+        listed chunk is there; one the listing lacks may have been written since (by another process, which no
+        write through this location clears the listing for): it is looked up itself before being called missing,
+        and the array is listed afresh next time."""
         array, sep, rest = key.partition("/c/")
         if not sep:
             return self.exists(key)
@@ -319,7 +322,12 @@ class ObjectLocation:
                 self._listed[array] = {p[len(base) + 1:] for p in self.fs.find(base)}
             except FileNotFoundError:
                 self._listed[array] = set()
-        return rest in self._listed[array]
+        if rest in self._listed[array]:
+            return True
+        if self.exists(key):  # written after the listing: the listing is stale
+            self._listed.pop(array, None)
+            return True
+        return False
 
     def keys(self, prefix: str) -> list[str]:
         try:

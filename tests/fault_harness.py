@@ -113,6 +113,17 @@ def apply(spec: dict) -> None:
 
         cache_mod.write_shard = slow_write_shard
 
+    if armed and "late_listing" in spec:  # this rank lists the done records only once another rank recorded one
+        real_pending = cache_mod.Cache.pending_shards
+
+        def late_pending(self):
+            deadline = time.monotonic() + spec["late_listing"]
+            while not self.location.keys("_dkd/done") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return real_pending(self)
+
+        cache_mod.Cache.pending_shards = late_pending
+
     if armed and "step" in spec:  # SIGKILL right after the Nth optimizer step of this process
         real_step, steps = torch.optim.SGD.step, [0]
 

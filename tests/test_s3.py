@@ -342,6 +342,9 @@ def test_two_node_torchrun_dump_and_train_with_shards_and_cache_on_s3(shards, te
     dump_args = _cli_dump(shards, teacher_ckpt, out, urls)[3:]  # without `python -m dkd_cache`
     runs = _two_nodes(dump_args)
     assert all(r.returncode == 0 for r in runs), "\n".join(r.stdout[-3000:] for r in runs)
+    # the dump ended only once the cache was complete: every shard recorded, rank 0 says so
+    assert cache_mod.open_cache(out).pending_shards() == [] and cache_mod.open_cache(out).meta.state == "complete"
+    assert any("cache complete" in r.stdout for r in runs), "\n".join(r.stdout[-3000:] for r in runs)
     # four ranks, one whole shard each; the cache equals the one-process dump, array for array
     assert_caches_equal(cache_path, out)
     assert not store_mod.location(out).exists(store_mod.LEASE)
@@ -358,6 +361,45 @@ def test_two_node_torchrun_dump_and_train_with_shards_and_cache_on_s3(shards, te
     assert epoch["samples"] == 100 and epoch["padding"] == 20
     steps = [r for r in records if r["event"] == "step"]
     assert steps and all(np.isfinite(r["dkd"]) and r["dkd"] > 0 for r in steps), "DKD from the remote cache"
+
+
+@pytest.mark.slow
+def test_a_rank_that_lists_late_still_gets_its_share_and_the_dump_completes(shards, teacher_ckpt, cache_path,
+                                                                            bucket):
+    """Rank 1 is slow: it lists the done records only after rank 0 recorded its first shard (on a loaded
+    machine this happens by itself). Every rank must still dump from one plan: each shard once, the cache
+    complete when the dump ends, equal to the one-process dump. (Each rank once split its own listing: rank 1
+    then took shard 2, which rank 0 also had, and shards 1 and 3 were dumped by nobody.)"""
+    urls = upload_shards(shards, bucket)
+    out = f"s3://{bucket}/late.zarr"
+    harness = Path(__file__).with_name("fault_harness.py")  # the real CLI with the fault below on rank 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(harness),
+           *_cli_dump(shards, teacher_ckpt, out, urls)[3:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "DKD_FAULT": json.dumps({"late_listing": 120, "rank": 1})}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "cache complete" in r.stdout, r.stdout[-3000:]
+    cache = cache_mod.open_cache(out)
+    assert cache.meta.state == "complete" and cache.pending_shards() == []
+    records = [cache.shard_record(i) for i in range(4)]
+    assert [rec["shard"] for rec in records] == [e.name for e in cache.meta.manifest.shards]
+    assert_caches_equal(cache_path, out)
+
+
+def test_a_chunk_written_after_a_listing_is_found_not_called_missing(bucket):
+    """One process reads a cache (its chunk listing is cached per array) while another writes a chunk: the
+    reader must find the new chunk, never report it missing because its listing is older than the chunk."""
+    url = f"s3://{bucket}/live.zarr"
+    reader, writer = store_mod.location(url), store_mod.location(url)
+    writer.put("logits/lse/c/0/0/0", b"first")
+    assert reader.chunk_exists("logits/lse/c/0/0/0")  # lists logits/lse/c once
+    assert not reader.chunk_exists("logits/lse/c/0/1/0")
+    writer.put("logits/lse/c/0/1/0", b"second")  # another process's write, after the reader's listing
+    assert reader.chunk_exists("logits/lse/c/0/1/0")
+    assert reader.chunk_exists("logits/lse/c/0/0/0") and not reader.chunk_exists("logits/lse/c/0/2/0")
+    writer.put("logits/lse/c/0/2/0", b"third")
+    assert reader.chunk_exists("logits/lse/c/0/2/0")
 
 
 def test_checkpoints_go_to_the_store_whole_and_a_fresh_machine_resumes_from_there(shards, cache_path, bucket,
