@@ -23,6 +23,7 @@ Reproduce (the committed result):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -40,7 +41,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dkd_cache.demo import MODES, DemoSetup, load_setup, prepare, train_modes  # noqa: E402
+from dkd_cache.demo import MODES, DemoSetup, finished, load_setup, prepare, train_modes  # noqa: E402
 from dkd_cache.plot import plot_runs  # noqa: E402
 from dkd_cache.train import TrainConfig, train_student  # noqa: E402
 from dkd_cache.config import merge  # noqa: E402
@@ -122,7 +123,7 @@ def repeat_first_seed(setup: DemoSetup, seed: int, scratch: Path, threads: int,
         out = scratch / f"repeat-{name}"
         marker = out / "threads.json"
         if marker.exists() and json.loads(marker.read_text()) == {"threads": n} and (out / "checkpoint.pt").exists() \
-                and len(epoch_curve(out)) == setup.file["train"].get("epochs", 0):
+                and finished(out, setup.file["train"].get("epochs", 0)):
             continue
         shutil.rmtree(out, ignore_errors=True)
         cfg = merge(TrainConfig, setup.file["train"], {}, where="repeat", fixed={
@@ -170,8 +171,8 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"{'95% CI':<6}" + " " * 54 + f"{f'[{100 * cl[0]:+.2f}, {100 * cl[1]:+.2f}]':>15}"
                  + f"{f'[{100 * cc[0]:+.2f}, {100 * cc[1]:+.2f}]':>13}")
     lines.append(f"teacher {report['teacher']['arch']}: {100 * report['teacher']['val_top1']:.2f}% val top-1; "
-                 f"student {report['student_arch']}; {report['val_images']:,} val images, chance "
-                 f"{100 / report['classes']:.1f}%")
+                 f"student {report['student_arch']}; cache codec {report.get('dump', {}).get('codec', '?')}; "
+                 f"{report['val_images']:,} val images, chance {100 / report['classes']:.1f}%")
     lines += ["", "verdict:"] + [f"  - {v}" for v in report["verdict"]]
     if report.get("repeat"):
         rs, rt = report["repeat"]["same"], report["repeat"].get("threads")
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True, help="shards, teacher, cache and runs (reused when present)")
     ap.add_argument("--config", default=str(REPO / "pipelines" / "demo.toml"))
+    ap.add_argument("--codec", default="", help="the cache's codec instead of the recipe's [dump] codec (e.g. q8: "
+                                                "how far does that codec move the students?); use its own --workdir")
     ap.add_argument("--seeds", type=int, default=5, help="student seeds 0..N-1 (at least 2)")
     ap.add_argument("--repeat", nargs="?", const="both", choices=("both", "same"), default=None,
                     help="rerun the first seed's cached student (determinism): 'both' (default) as it was and with "
@@ -211,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--seeds must be at least 2 (a spread needs two)")
     t0 = time.perf_counter()
     setup = load_setup(args.workdir, args.config)
+    if args.codec:  # recorded in WORKDIR/recipe.json like any recipe key: a work directory holds one codec's cache
+        setup = dataclasses.replace(setup, file={**setup.file, "dump": {**setup.file["dump"], "codec": args.codec}})
     if args.train_seeds:  # a --jobs worker: train these seeds' students, nothing else
         for s in (int(x) for x in args.train_seeds.split(",")):
             train_modes(setup, s, setup.work / "runs" / f"seed-{s}", progress=False)
@@ -229,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_modes(setup, seeds[0], setup.work / "runs" / f"seed-{seeds[0]}", progress=False)
         groups = [seeds[1:][j::args.jobs] for j in range(args.jobs)]
         procs = [subprocess.Popen([sys.executable, __file__, "--workdir", args.workdir, "--config", args.config,
-                                   "--train-seeds", ",".join(map(str, g))]) for g in groups if g]
+                                   "--codec", args.codec, "--train-seeds", ",".join(map(str, g))])
+                 for g in groups if g]
         if args.repeat:  # the main process reruns the first seed meanwhile
             repeat = repeat_first_seed(setup, seeds[0], setup.work / "repeat",
                                        args.repeat_threads or (2 if torch.get_num_threads() == 1 else 1),

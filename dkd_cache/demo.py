@@ -129,7 +129,7 @@ def prepare(setup: DemoSetup, *, echo: Callable[[str], Any] = print, progress: b
         return rows
     teacher_shards = (str(shards / "train.txt"),) + ((str(shards / "extra.txt"),) if d["extra_per_class"] else ())
     teacher_run = setup.teacher_ckpt.parent
-    if not _finished(teacher_run, d["teacher_epochs"]):
+    if not finished(teacher_run, d["teacher_epochs"]):
         epochs = d["teacher_epochs"]
         cfg = merge(TrainConfig, setup.file["train"], {}, where=f"{setup.config} [train]", fixed={
             "shards": teacher_shards, "val_shards": str(shards / "val.txt"), "out": str(teacher_run),
@@ -161,7 +161,7 @@ def train_modes(setup: DemoSetup, seed: int, run_root: Path, *, echo: Callable[[
         cfg = merge(TrainConfig, setup.file["train"], {}, where=f"{setup.config} [train]", fixed={
             "shards": str(shards / "train.txt"), "val_shards": str(shards / "val.txt"), "out": str(out),
             "cache": str(setup.cache_path), "seed": seed, **overrides})
-        if _finished(out, cfg.epochs):
+        if finished(out, cfg.epochs):
             rows.append({"stage": f"student {mode}", "mode": mode, "seed": seed, "run_dir": str(out),
                          "seconds": None, **_final(out)})
             continue
@@ -187,7 +187,7 @@ def _final(run_dir: Path) -> dict[str, Any]:
     return _result(last)
 
 
-def _finished(run_dir: Path, epochs: int) -> bool:
+def finished(run_dir: Path, epochs: int) -> bool:
     """True when the run logged its last epoch (a killed run resumes from its checkpoint instead)."""
     m = run_dir / "metrics.jsonl"
     if not m.exists():
