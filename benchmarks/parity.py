@@ -152,6 +152,21 @@ def repeat_first_seed(setup: DemoSetup, seed: int, scratch: Path, threads: int,
     return results
 
 
+def run_span(run_dir: str | Path) -> float:
+    """Seconds from a run's first to its last metrics record: its training time, also when parity.py found it
+    finished and kept it (the run's own timestamps)."""
+    times = [json.loads(line)["time"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+             if '"time"' in line]
+    return max(times) - min(times) if times else 0.0
+
+
+def identical_weights(a: Path, b: Path) -> bool:
+    """Two runs' final weights equal bit for bit (exact storage: the cached student is the live one)."""
+    wa = torch.load(a / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    wb = torch.load(b / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def render(report: dict[str, Any]) -> str:
     seeds = report["seeds"]
     lines = [f"{'seed':<6}" + "".join(f"{m:>18}" for _, m in MODES) + f"{'cache - live':>15}{'cache - CE':>13}"]
@@ -174,6 +189,10 @@ def render(report: dict[str, Any]) -> str:
                  f"student {report['student_arch']}; cache codec {report.get('dump', {}).get('codec', '?')}; "
                  f"{report['val_images']:,} val images, chance {100 / report['classes']:.1f}%")
     lines += ["", "verdict:"] + [f"  - {v}" for v in report["verdict"]]
+    same = report.get("identical_weights")
+    if same:
+        lines.append(f"  - cache and live students with identical final weights (bit for bit): seeds "
+                     f"{[int(s) for s, v in same.items() if v] or 'none'} of {[int(s) for s in same]}")
     if report.get("repeat"):
         rs, rt = report["repeat"]["same"], report["repeat"].get("threads")
         lines += ["", f"determinism (seed {seeds[0]}, DKD from cache, rerun):",
@@ -187,6 +206,11 @@ def render(report: dict[str, Any]) -> str:
               f"{' (reused)' if t['prepare_reused'] else ''}, {t['students_seconds'] / 60:.1f} min students in "
               f"{t['jobs']} process(es){', repeat included' if report.get('repeat') else ''}; {t['runs_kept']} "
               f"student runs found finished and kept) on {report['machine']}"]
+    spans = t.get("run_spans")
+    if spans:
+        per_mode = {m: [v for r, v in spans.items() if Path(r).name == name] for name, m in MODES}
+        lines.append("each run's own training time (first to last metrics record): " + ", ".join(
+            f"{m} {statistics.mean(v) / 60:.1f} min" for m, v in per_mode.items() if v) + " on average")
     return "\n".join(lines)
 
 
@@ -263,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "student_arch": setup.file["train"].get("arch", "resnet18"),
         "teacher": {"arch": setup.demo["teacher_arch"], "val_top1": final_top1(setup.teacher_ckpt.parent)},
         "top1": top1, "per_mode": per_mode, "paired": paired,
+        "identical_weights": {str(s): identical_weights(setup.work / "runs" / f"seed-{s}" / "student-dkd-cache",
+                                                        setup.work / "runs" / f"seed-{s}" / "student-dkd-live")
+                              for s in seeds},
         "verdict": verdict(paired["cache_minus_live"], paired["cache_minus_ce"],
                            {m: v["std"] for m, v in per_mode.items()}),
         "curves": {r: epoch_curve(r) for r in runs},
@@ -277,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             names=("same",) if args.repeat == "same" else ("same", "threads"))
     report["timing"] = {"total_seconds": time.perf_counter() - t0, "prepare_seconds": t_prep,
                         "prepare_reused": not prep_rows, "students_seconds": t_students, "jobs": args.jobs,
-                        "runs_kept": sum(r.get("seconds") is None for r in rows if r.get("mode"))}
+                        "runs_kept": sum(r.get("seconds") is None for r in rows if r.get("mode")),
+                        "run_spans": {r: run_span(r) for r in runs}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render(report)

@@ -208,3 +208,13 @@ def test_a_rerun_with_another_recipe_is_refused_naming_what_changed(demo_run, tm
     from dkd_cache.demo import check_workdir, load_setup
 
     check_workdir(load_setup(work, other))
+
+
+def test_parity_compares_final_weights_bit_for_bit_and_times_runs_from_their_own_records(demo_run):
+    work, _ = demo_run
+    parity = _parity()
+    runs = work / "runs" / "seed-0"
+    assert parity.identical_weights(runs / "student-ce", runs / "student-ce")
+    assert not parity.identical_weights(runs / "student-ce", runs / "student-dkd-cache")
+    records = [json.loads(x) for x in (runs / "student-ce" / "metrics.jsonl").read_text().splitlines()]
+    assert parity.run_span(runs / "student-ce") == max(r["time"] for r in records) - min(r["time"] for r in records)
