@@ -537,6 +537,9 @@ def summarise(res) -> dict[str, Any]:
     if "size" in res:
         sz = res["size"]
         out["s160_over_s224"] = sz["160"]["images_per_s"] / sz["224"]["images_per_s"]
+        # the same steps at both sizes: whole runs' CPU seconds (start-up included, so a lower bound on the gain)
+        cpu = {k: min(r["cpu_seconds"] for r in res["size_runs"] if r["size"] == int(k)) for k in ("160", "224")}
+        out["s160_over_s224_cpu"] = cpu["224"] / cpu["160"]
     if "model_ms_per_image" in res:
         rates["model train step"] = 1e3 / res["model_ms_per_image"]["model train step"]
     out["rates"] = rates
@@ -584,7 +587,8 @@ def render(res) -> str:
             ("dump writer, views per CPU-second (1e6 / main CPU us per view)", "dump_writer_views_per_cpu_s",
              ">= 20,000"),
             ("views per CPU-s, --views-per-decode 4 / 1", "vpd4_over_vpd1", ">= 2.5"),
-            ("student 160 px / 224 px images/s", "s160_over_s224", ">= 1.6")]
+            ("student 160 px / 224 px images/s (steady steps, wall)", "s160_over_s224", ">= 1.6"),
+            ("student 160 px / 224 px images per CPU-second (whole runs)", "s160_over_s224_cpu", ">= 1.6")]
     lines += ["", "| target | measured | target |", "|---|---|---|"]
     for name, key, t in rows:
         if key in s:
