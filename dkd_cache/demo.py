@@ -257,7 +257,7 @@ def run_demo(workdir: str | Path, config: str | Path | None = None, *, echo=prin
                "student_arch": setup.file["train"].get("arch", TrainConfig.__dataclass_fields__["arch"].default),
                "demo": setup.demo, "wall_seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - c0,
                "torch_threads": torch_threads(), "curves": str(png),
-               "verify": report.get("verdict")}
+               "verify": report.get("verdict"), "codec": setup.file["dump"].get("codec")}
     table = render_table(summary)
     echo(table)
     (setup.work / "demo.json").write_text(json.dumps(summary, indent=2))
@@ -298,7 +298,9 @@ def render_table(summary: dict[str, Any]) -> str:
                   + (f"the teacher's soft labels teach what {d['train_per_class']} images/class alone do not" if gain >= 0.03 else
                      "below the 3-point target: distillation did not visibly pay in this run"),
                   f"  cache - live                     {100 * diff:+.1f} points: both see the same views and teacher;"
-                  " they differ by the codec's rounding, which training's chaos grows to seed-to-seed size",
+                  + (" fp32 stores the live teacher's logits exactly, so the two are one computation"
+                     if summary.get("codec") == "fp32" else
+                     " they differ by the codec's rounding, which training's chaos grows to seed-to-seed size"),
                   "  is that difference noise? benchmarks/parity.py repeats this over seeds: its committed result "
                   "(README, 'Cached = live, over seeds') gives the seed spread and the paired cache - live interval"]
     return "\n".join(lines)
