@@ -2,8 +2,10 @@
 # One prepared throughput check for a single-GPU machine (one H100 or H200, 16 CPU cores, no network).
 #
 # Runs benchmarks/throughput.py at ImageNet resolution on the GPU: 224 px, batch 128, bf16 autocast, channels_last,
-# 14,400 synthetic samples in 36 shards of 400 (3 per DataLoader worker), 2 epochs per training mode; peak RSS at
-# 800 and 8,000 samples. Expected wall time about 2-3 minutes; a hard limit of 290 s stops it before 5 minutes.
+# ImageNet's JPEG geometry (~400x350 px, q90, ~100 KB), 9,600 synthetic samples in 24 shards of 400 (2 per DataLoader
+# worker; SAMPLES=N for another count), 2 epochs per training mode, each mode with the cpu and the device renderer;
+# the input-path section on 2,400 samples; peak RSS at 800 and 8,000 samples. A hard limit of LIMIT_S (default
+# 420 s) stops it.
 # Prints the same table as on the CPU; writes the JSON and the log to $OUT (or /tmp when OUT is unset).
 #
 #   bash benchmarks/gpu_check.sh                    # from the repository root, or from anywhere
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-/tmp}"
 mkdir -p "$OUT_DIR"
-LIMIT_S="${LIMIT_S:-290}"
+LIMIT_S="${LIMIT_S:-420}"
 
 echo "== $(date -u +%FT%TZ) host $(hostname), $(nproc) CPUs, python $($PY -c 'import sys; print(sys.version.split()[0])')"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(nvidia-smi unavailable)"
@@ -56,8 +58,8 @@ $PY -c "import dkd_cache, torch; assert torch.cuda.is_available(), 'no CUDA devi
 
 timeout -k 10 "$LIMIT_S" $PY benchmarks/throughput.py \
     --device cuda --amp bf16 --channels-last \
-    --image-size 224 --batch-size 128 --samples 14400 --shard-size 400 --epochs 2 \
-    --workers 12 --gen-jobs 16 \
+    --image-size 224 --batch-size 128 --samples "${SAMPLES:-9600}" --shard-size 400 --epochs 2 \
+    --workers 12 --gen-jobs 16 --renderers cpu,device --input-samples 2400 \
     --rss-samples 800 --rss-factor 10 --rss-image-size 224 \
     --json "$OUT_DIR/throughput-gpu.json" 2>&1 | tee "$OUT_DIR/throughput-gpu.log"
 rc=${PIPESTATUS[0]}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end check of the CUDA path on one GPU (no network): make shards, dump with a ResNet-34 teacher on CUDA
 # (bf16 autocast, the default there), verify on CUDA, train a ResNet-18 student from the cache on CUDA with bf16
-# and channels_last, and read the cache with tensorstore. About a minute. Prints what each step reports.
+# and channels_last, verify and train with the device renderer, and read the cache with tensorstore. About a minute. Prints what each step reports.
 #   bash benchmarks/gpu_e2e.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,13 @@ python3 -m dkd_cache verify --cache "$W/c.zarr" --shards "$W/data/train.txt" --w
   --samples 128 --device cuda --json "$W/verify.json" || echo "verify exit $?"
 time python3 -m dkd_cache train-student --shards "$W/data/train.txt" --cache "$W/c.zarr" --out "$W/run" \
   --val-shards "$W/data/val.txt" --epochs 2 --batch-size 128 --lr 0.1 --device cuda --amp bf16 --workers 8 --no-progress
+# The device renderer (crop, resize and flip batched on the GPU): its drift from the cache's cpu rendering, and a
+# short training run with it.
+python3 -m dkd_cache verify --cache "$W/c.zarr" --shards "$W/data/train.txt" --weights "$W/teacher.pt" \
+  --samples 128 --device cuda --renderer device --json "$W/verify-device.json" || echo "verify --renderer device exit $?"
+time python3 -m dkd_cache train-student --shards "$W/data/train.txt" --cache "$W/c.zarr" --out "$W/run-device" \
+  --epochs 1 --batch-size 128 --lr 0.1 --device cuda --amp bf16 --workers 8 --no-progress \
+  --renderer device --allow-other-renderer
 python3 - "$W" <<'PY'
 import sys, numpy as np, zarr, tensorstore as ts
 root = f"{sys.argv[1]}/c.zarr"; g = zarr.open_group(root, mode="r")

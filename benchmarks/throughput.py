@@ -43,7 +43,8 @@ Reproduce (2 CPU cores, a few minutes):
     .venv/bin/python benchmarks/throughput.py --json /tmp/throughput.json
 On one GPU (what benchmarks/gpu_check.sh runs, about 2-3 minutes):
     python3 benchmarks/throughput.py --device cuda --amp bf16 --channels-last --image-size 224 --batch-size 128 \\
-        --samples 14400 --shard-size 400 --workers 12 --gen-jobs 16 --rss-samples 800 --rss-image-size 224 \\
+        --samples 9600 --shard-size 400 --workers 12 --gen-jobs 16 --renderers cpu,device --input-samples 2400 \\
+        --rss-samples 800 --rss-image-size 224 \\
         --json throughput-gpu.json
 """
 
@@ -89,7 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", default="none", choices=("none", "bf16"))
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--codec", default="topk:10+q4", help="codec of the cache training reads (the default codec)")
+    p.add_argument("--codec", default="topk:10+q4",
+                   help="codec of the cache training reads (topk:10+q4: cheap to dump; input_path.py measures "
+                        "dump-teacher's own default codec)")
+    p.add_argument("--renderers", default="cpu",
+                   help="comma-separated renderers the three training modes run with (cpu, device); the cache is "
+                        "written with cpu, so device trains with allow_other_renderer (a speed figure only)")
     p.add_argument("--rss-samples", type=int, default=200, help="N of the peak-RSS runs (also run at --rss-factor N)")
     p.add_argument("--rss-factor", type=int, default=10)
     p.add_argument("--rss-image-size", type=int, default=64, help="image size of the peak-RSS runs")
@@ -106,6 +112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", dest="json_out", default=None, help="write every figure to this JSON file")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)  # internal: one measured subprocess
     a = p.parse_args(argv)
+    a.renderers = tuple(dict.fromkeys(r.strip() for r in a.renderers.split(",") if r.strip()))
+    if not a.renderers or set(a.renderers) - {"cpu", "device"}:
+        p.error(f"--renderers {','.join(a.renderers)!r}: choose from cpu, device")
+    if "cpu" not in a.renderers:
+        p.error("--renderers must include cpu (the targets are judged on it)")
     a.samples = -(-a.samples // CLASSES) * CLASSES
     a.rss_samples = -(-a.rss_samples // CLASSES) * CLASSES
     return a
@@ -232,14 +243,15 @@ def bare_inference(a: argparse.Namespace, weights: str, min_seconds: float = 3.0
 
 # ------------------------------------------------------------------------------------------------ train
 def train_run(a: argparse.Namespace, shards: str, cache: str, out: Path, mode: str, teacher: str | None,
-              epochs: int | None = None) -> dict[str, Any]:
+              epochs: int | None = None, renderer: str = "cpu") -> dict[str, Any]:
     """One train_student run; returns its epoch records (from metrics.jsonl) and the last epoch's images/s."""
     from dkd_cache.train import TrainConfig, train_student
 
     cfg = TrainConfig(shards=shards, out=str(out), cache=cache, arch="resnet18",
                       loss="ce" if mode == "ce" else "dkd", live_teacher=teacher if mode == "live" else None,
                       teacher_arch="resnet34", epochs=epochs or a.epochs, batch_size=a.batch_size,
-                      workers=a.workers, amp=a.amp, channels_last=a.channels_last, device=a.device)
+                      workers=a.workers, amp=a.amp, channels_last=a.channels_last, device=a.device,
+                      renderer=renderer, allow_other_renderer=renderer != "cpu")
     c0 = sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
              for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     t0 = time.perf_counter()
@@ -470,6 +482,17 @@ def summarise(res: dict[str, Any]) -> list[dict[str, Any]]:
          "detail": f"{read:,.0f} / {cached:.1f} views/s, {res['config']['shard_size']} samples/shard "
                    f"(bare read_rows {res['cache_read']['read_rows_views_per_s']:,.0f})"},
     ]
+    for r in sorted({k.partition("/")[2] for k in t} - {""}):  # the same targets with another renderer
+        ce_r, cached_r, live_r = (t[f"{m}/{r}"]["best_images_per_s"] for m in ("ce", "cached", "live"))
+        rows += [
+            {"metric": f"train cached DKD / CE (images/s), renderer {r}", "value": cached_r / ce_r, "target": ">= 0.95",
+             "pass": cached_r / ce_r >= TARGETS["cached_over_ce"], "detail": f"{cached_r:.1f} / {ce_r:.1f}"},
+            {"metric": f"train cached / live teacher, renderer {r}", "value": cached_r / live_r,
+             "target": f">= 0.95 * CE/live = {0.95 * ce_r / live_r:.3f}",
+             "pass": cached_r / live_r >= 0.95 * ce_r / live_r,
+             "detail": f"{cached_r:.1f} / {live_r:.1f}; CE/live = {ce_r / live_r:.3f}"},
+            {"metric": f"train cached DKD, renderer {r} / cpu (images/s)", "value": cached_r / cached,
+             "target": "(info)", "pass": None, "detail": f"{cached_r:.1f} / {cached:.1f}"}]
     for key, d in res["decode"].items():
         step_ms = 1000 * d["batch"] / cached
         rows.append({"metric": f"decode {d['codec']} per batch / train step", "value": d["decode_ms"] / step_ms,
@@ -540,11 +563,25 @@ def render(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             vs = f"{v:.3f}" if v < 10 else f"{v:,.0f}x"
         verdict = "" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL")
         lines.append(f"| {r['metric']} | {vs} | {r['target']} | {verdict} | {r['detail']} |")
+    for name, err in res.get("failed_sections", {}).items():
+        lines.append(f"\nSECTION FAILED: {name}: {err}")
     lines.append(f"\ntotal wall time {res['wall_seconds']:.0f} s")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _section(res: dict[str, Any], name: str, fn):
+    """Run an optional section; a failure is recorded (and printed) instead of losing the figures already taken."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - one failed optional section must not lose a device run's table
+        import traceback
+
+        traceback.print_exc()
+        res.setdefault("failed_sections", {})[name] = f"{type(e).__name__}: {e}"
+        return None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     if a.rss_child:
@@ -588,12 +625,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         say("bare teacher inference")
         res["bare_inference"] = bare_inference(a, weights)
 
-        modes = ("ce", "cached", "live")
+        # Keys: "ce", "cached", "live" with the cpu renderer; "ce/device" ... with another one.
+        modes = [m if r == "cpu" else f"{m}/{r}" for r in a.renderers for m in ("ce", "cached", "live")]
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
         for rep in range(a.repeats):
-            for m in (modes if rep % 2 == 0 else modes[::-1]):
-                say(f"train {m} (run {rep + 1}/{a.repeats})")
-                runs[m].append(train_run(a, shards, caches[a.codec], work / f"run-{m}-{rep}", m, weights))
+            for key in (modes if rep % 2 == 0 else modes[::-1]):
+                m, _, r = key.partition("/")
+                say(f"train {key} (run {rep + 1}/{a.repeats})")
+                runs[key].append(train_run(a, shards, caches[a.codec], work / f"run-{m}-{r or 'cpu'}-{rep}", m,
+                                           weights, renderer=r or "cpu"))
         res["train"] = {m: {"runs": [r["images_per_s"] for r in rs], "best_images_per_s": max(r["images_per_s"] for r in rs),
                             "median_images_per_s": statistics.median(r["images_per_s"] for r in rs),
                             "best_images_per_cpu_s": max(r["images_per_cpu_s"] for r in rs), "detail": rs}
@@ -608,14 +648,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["bytes"] = {c: bytes_per_view(p) for c, p in caches.items()}
         if a.input_path:
             say("input path on ImageNet geometry (benchmarks/input_path.py)")
-            res["input_path"] = input_path.main([
+            res["input_path"] = _section(res, "input_path", lambda: input_path.main([
                 "--samples", str(a.input_samples), "--batch-size", str(a.batch_size), "--workers", str(a.workers),
-                "--device", a.device, "--gen-jobs", str(max(1, a.gen_jobs)), "--workdir", str(work / "input-path")])
+                "--device", a.device, "--gen-jobs", str(max(1, a.gen_jobs)), "--workdir", str(work / "input-path")]))
         if not a.no_rss:
             say(f"peak RSS: dump and one training epoch at {a.rss_samples} and {a.rss_samples * a.rss_factor} samples, "
                 f"{a.rss_image_size} px")
-            res["rss"] = rss_study(a, work, weights)
-            for n, r in res["rss"].items():
+            res["rss"] = _section(res, "rss", lambda: rss_study(a, work, weights))
+            for n, r in (res["rss"] or {}).items():
                 res["bytes"][f"topk:10 @ {n} samples"] = r["bytes"]
     finally:
         if tmp:
