@@ -18,7 +18,8 @@ python3 -c "import torch, torchvision, zarr; print('torch', torch.__version__, '
 python3 -m dkd_cache make-shards "$W/data" --classes 100 --train-per-class 20 --val-per-class 4 --shard-size 250
 python3 - "$W" <<'PY'
 import sys, torch
-from dkd_cache.teacher import build_model, save_checkpoint
+from dkd_cache.checkpoint import save_checkpoint
+from dkd_cache.teacher import build_model
 torch.manual_seed(0)
 m = build_model("resnet34", 100)
 with torch.no_grad():

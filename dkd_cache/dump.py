@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import FORMAT_VERSION
 from . import cache as cache_mod
+from . import host_threads
 from . import dist as dist_mod
 from . import store as store_mod
 from .data import REMOTE_PREFIXES, keep_as_is, expand_shards, iter_raw_samples, parse_sample, scan_shards, shard_name
@@ -368,17 +369,19 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
             pixels = renderers.stack([it[3] for it in items], device.type == "cuda").to(device, non_blocking=True)
         x = normalize(pixels, meta.recipe)
         labels = torch.tensor([it[4] for it in items], device=device)
-        stored = encode_entries(teacher_forward(model, x, policy), labels, storage)
-        target_np, lse_np = stored.pop(TARGET).cpu().numpy(), stored.pop(LSE).cpu().numpy()
-        encoded = {name.split("/", 1)[1]: v.cpu().numpy() for name, v in stored.items()}
-        shards = np.array([it[0] for it in items])
-        pos = np.array([it[1] for it in items])
-        view = np.array([it[2] for it in items])
-        for sh in np.unique(shards):
-            sel = shards == sh
-            buffers[int(sh)].add_logits(pos[sel], view[sel], {k: v[sel] for k, v in encoded.items()},
-                                        target_np[sel], lse_np[sel])
-            buffers[int(sh)].pending_views -= int(sel.sum())
+        logits = teacher_forward(model, x, policy)
+        with host_threads.one_thread():  # small per-batch work: threads cost more than they give (host_threads)
+            stored = encode_entries(logits, labels, storage)
+            target_np, lse_np = stored.pop(TARGET).cpu().numpy(), stored.pop(LSE).cpu().numpy()
+            encoded = {name.split("/", 1)[1]: v.cpu().numpy() for name, v in stored.items()}
+            shards = np.array([it[0] for it in items])
+            pos = np.array([it[1] for it in items])
+            view = np.array([it[2] for it in items])
+            for sh in np.unique(shards):
+                sel = shards == sh
+                buffers[int(sh)].add_logits(pos[sel], view[sel], {k: v[sel] for k, v in encoded.items()},
+                                            target_np[sel], lse_np[sel])
+                buffers[int(sh)].pending_views -= int(sel.sum())
         views_written += len(items)
 
     commits: list = []  # futures of the shards whose fsyncs and done record run on the commit thread
@@ -387,10 +390,11 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
         nonlocal skipped, shards_written
         for sh in [sh for sh, b in buffers.items() if b.filled == b.expected and b.pending_views == 0]:
             b = buffers.pop(sh)
-            commits.append(cache_mod.write_shard(cache, sh, b.block, {"shard": b.entry.name, "samples": b.expected,
-                                                                      "skipped": [x.to_dict() for x in b.skipped],
-                                                                      "views": meta.views},
-                                                 lease, commit=committer))
+            with host_threads.one_thread():  # zstd and crc32c of the chunks, in this thread
+                commits.append(cache_mod.write_shard(cache, sh, b.block,
+                                                     {"shard": b.entry.name, "samples": b.expected,
+                                                      "skipped": [x.to_dict() for x in b.skipped],
+                                                      "views": meta.views}, lease, commit=committer))
             skipped += len(b.skipped)
             shards_written += 1
         while commits and commits[0].done():
@@ -404,7 +408,10 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
     # ETA, the shard of the batch and the shards written so far). The fsyncs and done record of a written shard
     # wait on the disk on one commit thread, in shard order, while this loop encodes the next shard; every commit
     # has finished (or raised) when _run returns.
+    # With the teacher on a GPU, this process's host work is small per-batch operations: one host thread for all of
+    # it (host_threads); on the CPU the teacher's forward keeps every thread and only encode and write run on one.
     with ThreadPoolExecutor(1, thread_name_prefix="dkd-commit") as committer, \
+            (host_threads.one_thread() if device.type != "cpu" else contextlib.nullcontext()), \
             Progress(total=n_samples * meta.views, label=label, unit="view", enabled=show,
                      line_every=s.log_every) as bar:
         for item in loader:
