@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prep_rows = prepare(setup, progress=False)
     t_prep = time.perf_counter() - t0
     seeds = list(range(args.seeds))
+    epochs = setup.file["train"].get("epochs", TrainConfig.__dataclass_fields__["epochs"].default)
+    kept = sum(finished(setup.work / "runs" / f"seed-{s}" / name, epochs) for s in seeds for name, _ in MODES)
     top1: dict[str, dict[str, float]] = {}
     runs, rows = [], list(prep_rows)
     repeat = None
@@ -304,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             names=("same",) if args.repeat == "same" else ("same", "threads"))
     report["timing"] = {"total_seconds": time.perf_counter() - t0, "prepare_seconds": t_prep,
                         "prepare_reused": not prep_rows, "students_seconds": t_students, "jobs": args.jobs,
-                        "runs_kept": sum(r.get("seconds") is None for r in rows if r.get("mode")),
+                        "runs_kept": kept,  # finished before this call (the --jobs workers' runs are new)
                         "run_spans": {r: run_span(r) for r in runs}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
