@@ -240,7 +240,7 @@ def project_spec(cache_path: str, urls, a, *, renderer="cpu", m=1):
     sizes = [s.samples for s in cache.meta.manifest.shards]
     return StreamSpec(urls=tuple(urls), recipe=cache.meta.recipe, seed=0, epoch=0, view=0, rank=0,
                       cache_path=cache_path, entry_arrays=names, num_classes=CLASSES, renderer=renderer,
-                      views_per_decode=m), sizes
+                      views_per_decode=m, block=a.batch_size), sizes  # block: the batch, as train-student sets it
 
 
 def project_loader(spec, sizes, a, device, *, null_step=None) -> int:
@@ -253,8 +253,8 @@ def project_loader(spec, sizes, a, device, *, null_step=None) -> int:
                       spec.views_per_decode)
     skips = [0] * len(plan.counts)
     n = 0
-    for images, labels, entries in batches(canonical_runs(make_loader(spec, plan, skips, a.workers), plan, skips),
-                                           a.batch_size, pin_memory=device.type == "cuda"):
+    for images, labels, entries in batches(canonical_runs(make_loader(spec, plan, skips, a.workers), plan, skips,
+                                                          spec.block), a.batch_size, pin_memory=device.type == "cuda"):
         x = renderers.to_device(images, entries, spec.recipe, device, spec.size)  # uint8 on the device
         labels = labels.to(device, non_blocking=True)
         if null_step is not None:
@@ -283,27 +283,32 @@ def ingest(spec, sizes, a, device, repeat: int = 8) -> dict[str, Any]:
 
     from dkd_cache import renderers
     from dkd_cache.data import keep_as_is
-    from dkd_cache.loader import ITEMS_PER_TRANSFER, RankPlan, batches, canonical_runs, group_items, plan_epoch, worker_items
+    from dkd_cache.loader import (IMAGES_IN_FLIGHT, RankPlan, batches, canonical_runs, group_items, plan_epoch,
+                                  worker_items)
 
     plan = plan_epoch(sizes, seed=0, epoch=0, world=1, rank=0, workers=max(1, a.workers))
-    groups = [list(group_items(worker_items(spec, plan.workers[w], w, 0))) for w in range(len(plan.workers))]
+    block = spec.block
+    groups = [list(group_items(worker_items(spec, plan.workers[w], w, 0), block)) for w in range(len(plan.workers))]
     # the same rendered (whole) groups, `repeat` times, with consecutive seqs, as a longer epoch would bring them
-    full = [[g for g in gs if len(g) == ITEMS_PER_TRANSFER] for gs in groups]
-    counts = [len(gs) * ITEMS_PER_TRANSFER * repeat for gs in full]
-    by_worker = [[dataclasses.replace(g, seq0=(r * len(gs) + i) * ITEMS_PER_TRANSFER) for r in range(repeat)
+    full = [[g for g in gs if len(g) == block] for gs in groups]
+    counts = [len(gs) * block * repeat for gs in full]
+    by_worker = [[dataclasses.replace(g, seq0=(r * len(gs) + i) * block) for r in range(repeat)
                   for i, g in enumerate(gs)] for gs in full]
     big = RankPlan(workers=plan.workers, counts=tuple(counts), padding=0)
     assert all(len(g) for gs in by_worker for g in gs)
 
-    def run() -> int:
+    def run(read: bool = False) -> int:
         loader = DataLoader(_Prerendered(by_worker), batch_size=None, num_workers=a.workers,
-                            prefetch_factor=8 if a.workers else None, collate_fn=keep_as_is)
+                            prefetch_factor=max(2, IMAGES_IN_FLIGHT // block) if a.workers else None,
+                            collate_fn=keep_as_is)
         n = 0
         skips = [0] * len(counts)
-        for images, labels, entries in batches(canonical_runs(loader, big, skips), a.batch_size,
+        for images, labels, entries in batches(canonical_runs(loader, big, skips, block), a.batch_size,
                                                pin_memory=device.type == "cuda"):
-            renderers.to_device(images, entries, spec.recipe, device, spec.size)  # the null step takes it there
+            x = renderers.to_device(images, entries, spec.recipe, device, spec.size)  # the null step takes it there
             labels.to(device, non_blocking=True)
+            if read and x.device.type == "cpu":  # a step's first read of the batch: the worker's shared memory
+                x.numpy().max()  # (on a GPU the pinned copy above has read it already)
             n += int(labels.shape[0])
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -313,13 +318,14 @@ def ingest(spec, sizes, a, device, repeat: int = 8) -> dict[str, Any]:
         n = 0
         flat = [g for gs in by_worker for g in gs]
         skips = [0] * len(counts)
-        for images, labels, entries in batches(canonical_runs(iter(flat), big, skips), a.batch_size,
+        for images, labels, entries in batches(canonical_runs(iter(flat), big, skips, block), a.batch_size,
                                                pin_memory=device.type == "cuda"):
             renderers.to_device(images, entries, spec.recipe, device, spec.size)
             n += int(labels.shape[0])
         return n
 
-    return {"through_workers": timed(run), "in_process": timed(in_process)}
+    return {"through_workers": timed(run), "in_process": timed(in_process),
+            "through_workers_reading_each_pixel_once": timed(lambda: run(read=True))}
 
 
 def stage_costs(urls: list[str], a, cache_path: str) -> dict[str, float]:

@@ -7,9 +7,11 @@ Stream shapes:
             shuffle_buffer     -> same, shuffled by rng(seed, epoch, rank, worker)
             skip(n)            -> resume: drop the first n without decoding
             render             -> Item(worker, seq, image uint8 (3,S,S), label, entry)
-            group_items        -> ItemGroup: a worker's Items in one block of 16 seqs (one tensor per transfer)
+            group_items        -> ItemGroup: a worker's Items in one block of `spec.block` seqs (one tensor per
+                                  transfer; training's block is the rank's batch)
     main:   canonical_runs     -> groups in round-robin order of (block, worker): independent of scheduling
-            batches            -> (images (B,3,S,S), labels (B,), entries {name: (B,…)}), copied slice by slice
+            batches            -> (images (B,3,S,S), labels (B,), entries {name: (B,…)}): a batch inside one group
+                                  is a view of it (no copy); one across groups, or pinned, is copied slice by slice
 Every rank gets the same number of samples per epoch (padding repeats a rank's first samples; reported),
 so every rank runs the same number of steps and no collective ever waits for a rank that ran out.
 """
@@ -96,7 +98,7 @@ def plan_epoch(sizes: Sequence[int], *, seed: int, epoch: int, world: int, rank:
 
 def canonical_position(counts: Sequence[int], block: int | None = None) -> Iterator[tuple[int, int]]:
     """The canonical order of (worker, seq): round robin over the workers that still have samples, taking
-    `block` (ITEMS_PER_TRANSFER) consecutive samples of a worker at a time, so that whole transfer groups
+    `block` (StreamSpec.block) consecutive samples of a worker at a time, so that whole transfer groups
     land in a batch as slices, never re-ordered image by image."""
     for w, start, stop in canonical_blocks(counts, [0] * len(counts), block):
         for seq in range(start, stop):
@@ -119,17 +121,27 @@ def canonical_blocks(counts: Sequence[int], skips: Sequence[int], block: int | N
         b += 1
 
 
-def skips_for(counts: Sequence[int], consumed: int) -> list[int]:
+def skips_for(counts: Sequence[int], consumed: int, block: int | None = None) -> list[int]:
     """How many of each worker's samples the first `consumed` canonical items include (resume)."""
     skips = [0] * len(counts)
     left = consumed
-    for w, start, stop in canonical_blocks(counts, skips):
+    for w, start, stop in canonical_blocks(counts, skips, block):
         take = min(left, stop - start)
         skips[w] += take
         left -= take
         if left == 0:
             break
     return skips
+
+
+# Items cross the worker -> main process boundary in groups: one shared-memory tensor per group instead of one
+# per image (per-tensor IPC, not decoding, bounded the loader at 224 px on a 16-core GPU host). A group holds the
+# consecutive samples of one worker inside one block of the canonical order (seq // block). Training makes the
+# block the rank's batch, so a step's batch is one group, taken as it arrived: the main process neither copies nor
+# touches its pixels (copying 150 KB per image out of freshly mapped shared memory was most of its work).
+# ITEMS_PER_TRANSFER is the block of a spec that sets none, and of checkpoints written before blocks were recorded.
+ITEMS_PER_TRANSFER = 16
+IMAGES_IN_FLIGHT = 128  # per worker: the DataLoader prefetches max(2, this // block) groups
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -150,6 +162,7 @@ class StreamSpec:
     renderer: str = "cpu"  # renderers.RENDERERS; "device": workers decode only, the main process renders batches
     image_size: int | None = None  # the size views are rendered at (the student's); None: the recipe's
     views_per_decode: int = 1  # M: each decoded sample gives views view .. view + M - 1 (mod the cache's views)
+    block: int = ITEMS_PER_TRANSFER  # samples per transfer group and canonical block; in training the rank's batch
 
     @property
     def size(self) -> int:
@@ -165,11 +178,6 @@ class Item:
     entry: dict[str, np.ndarray]
 
 
-# Items cross the worker -> main process boundary in groups: one shared-memory tensor per group instead of one
-# per image (per-tensor IPC, not decoding, bounded the loader at 224 px on a 16-core GPU host). A group holds the
-# consecutive samples of one worker inside one block of the canonical order (seq // ITEMS_PER_TRANSFER), so the
-# main process assembles a batch from a few group slices.
-ITEMS_PER_TRANSFER = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +243,7 @@ class _WorkerStream(IterableDataset):
         try:
             for w in worker_ids:  # without DataLoader workers, the main process runs every worker's stream in turn
                 yield from group_items(worker_items(self.spec, self.plan.workers[w], w, self.skips[w]),
-                                       packed=self.spec.renderer == "device" and not self.spec.evaluation)
+                                       self.spec.block, packed=self.spec.renderer == "device" and not self.spec.evaluation)
         except DKDCacheError as e:  # re-raised by the main process with the same class and message
             yield ("error", e)  # pickled to the main process whole, raised there as its own class
 
@@ -387,15 +395,18 @@ def shuffle_buffer(stream: Iterator, size: int, rng: np.random.Generator) -> Ite
 
 
 def make_loader(spec: StreamSpec, plan: RankPlan, skips: Sequence[int], workers: int) -> DataLoader:
+    prefetch = max(2, IMAGES_IN_FLIGHT // spec.block) if workers > 0 else None
     return DataLoader(_WorkerStream(spec, plan, skips), batch_size=None, num_workers=workers if workers > 0 else 0,
-                      prefetch_factor=8 if workers > 0 else None, persistent_workers=False, collate_fn=keep_as_is)
+                      prefetch_factor=prefetch, persistent_workers=False, collate_fn=keep_as_is)
 
 
-def canonical_runs(loader: Iterable, plan: RankPlan, skips: Sequence[int]) -> Iterator[ItemGroup]:
-    """Groups from the loader (or loose Items, grouped here), re-ordered into the canonical order."""
+def canonical_runs(loader: Iterable, plan: RankPlan, skips: Sequence[int], block: int | None = None
+                   ) -> Iterator[ItemGroup]:
+    """Groups from the loader (or loose Items, grouped here), re-ordered into the canonical order of blocks of
+    `block` (the spec's) samples."""
     pending: dict[tuple[int, int], ItemGroup] = {}
-    it = iter(_as_groups(loader))
-    for w, start, stop in canonical_blocks(plan.counts, skips):
+    it = iter(_as_groups(loader, block or ITEMS_PER_TRANSFER))
+    for w, start, stop in canonical_blocks(plan.counts, skips, block):
         while (w, start) not in pending:
             try:
                 group = next(it)
@@ -410,29 +421,29 @@ def canonical_runs(loader: Iterable, plan: RankPlan, skips: Sequence[int]) -> It
         yield group
 
 
-def _as_groups(stream: Iterable) -> Iterator[ItemGroup]:
+def _as_groups(stream: Iterable, block: int) -> Iterator[ItemGroup]:
     """Pass ItemGroups through, group runs of loose Items, raise a worker's error where it arrives."""
     loose: list[Item] = []
     for x in stream:
         if isinstance(x, tuple):
-            yield from group_items(loose)
+            yield from group_items(loose, block)
             raise x[1]
         if isinstance(x, ItemGroup):
-            yield from group_items(loose)
+            yield from group_items(loose, block)
             loose = []
             yield x
         else:
             loose.append(x)
-            if len(loose) > 1 and (x.worker != loose[-2].worker or x.seq // ITEMS_PER_TRANSFER
-                                   != loose[-2].seq // ITEMS_PER_TRANSFER):
-                yield from group_items(loose[:-1])
+            if len(loose) > 1 and (x.worker != loose[-2].worker or x.seq // block != loose[-2].seq // block):
+                yield from group_items(loose[:-1], block)
                 loose = loose[-1:]
-    yield from group_items(loose)
+    yield from group_items(loose, block)
 
 
-def canonical_items(loader: Iterable, plan: RankPlan, skips: Sequence[int]) -> Iterator[Item]:
+def canonical_items(loader: Iterable, plan: RankPlan, skips: Sequence[int], block: int | None = None
+                    ) -> Iterator[Item]:
     """Items in the canonical order (one at a time; training takes canonical_runs whole)."""
-    for group in canonical_runs(loader, plan, skips):
+    for group in canonical_runs(loader, plan, skips, block):
         for i in range(len(group)):
             yield group.item(i)
 
@@ -441,9 +452,10 @@ def batches(groups: Iterable[ItemGroup], batch_size: int, *, pin_memory: bool = 
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
     """Groups in canonical order -> (images uint8 (B,3,S,S), labels int64 (B,), entries {name: tensor (B,…)}).
 
-    Each batch is copied once, slice by slice, into fresh (pinned, for a non-blocking copy to a GPU) memory;
-    the copy is numpy's single-threaded memcpy: a torch copy here would wake the intra-op thread pool,
-    which stalls for milliseconds while DataLoader workers hold the cores."""
+    A batch that lies inside one group (training's, whose block is the batch) is a view of the group's memory.
+    Any other batch, and every batch to be pinned (for a non-blocking copy to a GPU), is copied once, slice by
+    slice, into fresh memory; the copy is numpy's single-threaded memcpy: a torch copy here would wake the intra-op
+    thread pool, which stalls for milliseconds while DataLoader workers hold the cores."""
     run: list[tuple[ItemGroup, int, int]] = []
     have = 0
     for group in groups:
@@ -461,6 +473,10 @@ def batches(groups: Iterable[ItemGroup], batch_size: int, *, pin_memory: bool = 
 
 
 def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False):
+    if len(run) == 1 and not pin_memory:  # one group's slice: views, nothing copied or touched
+        g, a, b = run[0]
+        images = g.images.slice(a, b) if isinstance(g.images, Packed) else None if g.images is None else g.images[a:b]
+        return images, torch.from_numpy(g.labels[a:b]), {k: torch.from_numpy(v[a:b]) for k, v in g.entries.items()}
     n = sum(stop - start for _, start, stop in run)
     first = run[0][0]
     images = None

@@ -28,7 +28,8 @@ from . import dist as dist_mod
 from . import store as store_mod
 from .data import expand_shards, scan_shards, shard_name
 from .errors import CacheMismatchError, ConfigError, DKDCacheError
-from .loader import RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch, skips_for
+from .loader import (ITEMS_PER_TRANSFER, RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch,
+                     skips_for)
 from .loss import total_loss
 from . import renderers, tb_log
 from .progress import Progress, hms
@@ -185,6 +186,15 @@ RESUMABLE = ("epochs", "workers", "max_steps", "log_every", "val_shards", "eval_
 def plan_workers(workers: int) -> int:
     """The number of sample streams an epoch's order is planned for (0 workers reads in one stream)."""
     return max(1, workers)
+
+
+def transfer_block(ckpt: dict | None, local_batch: int) -> int:
+    """Samples per transfer group and canonical block: the rank's batch, so that a step's batch is one group
+    (loader.collate takes it without a copy). The order of an epoch depends on it, so a resumed run keeps its
+    checkpoint's block; a checkpoint of a version that recorded none was trained with ITEMS_PER_TRANSFER."""
+    if ckpt is None:
+        return local_batch
+    return int(ckpt.get("transfer_block", ITEMS_PER_TRANSFER))
 
 
 def check_resume_layout(ckpt: dict, *, world: int, workers: int, where: str) -> None:
@@ -361,6 +371,7 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, start_consumed, global_step = int(ckpt["epoch"]), int(ckpt["consumed"]), int(ckpt["step"])
+    block = transfer_block(ckpt, local_batch)
     if dinfo.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -428,7 +439,7 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
                             epoch=epoch, consumed=consumed, step=global_step, config=cfg.to_dict(),
                             num_classes=num_classes, arch=cfg.arch, recipe=recipe.to_dict(),
                             torch_rng=torch.get_rng_state(), world=dinfo.world,
-                            plan_workers=plan_workers(cfg.workers))
+                            plan_workers=plan_workers(cfg.workers), transfer_block=block)
             if cfg.checkpoint_url:  # written whole locally first, then one put: the store never holds half of it
                 store_mod.put_file(cfg.checkpoint_url, "checkpoint.pt", out / "checkpoint.pt")
         dist_mod.barrier(dinfo)
@@ -452,12 +463,12 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
                               f"({n_local}); lower --batch-size")
         dropped = (n_local - steps * local_batch) * dinfo.world
         consumed = start_consumed if epoch == start_epoch else 0
-        skips = skips_for(plan.counts, consumed)
+        skips = skips_for(plan.counts, consumed, block)
         size = student_size(cfg, recipe, epoch)
         spec = StreamSpec(urls=tuple(urls), recipe=recipe, seed=cfg.seed, epoch=epoch,
                           view=epoch % views if views else epoch, rank=dinfo.rank, cache_path=cfg.cache,
                           entry_arrays=entry_arrays, num_classes=num_classes, shuffle_buffer=cfg.shuffle_buffer,
-                          renderer=renderer, image_size=size, views_per_decode=m)
+                          renderer=renderer, image_size=size, views_per_decode=m, block=block)
         loader = make_loader(spec, plan, skips, cfg.workers)
         model.train()
         seen = steps_done = 0
@@ -465,7 +476,8 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         position.update(steps=steps, t0=t0, first_step=global_step, step_in_epoch0=consumed // local_batch)
         with Progress(total=steps * local_batch - consumed, label=f"epoch {epoch}",
                       enabled=progress and dinfo.is_main) as bar:
-            epoch_batches = batches(canonical_runs(loader, plan, skips), local_batch, pin_memory=device.type == "cuda")
+            epoch_batches = batches(canonical_runs(loader, plan, skips, block), local_batch,
+                                    pin_memory=device.type == "cuda")
             for images, labels, entries in itertools.islice(epoch_batches, steps - consumed // local_batch):
                 view_epoch = epoch + min(m - 1, consumed * m // n_local)  # the epoch of views this step is in
                 for g in optimizer.param_groups:
@@ -557,6 +569,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return loss.detach(), ce.detach(), kd.detach()
 
 
+EVAL_BATCH = 256
+
+
 @torch.no_grad()
 def evaluate(model, cfg: TrainConfig, recipe: Recipe, num_classes: int, device, dinfo) -> dict[str, float]:
     """Top-1/top-5 on the val shards (resize 256/224 of the size, centre crop); ranks split shards, sums reduced."""
@@ -566,11 +581,11 @@ def evaluate(model, cfg: TrainConfig, recipe: Recipe, num_classes: int, device, 
     correct1 = correct5 = total = 0
     if mine:
         spec = StreamSpec(urls=tuple(mine), recipe=recipe, seed=cfg.seed, epoch=0, view=0, rank=dinfo.rank,
-                          cache_path=None, num_classes=num_classes, evaluation=True)
+                          cache_path=None, num_classes=num_classes, evaluation=True, block=EVAL_BATCH)
         counts = [len(ix.keys) for ix in scan_shards(mine)]
         plan = RankPlan(workers=(tuple(Task(i) for i in range(len(mine))),), counts=(sum(counts),), padding=0)
-        for images, labels, _ in batches(canonical_runs(make_loader(spec, plan, [0], min(cfg.workers, 1)), plan, [0]),
-                                         256):
+        loader = make_loader(spec, plan, [0], min(cfg.workers, 1))
+        for images, labels, _ in batches(canonical_runs(loader, plan, [0], EVAL_BATCH), EVAL_BATCH):
             x = normalize(images.to(device), recipe, cfg.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                 logits = model(x).float()

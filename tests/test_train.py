@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from dkd_cache.errors import CacheMismatchError, ConfigError
-from dkd_cache.loader import canonical_position, plan_epoch, skips_for
+from dkd_cache.loader import (ITEMS_PER_TRANSFER, ItemGroup, batches, canonical_position, canonical_runs, plan_epoch,
+                              skips_for)
 from dkd_cache.synth import make_shards
 from dkd_cache.checkpoint import read_checkpoint
-from dkd_cache.train import TrainConfig, train_student
+from dkd_cache.train import TrainConfig, train_student, transfer_block
 
 from .conftest import CLASSES
 
@@ -56,6 +57,53 @@ def test_resume_skips_are_a_pure_function_of_position():
                                                                            (2, 16), (2, 17)]
     assert skips_for(counts, 20) == [16, 3, 1]
     assert skips_for(counts, 37) == [18, 3, 16]
+
+
+def test_the_canonical_order_takes_blocks_of_the_transfer_block():
+    counts = [20, 3, 18]
+    order = list(canonical_position(counts, 8))
+    assert order[:11] == [(0, s) for s in range(8)] + [(1, 0), (1, 1), (1, 2)]
+    assert order[11:19] == [(2, s) for s in range(8)] and order[19:27] == [(0, s) for s in range(8, 16)]
+    assert skips_for(counts, 19, 8) == [8, 3, 8]
+
+
+def _groups(counts, block):
+    """Worker groups of `block` samples whose pixels name their (worker, seq)."""
+    out = []
+    for w, n in enumerate(counts):
+        for s0 in range(0, n, block):
+            m = min(block, n - s0)
+            seqs = torch.arange(s0, s0 + m)
+            images = (seqs[:, None, None, None] + 100 * w).expand(m, 3, 2, 2).to(torch.uint8).contiguous()
+            out.append(ItemGroup(w, s0, images, (seqs + 1000 * w).numpy(), {"logits/target": seqs.float().numpy()}))
+    return out
+
+
+def test_a_batch_inside_one_transfer_group_is_that_group_not_a_copy():
+    counts, block = [20, 3, 18], 8
+    plan = plan_epoch([20, 3, 18], seed=0, epoch=0, world=1, rank=0, workers=3)
+    plan = type(plan)(workers=plan.workers, counts=tuple(counts), padding=0)
+    groups = _groups(counts, block)
+    order = list(canonical_position(counts, block))
+    got = list(batches(canonical_runs(iter(groups[::-1]), plan, [0, 0, 0], block), block))
+    assert sum(len(labels) for _, labels, _ in got) == sum(counts)
+    at = 0
+    for images, labels, entries in got:
+        want = order[at:at + len(labels)]
+        assert labels.tolist() == [s + 1000 * w for w, s in want]  # the canonical order, whatever the arrival
+        assert images[:, 0, 0, 0].tolist() == [s + 100 * w for w, s in want]
+        assert entries["logits/target"].tolist() == [float(s) for _, s in want]
+        in_one = len({w for w, _ in want}) == 1 and want[0][1] // block == want[-1][1] // block
+        shares = any(images.data_ptr() == g.images[want[0][1] - g.seq0:].data_ptr() for g in groups
+                     if g.worker == want[0][0])
+        assert shares == in_one  # a batch inside one group is a view of it; one across groups is copied
+        at += len(labels)
+
+
+def test_a_resumed_run_keeps_the_transfer_block_of_its_checkpoint():
+    assert transfer_block(None, 64) == 64  # a new run: the rank's batch
+    assert transfer_block({"consumed": 128, "transfer_block": 32}, 64) == 32
+    assert transfer_block({"consumed": 128}, 64) == ITEMS_PER_TRANSFER == 16  # written before blocks were recorded
 
 
 def test_cache_mode_never_builds_the_teacher(shards, cache_path, tmp_path, monkeypatch):
