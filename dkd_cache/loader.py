@@ -32,7 +32,7 @@ from .data import keep_as_is, iter_raw_samples, parse_sample, shard_name
 from .errors import BadSampleError, CacheMismatchError, DKDCacheError, ShardError
 from . import renderers
 from .renderers import Packed
-from .views import Recipe, center_crop, decode, draw_view, image_size_of, pixel_major, render_decoded
+from .views import Recipe, center_crop, decode, draw_view, pixel_major, render_decoded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +354,7 @@ def render_items(spec: StreamSpec, raw: dict, cache_label: int | None, entries: 
     if SIZE_ENTRIES[0] in entries[0]:
         dumped = tuple(int(entries[0][name]) for name in SIZE_ENTRIES)
         entries = [{k: v for k, v in en.items() if k not in SIZE_ENTRIES} for en in entries]
-        now = image_size_of(sample.image)
+        now = (int(img.shape[1]), int(img.shape[2]))  # decode checked it against the header
         if dumped != now:
             raise CacheMismatchError(
                 f"{sample.shard}: sample {sample.key!r} is a {now[0]}x{now[1]} image, but it was "

@@ -115,16 +115,57 @@ def draw_view(seed: int, view: int, key: str, height: int, width: int, recipe: R
 
 
 def image_size_of(data: bytes) -> tuple[int, int]:
-    """(height, width) from the image header only; refuses decompression bombs before decoding."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-    if width * height > MAX_PIXELS:
-        raise ValueError(f"image declares {width}x{height} pixels, more than the {MAX_PIXELS} allowed")
+    """(height, width) from the image header only; refuses decompression bombs before decoding.
+
+    JPEG (the first frame header, the one libjpeg decodes) and PNG headers are read here, in a few microseconds;
+    other formats, and headers this reader does not understand, go to PIL (~100 us per image)."""
+    size = _jpeg_size(data) or _png_size(data)
+    if size is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+        size = height, width
+    height, width = size
+    limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)  # PIL's limit too, as when PIL read every header
+    if width * height > limit:
+        raise ValueError(f"image declares {width}x{height} pixels, more than the {limit} allowed "
+                         "(a decompression bomb?)")
     if width <= 0 or height <= 0:
         raise ValueError(f"image declares an empty size {width}x{height}")
     return height, width
+
+
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG's first frame header, walking the marker segments before it; None when the bytes
+    are not a JPEG or the walk meets anything unexpected (PIL then reads the header, or refuses it)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            height, width = (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
+            return (height, width) if height and width else None  # 0: height given later (DNL): PIL decides
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before it
+            return None
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a PNG's IHDR chunk (always the first); None when the bytes are not a PNG."""
+    if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
 
 
 def decode(data: bytes) -> torch.Tensor:

@@ -80,3 +80,44 @@ def test_image_bomb_is_refused_from_the_header():
     with pytest.raises(Exception) as e:
         image_size_of(png)
     assert "pixels" in str(e.value).lower() or "decompression" in type(e.value).__name__.lower()
+
+
+def _jpeg(width: int, height: int, **save) -> bytes:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng([width, height])
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def test_the_header_reader_gives_pils_size_for_every_kind_of_jpeg_and_png():
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotated; the stored size is what the decoder returns
+    images = [_jpeg(37, 23), _jpeg(400, 351, quality=90), _jpeg(64, 48, progressive=True),
+              _jpeg(33, 65, exif=exif.tobytes()), _jpeg(50, 20, subsampling=0, optimize=True)]
+    padded = images[0][:2] + b"\xff\xff" + images[0][2:]  # fill bytes before a marker are allowed
+    buf = io.BytesIO()
+    Image.new("RGB", (29, 17)).save(buf, format="PNG")
+    gif = io.BytesIO()
+    Image.new("RGB", (13, 11)).save(gif, format="GIF")  # neither: PIL reads it
+    for data in [*images, padded, buf.getvalue(), gif.getvalue()]:
+        with Image.open(io.BytesIO(data)) as im:
+            assert image_size_of(data) == (im.size[1], im.size[0])
+    # a header this reader cannot walk goes to PIL, which refuses it as before
+    with pytest.raises(Exception):
+        image_size_of(images[0][:2] + b"\x00" * 20)
+
+
+def test_a_jpeg_bomb_is_refused_from_its_frame_header():
+    data = bytearray(_jpeg(40, 30))
+    at = next(i for i in range(2, len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xC0)
+    data[at + 5:at + 9] = (60_000).to_bytes(2, "big") + (60_000).to_bytes(2, "big")
+    with pytest.raises(ValueError, match="decompression bomb"):
+        image_size_of(bytes(data))
