@@ -86,10 +86,14 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     per = 8 // bits
     b, n = codes.shape
     nb = packed_length(n, bits)
-    padded = np.zeros((b, nb * per), dtype=np.uint8)
-    padded[:, :n] = codes
-    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(padded.reshape(b, nb, per) << shifts, axis=2).astype(np.uint8)
+    padded = codes
+    if n != nb * per:
+        padded = np.zeros((b, nb * per), dtype=np.uint8)
+        padded[:, :n] = codes
+    out = padded[:, 0::per].copy()  # code j of a byte sits at bits j*bits .. j*bits + bits - 1
+    for j in range(1, per):
+        out |= padded[:, j::per] << np.uint8(j * bits)
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -508,17 +512,50 @@ class LowRankBasis:
         b = self.basis.astype(np.float64)
         return self.mean.astype(np.float64), b, self.mult.astype(np.float64), np.linalg.solve(b @ b.T, b).T
 
+    @functools.cached_property
+    def _float32_blocks(self) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]] | None:
+        """mult and basis as float32, and the runs of basis rows whose products with codes sum exactly in float32:
+        every term is an integer of at most 127 * mult_r * 128, so a run whose bound stays below 2^24 sums
+        exactly in any order. None when a single row is too large for that (float64 throughout then)."""
+        limit = 2 ** 24 // (_LR_COEF * 128)
+        runs, start, total = [], 0, 0
+        for r, m in enumerate(self.mult.tolist()):
+            if m > limit:
+                return None
+            if total + m > limit:
+                runs.append((start, r))
+                start, total = r, 0
+            total += m
+        runs.append((start, self.rank))
+        return self.mult.astype(np.float32), self.basis.astype(np.float32), runs
+
     def approx_np(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, R) codes -> (integer scores (B, C) as float64, float32 approximation g * score)."""
+        """(B, R) codes -> (integer scores (B, C) as float64, float32 approximation g * score). The scores are
+        exact integers (float32 products summed in runs that stay exact, the runs and the mean in float64), the same
+        whatever the arithmetic's order."""
         mean, basis, mult, _ = self._float64
-        score = mean + (codes.astype(np.float64) * mult) @ basis  # integers: exact in any summation order
+        blocks = self._float32_blocks
+        if blocks is None:
+            score = mean + (codes.astype(np.float64) * mult) @ basis
+        else:
+            mult32, basis32, runs = blocks
+            weighted = codes.astype(np.float32) * mult32  # |code * mult| < 2^24: exact
+            score = np.add(mean, weighted[:, runs[0][0]:runs[0][1]] @ basis32[runs[0][0]:runs[0][1]], dtype=np.float64)
+            for a, b in runs[1:]:
+                score += weighted[:, a:b] @ basis32[a:b]
         return score, (score * self.grid).astype(np.float32)
 
-    def encode_np(self, x: np.ndarray) -> np.ndarray:
-        """(B, C) float32 logits -> (B, R) int8 coefficient codes (least squares, rounded, clipped)."""
+    @functools.cached_property
+    def _projection32(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         mean, _, mult, proj = self._float64
-        a = (x.astype(np.float64) - mean * self.grid) @ proj
-        return np.clip(np.rint(a / (mult * self.grid)), -_LR_COEF, _LR_COEF).astype(np.int8)
+        return (mean * self.grid).astype(np.float32), proj.astype(np.float32), mult * self.grid
+
+    def encode_np(self, x: np.ndarray) -> np.ndarray:
+        """(B, C) float32 logits -> (B, R) int8 coefficient codes (least squares in float32, rounded, clipped).
+        Any codes decode exactly (approx_np); the projection only picks good ones, so float32 suffices."""
+        shift, proj, step = self._projection32
+        a = (np.asarray(x, dtype=np.float32) - shift) @ proj
+        return np.clip(np.rint(a / step), -_LR_COEF, _LR_COEF).astype(np.int8)
 
 
 def fit_lowrank_basis(logits: Any, rank: int) -> tuple[LowRankBasis, dict[str, Any]]:
@@ -563,9 +600,11 @@ def _order(score: np.ndarray, m: int) -> np.ndarray:
         key = score.astype(np.int32) * np.int32(c) + (c - 1 - np.arange(c, dtype=np.int32))
     else:
         key = _rank_keys(score, c)
+    # A key holds its class (key mod c = c - 1 - class), so the m largest keys are found and sorted as values:
+    # a value partition and a sort of m per row, no index bookkeeping (an argpartition cost ~4x more).
     np.negative(key, out=key)  # ascending order of -key = descending key
-    part = np.argpartition(key, m - 1, axis=1)[:, :m] if m < c else np.tile(np.arange(m), (len(key), 1))
-    return np.take_along_axis(part, np.argsort(np.take_along_axis(key, part, 1), axis=1), 1)
+    top = np.sort(np.partition(key, m - 1, axis=1)[:, :m] if m < c else key, axis=1)
+    return (c - 1 - np.mod(-top, c)).astype(np.intp)
 
 
 def _largest(w: np.ndarray, k: int) -> np.ndarray:
@@ -574,6 +613,12 @@ def _largest(w: np.ndarray, k: int) -> np.ndarray:
     n = w.shape[1]
     if k >= n:
         return np.tile(np.arange(n), (len(w), 1))
+    if w.dtype == np.float32 and w.size and not (w < 0).any():
+        # The bits of a non-negative float32 order like the float; with the column folded in (ties: lower column
+        # ranks higher) the keys are distinct, and the k largest are a value partition away, no index bookkeeping.
+        key = w.view(np.int32).astype(np.int64) * n + (n - 1 - np.arange(n))
+        top = np.partition(key, n - k, axis=1)[:, n - k:]
+        return np.sort(n - 1 - np.mod(top, n), axis=1)
     kth = np.partition(w, n - k, axis=1)[:, n - k : n - k + 1]  # the k-th largest value of each row
     keep = w >= kth
     if int(keep.sum()) != k * len(w):  # some row ties at its k-th value: the lowest tied columns first
