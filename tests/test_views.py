@@ -121,3 +121,25 @@ def test_a_jpeg_bomb_is_refused_from_its_frame_header():
     data[at + 5:at + 9] = (60_000).to_bytes(2, "big") + (60_000).to_bytes(2, "big")
     with pytest.raises(ValueError, match="decompression bomb"):
         image_size_of(bytes(data))
+
+
+def test_the_direct_uint8_resize_gives_torchvisions_pixels():
+    # render_decoded calls torch's uint8 bilinear kernel itself where torchvision v2 would: the same pixels, for
+    # either layout, full-width and full-image crops, the same-size crop (no resize), flips, and antialias off.
+    from torchvision.transforms.v2 import functional as F
+
+    from dkd_cache.views import pixel_major, render_decoded
+
+    rng = np.random.default_rng(0)
+    img = torch.from_numpy(rng.integers(0, 256, (3, 61, 83), dtype=np.uint8))
+    boxes = [(0, 0, 61, 83), (5, 0, 40, 83), (3, 7, 20, 31), (10, 10, 24, 24), (0, 50, 61, 33), (2, 3, 1, 5)]
+    for layout in (img, pixel_major(img)):
+        for size in (24, 32, 100):
+            for antialias in (True, False):
+                recipe = Recipe(image_size=size, antialias=antialias)
+                for top, left, h, w in boxes:
+                    for flip in (False, True):
+                        want = F.resized_crop(layout, top, left, h, w, [size, size], antialias=antialias)
+                        want = F.horizontal_flip(want) if flip else want
+                        got = render_decoded(layout, (top, left, h, w), flip, recipe)
+                        assert torch.equal(got, want), (layout.stride(), size, antialias, (top, left, h, w), flip)
