@@ -259,8 +259,9 @@ def project_loader(spec, sizes, a, device, *, null_step=None) -> int:
                       spec.views_per_decode)
     skips = [0] * len(plan.counts)
     n = 0
-    for images, labels, entries in batches(canonical_runs(make_loader(spec, plan, skips, a.workers), plan, skips,
-                                                          spec.block), a.batch_size, pin_memory=device.type == "cuda"):
+    loader = make_loader(spec, plan, skips, a.workers)
+    for images, labels, entries in batches(canonical_runs(loader, plan, skips, spec.block), a.batch_size,
+                                           pin_memory=device.type == "cuda", borrow=True):  # as training does
         x = renderers.to_device(images, entries, spec.recipe, device, spec.size)  # uint8 on the device
         labels = labels.to(device, non_blocking=True)
         if null_step is not None:
@@ -272,15 +273,23 @@ def project_loader(spec, sizes, a, device, *, null_step=None) -> int:
 
 
 class _Prerendered(torch.utils.data.IterableDataset):
-    """Workers that hand over ItemGroups already rendered (taken from memory): the main process's ingest alone."""
+    """Workers that hand over ItemGroups already rendered (taken from memory): the main process's ingest alone.
+    With a TransferRing (as make_loader's workers), each group's images travel in a slot of it, as in training."""
 
-    def __init__(self, groups_by_worker):
-        self.groups_by_worker = groups_by_worker
+    def __init__(self, groups_by_worker, ring=None):
+        self.groups_by_worker, self.ring = groups_by_worker, ring
 
     def __iter__(self):
+        from dkd_cache.transfer import RingSlot
+
         info = torch.utils.data.get_worker_info()
         for w in (range(len(self.groups_by_worker)) if info is None else [info.id]):
-            yield from self.groups_by_worker[w]
+            for g in self.groups_by_worker[w]:
+                slot = None if self.ring is None or info is None else self.ring.acquire(w, list(g.images))
+                if slot is not None:
+                    self.ring.buffer(w, slot, len(g)).copy_(g.images)
+                    g = dataclasses.replace(g, images=RingSlot(slot, len(g)))
+                yield g
 
 
 def ingest(spec, sizes, a, device, repeat: int = 8) -> dict[str, Any]:
@@ -289,6 +298,7 @@ def ingest(spec, sizes, a, device, repeat: int = 8) -> dict[str, Any]:
 
     from dkd_cache import renderers
     from dkd_cache.data import keep_as_is
+    from dkd_cache.transfer import TransferRing
     from dkd_cache.loader import (IMAGES_IN_FLIGHT, RankPlan, batches, canonical_runs, group_items, plan_epoch,
                                   worker_items)
 
@@ -304,13 +314,14 @@ def ingest(spec, sizes, a, device, repeat: int = 8) -> dict[str, Any]:
     assert all(len(g) for gs in by_worker for g in gs)
 
     def run(read: bool = False) -> int:
-        loader = DataLoader(_Prerendered(by_worker), batch_size=None, num_workers=a.workers,
-                            prefetch_factor=max(2, IMAGES_IN_FLIGHT // block) if a.workers else None,
-                            collate_fn=keep_as_is)
+        prefetch = max(2, IMAGES_IN_FLIGHT // block)
+        ring = TransferRing(a.workers, prefetch + 2, (block, 3, spec.size, spec.size)) if a.workers else None
+        loader = DataLoader(_Prerendered(by_worker, ring), batch_size=None, num_workers=a.workers,
+                            prefetch_factor=prefetch if a.workers else None, collate_fn=keep_as_is)
         n = 0
         skips = [0] * len(counts)
         for images, labels, entries in batches(canonical_runs(loader, big, skips, block), a.batch_size,
-                                               pin_memory=device.type == "cuda"):
+                                               pin_memory=device.type == "cuda", borrow=True):
             x = renderers.to_device(images, entries, spec.recipe, device, spec.size)  # the null step takes it there
             labels.to(device, non_blocking=True)
             if read and x.device.type == "cpu":  # a step's first read of the batch: the worker's shared memory
@@ -325,7 +336,7 @@ def ingest(spec, sizes, a, device, repeat: int = 8) -> dict[str, Any]:
         flat = [g for gs in by_worker for g in gs]
         skips = [0] * len(counts)
         for images, labels, entries in batches(canonical_runs(iter(flat), big, skips, block), a.batch_size,
-                                               pin_memory=device.type == "cuda"):
+                                               pin_memory=device.type == "cuda", borrow=True):
             renderers.to_device(images, entries, spec.recipe, device, spec.size)
             n += int(labels.shape[0])
         return n

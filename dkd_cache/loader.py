@@ -19,9 +19,10 @@ so every rank runs the same number of steps and no collective ever waits for a r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import heapq
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from .data import keep_as_is, iter_raw_samples, parse_sample, shard_name
 from .errors import BadSampleError, CacheMismatchError, DKDCacheError, ShardError
 from . import renderers
 from .renderers import Packed
+from .transfer import RingSlot, TransferRing
 from .views import Recipe, center_crop, decode, draw_view, pixel_major, render_decoded
 
 
@@ -184,9 +186,10 @@ class Item:
 class ItemGroup:
     worker: int
     seq0: int  # the group holds seqs seq0, seq0 + 1, ...
-    images: torch.Tensor | Packed | None  # uint8 (m, 3, S, S); Packed decoded images (device renderer); None
-    labels: np.ndarray  # int64 (m,)
+    images: torch.Tensor | Packed | RingSlot | None  # uint8 (m, 3, S, S); Packed decoded images (device renderer);
+    labels: np.ndarray  # int64 (m,)                 # a worker's TransferRing slot (main: resolved to its rows); None
     entries: dict[str, np.ndarray]  # name -> (m, …)
+    release: Callable[[], None] | None = None  # images in a ring slot: hand the slot back once they are copied out
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -209,32 +212,40 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
         yield buf
 
 
-def group_items(items: Iterable[Item], size: int = ITEMS_PER_TRANSFER, *, packed: bool = False
-                ) -> Iterator[ItemGroup]:
-    """Consecutive Items of one worker and one canonical block (seq // size) -> ItemGroup (images stacked, or
-    `packed` when they are decoded images of several sizes)."""
+def group_items(items: Iterable[Item], size: int = ITEMS_PER_TRANSFER, *, packed: bool = False,
+                ring: TransferRing | None = None) -> Iterator[ItemGroup]:
+    """Consecutive Items of one worker and one canonical block (seq // size) -> ItemGroup (images stacked into a
+    slot of `ring` or a fresh transfer buffer, or `packed` when they are decoded images of several sizes)."""
     buf: list[Item] = []
     for item in items:
         if buf and (item.worker != buf[0].worker or item.seq // size != buf[0].seq // size
                     or item.seq != buf[-1].seq + 1):
-            yield _group(buf, packed)
+            yield _group(buf, packed, ring)
             buf = []
         buf.append(item)
     if buf:
-        yield _group(buf, packed)
+        yield _group(buf, packed, ring)
 
 
-def _group(buf: list[Item], packed: bool = False) -> ItemGroup:
-    images = None if buf[0].image is None else \
-        renderers.pack([i.image for i in buf]) if packed else \
-        torch.stack([i.image for i in buf], out=renderers.transfer_buffer((len(buf), *buf[0].image.shape)))
+def _group(buf: list[Item], packed: bool = False, ring: TransferRing | None = None) -> ItemGroup:
+    images: torch.Tensor | Packed | RingSlot | None = None
+    if buf[0].image is not None:
+        pixels = [i.image for i in buf]
+        slot = None if packed or ring is None else ring.acquire(buf[0].worker, pixels)
+        if packed:
+            images = renderers.pack(pixels)
+        elif slot is not None:
+            torch.stack(pixels, out=ring.buffer(buf[0].worker, slot, len(buf)))
+            images = RingSlot(slot, len(buf))
+        else:
+            images = torch.stack(pixels, out=renderers.transfer_buffer((len(buf), *pixels[0].shape)))
     entries = {k: np.stack([i.entry[k] for i in buf]) for k in buf[0].entry}
     return ItemGroup(buf[0].worker, buf[0].seq, images, np.array([i.label for i in buf], np.int64), entries)
 
 
 class _WorkerStream(IterableDataset):
-    def __init__(self, spec: StreamSpec, plan: RankPlan, skips: Sequence[int]):
-        self.spec, self.plan, self.skips = spec, plan, list(skips)
+    def __init__(self, spec: StreamSpec, plan: RankPlan, skips: Sequence[int], ring: TransferRing | None = None):
+        self.spec, self.plan, self.skips, self.ring = spec, plan, list(skips), ring
 
     def __iter__(self) -> Iterator[ItemGroup | tuple[str, DKDCacheError]]:
         info = get_worker_info()
@@ -243,7 +254,8 @@ class _WorkerStream(IterableDataset):
         try:
             for w in worker_ids:  # without DataLoader workers, the main process runs every worker's stream in turn
                 yield from group_items(worker_items(self.spec, self.plan.workers[w], w, self.skips[w]),
-                                       self.spec.block, packed=self.spec.renderer == "device" and not self.spec.evaluation)
+                                       self.spec.block, packed=self.spec.renderer == "device" and not self.spec.evaluation,
+                                       ring=self.ring if info is not None else None)
         except DKDCacheError as e:  # re-raised by the main process with the same class and message
             yield ("error", e)  # pickled to the main process whole, raised there as its own class
 
@@ -395,8 +407,13 @@ def shuffle_buffer(stream: Iterator, size: int, rng: np.random.Generator) -> Ite
 
 
 def make_loader(spec: StreamSpec, plan: RankPlan, skips: Sequence[int], workers: int) -> DataLoader:
+    """The DataLoader of one rank's pass. With workers, rendered views (cpu renderer) travel in TransferRing slots
+    sized for one group: the prefetched groups, one being filled and one waiting in the canonical order."""
     prefetch = max(2, IMAGES_IN_FLIGHT // spec.block) if workers > 0 else None
-    return DataLoader(_WorkerStream(spec, plan, skips), batch_size=None, num_workers=workers if workers > 0 else 0,
+    ring = None
+    if workers > 0 and len(plan.workers) == workers and (spec.evaluation or spec.renderer == "cpu"):
+        ring = TransferRing(workers, prefetch + 2, (spec.block, 3, spec.size, spec.size))
+    return DataLoader(_WorkerStream(spec, plan, skips, ring), batch_size=None, num_workers=workers if workers > 0 else 0,
                       prefetch_factor=prefetch, persistent_workers=False, collate_fn=keep_as_is)
 
 
@@ -405,7 +422,8 @@ def canonical_runs(loader: Iterable, plan: RankPlan, skips: Sequence[int], block
     """Groups from the loader (or loose Items, grouped here), re-ordered into the canonical order of blocks of
     `block` (the spec's) samples."""
     pending: dict[tuple[int, int], ItemGroup] = {}
-    it = iter(_as_groups(loader, block or ITEMS_PER_TRANSFER))
+    ring = getattr(getattr(loader, "dataset", None), "ring", None)  # make_loader's DataLoader: its TransferRing
+    it = iter(_as_groups(loader, block or ITEMS_PER_TRANSFER, ring))
     for w, start, stop in canonical_blocks(plan.counts, skips, block):
         while (w, start) not in pending:
             try:
@@ -421,8 +439,9 @@ def canonical_runs(loader: Iterable, plan: RankPlan, skips: Sequence[int], block
         yield group
 
 
-def _as_groups(stream: Iterable, block: int) -> Iterator[ItemGroup]:
-    """Pass ItemGroups through, group runs of loose Items, raise a worker's error where it arrives."""
+def _as_groups(stream: Iterable, block: int, ring: TransferRing | None = None) -> Iterator[ItemGroup]:
+    """Pass ItemGroups through (images in a ring slot: a view of it, with the slot's release), group runs of loose
+    Items, raise a worker's error where it arrives."""
     loose: list[Item] = []
     for x in stream:
         if isinstance(x, tuple):
@@ -431,6 +450,9 @@ def _as_groups(stream: Iterable, block: int) -> Iterator[ItemGroup]:
         if isinstance(x, ItemGroup):
             yield from group_items(loose, block)
             loose = []
+            if isinstance(x.images, RingSlot):
+                x = dataclasses.replace(x, images=ring.buffer(x.worker, x.images.slot, x.images.rows),
+                                        release=functools.partial(ring.release, x.worker, x.images.slot))
             yield x
         else:
             loose.append(x)
@@ -442,20 +464,29 @@ def _as_groups(stream: Iterable, block: int) -> Iterator[ItemGroup]:
 
 def canonical_items(loader: Iterable, plan: RankPlan, skips: Sequence[int], block: int | None = None
                     ) -> Iterator[Item]:
-    """Items in the canonical order (one at a time; training takes canonical_runs whole)."""
+    """Items in the canonical order (one at a time; training takes canonical_runs whole). Images from a ring slot
+    are copied out, and the slot released once the group is done."""
     for group in canonical_runs(loader, plan, skips, block):
         for i in range(len(group)):
-            yield group.item(i)
+            item = group.item(i)
+            if group.release is not None and item.image is not None:
+                item = dataclasses.replace(item, image=item.image.clone())
+            yield item
+        if group.release is not None:
+            group.release()
 
 
-def batches(groups: Iterable[ItemGroup], batch_size: int, *, pin_memory: bool = False
+def batches(groups: Iterable[ItemGroup], batch_size: int, *, pin_memory: bool = False, borrow: bool = False
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
     """Groups in canonical order -> (images uint8 (B,3,S,S), labels int64 (B,), entries {name: tensor (B,…)}).
 
-    A batch that lies inside one group (training's, whose block is the batch) is a view of the group's memory.
-    Any other batch, and every batch to be pinned (for a non-blocking copy to a GPU), is copied once, slice by
-    slice, into fresh memory; the copy is numpy's single-threaded memcpy: a torch copy here would wake the intra-op
-    thread pool, which stalls for milliseconds while DataLoader workers hold the cores."""
+    A batch that lies inside one group (training's, whose block is the batch) is a view of the group's memory when
+    that memory is its own, or, with `borrow`, a worker's TransferRing slot lent until the next batch is asked for
+    (the training loop normalises a batch into new memory before it asks; a caller that keeps batches must not
+    borrow). Any other batch, and every batch to be pinned (for a non-blocking copy to a GPU), is copied once,
+    slice by slice, into fresh memory, and a slot it came from goes back at once; the copy is numpy's
+    single-threaded memcpy: a torch copy here would wake the intra-op thread pool, which stalls for milliseconds
+    while DataLoader workers hold the cores."""
     run: list[tuple[ItemGroup, int, int]] = []
     have = 0
     for group in groups:
@@ -466,17 +497,25 @@ def batches(groups: Iterable[ItemGroup], batch_size: int, *, pin_memory: bool = 
             have += take
             start += take
             if have == batch_size:
-                yield collate(run, pin_memory)
+                batch, lent = collate(run, pin_memory, borrow)
+                yield batch
+                for release in lent:  # the next batch is asked for: the lent slots go back to their workers
+                    release()
                 run, have = [], 0
     if run:
-        yield collate(run, pin_memory)
+        batch, lent = collate(run, pin_memory, borrow)
+        yield batch
+        for release in lent:
+            release()
 
 
-def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False):
-    if len(run) == 1 and not pin_memory:  # one group's slice: views, nothing copied or touched
-        g, a, b = run[0]
+def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False, borrow: bool = False):
+    """One batch from group slices -> ((images, labels, entries), the releases of ring slots it borrows)."""
+    g, a, b = run[0]
+    if len(run) == 1 and not pin_memory and (g.release is None or borrow):  # views, nothing copied or touched
         images = g.images.slice(a, b) if isinstance(g.images, Packed) else None if g.images is None else g.images[a:b]
-        return images, torch.from_numpy(g.labels[a:b]), {k: torch.from_numpy(v[a:b]) for k, v in g.entries.items()}
+        lent = [g.release] if g.release is not None and b == len(g) else []
+        return (images, torch.from_numpy(g.labels[a:b]), {k: torch.from_numpy(v[a:b]) for k, v in g.entries.items()}), lent
     n = sum(stop - start for _, start, stop in run)
     first = run[0][0]
     images = None
@@ -490,4 +529,7 @@ def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False)
             at += stop - start
     labels = torch.from_numpy(np.concatenate([g.labels[a:b] for g, a, b in run]))
     entries = {k: torch.from_numpy(np.concatenate([g.entries[k][a:b] for g, a, b in run])) for k in first.entries}
-    return images, labels, entries
+    for g, _, stop in run:
+        if stop == len(g) and g.release is not None:  # the group's last rows are copied out: its slot is free
+            g.release()
+    return (images, labels, entries), []

@@ -23,7 +23,6 @@ Stream shapes (device renderer):
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .errors import CacheMismatchError, ConfigError
+from .transfer import shared_empty
 from .views import Recipe, decode, render_decoded
 
 RENDERERS = ("cpu", "device")
@@ -144,9 +144,7 @@ def transfer_buffer(shape: Sequence[int], dtype: torch.dtype = torch.uint8) -> t
     start (as torch's default_collate does), so that handing it over does not copy it there; elsewhere plain."""
     if get_worker_info() is None:
         return torch.empty(tuple(shape), dtype=dtype)
-    n = math.prod(shape)
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(n, device="cpu")
-    return torch.empty(0, dtype=dtype).new(storage).view(tuple(shape))
+    return shared_empty(shape, dtype)
 
 
 def stack(images: Sequence[torch.Tensor], pin_memory: bool = False) -> torch.Tensor:

@@ -476,8 +476,10 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         position.update(steps=steps, t0=t0, first_step=global_step, step_in_epoch0=consumed // local_batch)
         with Progress(total=steps * local_batch - consumed, label=f"epoch {epoch}",
                       enabled=progress and dinfo.is_main) as bar:
+            # borrow: a batch may be a worker's transfer slot, valid until the next is asked for; each step
+            # normalises it into new memory first
             epoch_batches = batches(canonical_runs(loader, plan, skips, block), local_batch,
-                                    pin_memory=device.type == "cuda")
+                                    pin_memory=device.type == "cuda", borrow=True)
             for images, labels, entries in itertools.islice(epoch_batches, steps - consumed // local_batch):
                 view_epoch = epoch + min(m - 1, consumed * m // n_local)  # the epoch of views this step is in
                 for g in optimizer.param_groups:
@@ -585,7 +587,8 @@ def evaluate(model, cfg: TrainConfig, recipe: Recipe, num_classes: int, device, 
         counts = [len(ix.keys) for ix in scan_shards(mine)]
         plan = RankPlan(workers=(tuple(Task(i) for i in range(len(mine))),), counts=(sum(counts),), padding=0)
         loader = make_loader(spec, plan, [0], min(cfg.workers, 1))
-        for images, labels, _ in batches(canonical_runs(loader, plan, [0], EVAL_BATCH), EVAL_BATCH):
+        for images, labels, _ in batches(canonical_runs(loader, plan, [0], EVAL_BATCH), EVAL_BATCH,
+                                         borrow=True):
             x = normalize(images.to(device), recipe, cfg.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                 logits = model(x).float()

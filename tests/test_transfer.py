@@ -1,0 +1,77 @@
+"""Worker -> main transfer: reused shared-memory slots give the same batches, go back to their worker, never block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dkd_cache import cache as cache_mod
+from dkd_cache.data import expand_shards
+from dkd_cache.loader import StreamSpec, batches, canonical_items, canonical_runs, make_loader, plan_epoch
+from dkd_cache.transfer import TransferRing
+
+from .conftest import CLASSES
+
+
+def _spec(shards, cache_path, block=8):
+    cache = cache_mod.open_cache(cache_path)
+    urls = expand_shards(str(Path(shards["train"][0]).parent))
+    spec = StreamSpec(urls=tuple(urls), recipe=cache.meta.recipe, seed=0, epoch=0, view=0, rank=0,
+                      cache_path=str(cache_path), entry_arrays=("views/box", "views/flip"), num_classes=CLASSES,
+                      shuffle_buffer=16, block=block)
+    return spec, [s.samples for s in cache.meta.manifest.shards]
+
+
+def _run(spec, sizes, workers, borrow):
+    """(labels, boxes, pixels) of every batch, each batch copied before the next is asked for."""
+    plan = plan_epoch(sizes, seed=0, epoch=0, world=1, rank=0, workers=2)
+    loader = make_loader(spec, plan, [0, 0], workers)
+    out, kinds = [], []
+    for images, labels, entries in batches(canonical_runs(loader, plan, [0, 0], spec.block), spec.block,
+                                           borrow=borrow):
+        kinds.append(images.untyped_storage().data_ptr())
+        out.append((labels.clone(), entries["views/box"].clone(), images.clone()))
+    return out, loader.dataset.ring, kinds
+
+
+def test_batches_through_ring_slots_equal_the_in_process_batches(shards, cache_path, monkeypatch):
+    import dkd_cache.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "IMAGES_IN_FLIGHT", 8)  # 2 groups in flight, 4 slots per worker: reuse shows
+    spec, sizes = _spec(shards, cache_path, block=4)
+    alone, ring0, _ = _run(spec, sizes, 0, borrow=False)
+    assert ring0 is None  # no workers: nothing crosses a process boundary
+    for borrow in (False, True):
+        two, ring, storages = _run(spec, sizes, 2, borrow)
+        assert ring is not None and len(two) == len(alone)
+        for (la, ba, ia), (lb, bb, ib) in zip(alone, two):
+            assert torch.equal(la, lb) and torch.equal(ba, bb) and torch.equal(ia, ib)
+        if borrow:  # most batches are the ring's own slots (a batch across two groups is a copy), reused
+            buffers = {t.untyped_storage().data_ptr() for t in ring.buffers}
+            lent = sum(p in buffers for p in storages)
+            assert lent >= len(two) // 2 and lent > sum(t.shape[0] for t in ring.buffers)
+
+
+def test_items_from_ring_slots_are_copies_and_the_slots_go_back(shards, cache_path):
+    spec, sizes = _spec(shards, cache_path)
+    plan = plan_epoch(sizes, seed=0, epoch=0, world=1, rank=0, workers=2)
+    loader = make_loader(spec, plan, [0, 0], 2)
+    items = list(canonical_items(loader, plan, [0, 0], spec.block))
+    assert len(items) == sum(sizes)
+    slots = {t.untyped_storage().data_ptr() for t in loader.dataset.ring.buffers}
+    assert all(it.image.untyped_storage().data_ptr() not in slots for it in items)
+    ref = list(canonical_items(make_loader(spec, plan, [0, 0], 0), plan, [0, 0], spec.block))
+    assert all(torch.equal(a.image, b.image) and a.seq == b.seq for a, b in zip(items, ref))
+
+
+def test_a_worker_without_a_free_slot_falls_back_instead_of_waiting_forever():
+    ring = TransferRing(1, 2, (4, 3, 2, 2), wait=0.01)
+    images = [torch.zeros((3, 2, 2), dtype=torch.uint8)] * 4
+    got = [ring.acquire(0, images) for _ in range(3)]
+    assert sorted(got[:2]) == [0, 1] and got[2] is None  # both lent: the caller uses a fresh buffer
+    ring.release(0, 1)
+    assert ring.acquire(0, [torch.zeros((3, 5, 5), dtype=torch.uint8)]) is None  # does not fit a slot
+    assert ring.acquire(0, images + images[:1]) is None  # more rows than a slot holds
+    assert ring.acquire(0, images) == 1  # still free: the refusals took nothing
+    assert ring.buffer(0, 1, 3).shape == (3, 3, 2, 2)
