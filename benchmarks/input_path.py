@@ -285,15 +285,14 @@ class _Prerendered(torch.utils.data.IterableDataset):
         self.groups_by_worker, self.ring = groups_by_worker, ring
 
     def __iter__(self):
-        from dkd_cache.transfer import RingSlot
-
         info = torch.utils.data.get_worker_info()
         for w in (range(len(self.groups_by_worker)) if info is None else [info.id]):
             for g in self.groups_by_worker[w]:
-                slot = None if self.ring is None or info is None else self.ring.acquire(w, list(g.images))
-                if slot is not None:
-                    self.ring.buffer(w, slot, len(g)).copy_(g.images)
-                    g = dataclasses.replace(g, images=RingSlot(slot, len(g)))
+                lent = None if self.ring is None or info is None else \
+                    self.ring.acquire(w, len(g), g.images.shape[1:])
+                if lent is not None:
+                    self.ring.buffer(lent).copy_(g.images)
+                    g = dataclasses.replace(g, images=lent)
                 yield g
 
 

@@ -39,6 +39,7 @@ from .logit_codecs import parse_codec
 from .progress import Progress
 from . import renderers
 from .teacher import load_teacher
+from .transfer import RingSlot, TransferRing
 from .teacher_signal import LSE, TARGET, ComputePolicy, Storage, encode_entries, resolve_policy, teacher_forward
 from .views import Recipe, decode, draw_view, normalize, parse_positive_int, pixel_major, render_decoded
 
@@ -103,7 +104,8 @@ class DumpReport:
 class RenderedSample:
     shard: int
     pos: int  # position in the shard (row = shard's row_start + pos)
-    images: torch.Tensor | None  # uint8 (V, 3, S, S); device renderer: the decoded (3, H, W); None when skipped
+    images: torch.Tensor | RingSlot | None  # uint8 (V, 3, S, S), or the ring slot holding them; device renderer:
+    #                                         the decoded (3, H, W); None when skipped
     boxes: np.ndarray  # (V, 4)
     flips: np.ndarray  # (V,)
     height: int
@@ -141,21 +143,26 @@ def check_out_path(out: str, urls: Sequence[str], patterns: Sequence[str] = ()) 
 class _RenderStream(IterableDataset):
     """Yields RenderedSample for each sample of this worker's shards (worker w takes shards w, w+W, …)."""
 
-    def __init__(self, jobs: list[tuple[int, str]], meta: cache_mod.CacheMeta, skip_bad: bool):
-        self.jobs, self.meta, self.skip_bad = jobs, meta, skip_bad
+    def __init__(self, jobs: list[tuple[int, str]], meta: cache_mod.CacheMeta, skip_bad: bool,
+                 ring: TransferRing | None = None):
+        self.jobs, self.meta, self.skip_bad, self.ring = jobs, meta, skip_bad, ring
 
     def __iter__(self) -> Iterator[RenderedSample | tuple[str, DKDCacheError]]:
         info = get_worker_info()
         jobs = self.jobs if info is None else self.jobs[info.id :: info.num_workers]
         for shard, url in jobs:
             try:
-                yield from render_shard(shard, url, self.meta, self.skip_bad)
+                yield from render_shard(shard, url, self.meta, self.skip_bad,
+                                        *((self.ring, info.id) if info is not None else ()))
             except DKDCacheError as e:  # handed to the main process, which raises it as it is
                 yield ("error", e)
                 return
 
 
-def render_shard(shard: int, url: str, meta: cache_mod.CacheMeta, skip_bad: bool) -> Iterator[RenderedSample]:
+def render_shard(shard: int, url: str, meta: cache_mod.CacheMeta, skip_bad: bool, ring: TransferRing | None = None,
+                 worker: int = 0) -> Iterator[RenderedSample]:
+    """A shard's RenderedSamples; the V views of a sample in a slot of `ring` (DataLoader worker `worker`) when one
+    is free, else in a fresh transfer buffer."""
     entry = meta.manifest.shards[shard]
     recipe, v = meta.recipe, meta.views
     on_device = meta.renderer.name == "device"
@@ -176,8 +183,11 @@ def render_shard(shard: int, url: str, meta: cache_mod.CacheMeta, skip_bad: bool
                 raise BadSampleError(entry.name, sample.key, f"image side {max(h, w)} exceeds 65535 pixels")
             boxes = np.zeros((v, 4), np.uint16)
             flips = np.zeros(v, np.uint8)
+            lent = None
             if not on_device:
-                images = renderers.transfer_buffer((v, 3, recipe.image_size, recipe.image_size))
+                shape = (3, recipe.image_size, recipe.image_size)
+                lent = ring.acquire(worker, v, shape) if ring is not None else None
+                images = ring.buffer(lent) if lent is not None else renderers.transfer_buffer((v, *shape))
                 img = pixel_major(img)  # converted once for its V views
             for view in range(v):
                 top, left, bh, bw, flip = draw_view(meta.seed, view, sample.key, h, w, recipe)
@@ -185,7 +195,7 @@ def render_shard(shard: int, url: str, meta: cache_mod.CacheMeta, skip_bad: bool
                 flips[view] = flip
                 if not on_device:  # the device renderer renders whole batches in the main process
                     images[view] = render_decoded(img, (top, left, bh, bw), flip, recipe, contiguous=False)
-            yield dataclasses.replace(empty, images=img if on_device else images, boxes=boxes, flips=flips,
+            yield dataclasses.replace(empty, images=img if on_device else lent or images, boxes=boxes, flips=flips,
                                       height=h, width=w, label=sample.label)
         except BadSampleError as e:
             if not skip_bad:
@@ -347,13 +357,30 @@ def fit_codec(codec, indexes, urls, meta: cache_mod.CacheMeta, model, s: DumpSet
     return codec.fit(logits)
 
 
+class _LentViews:
+    """A sample's V views in a worker's ring slot: the slot goes back once every view is copied into a batch."""
+
+    def __init__(self, ring: TransferRing, lent: RingSlot, views: int):
+        self.ring, self.lent, self.left = ring, lent, views
+
+    def view_copied(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.ring.release(self.lent)
+
+
 def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_samples, show, label,
          lease) -> tuple[int, int]:
     meta = cache.meta
     if not jobs:
         return 0, 0
-    loader = DataLoader(_RenderStream(jobs, meta, s.skip_bad), batch_size=None, num_workers=min(s.workers, len(jobs)),
-                        prefetch_factor=4 if s.workers else None, persistent_workers=False, collate_fn=keep_as_is)
+    workers = min(s.workers, len(jobs))
+    ring = None
+    if workers and meta.renderer.name == "cpu":  # a slot per sample: the teacher batch's samples, prefetch, one more
+        ring = TransferRing(workers, -(-s.batch_size // meta.views) + 4 + 2,
+                            (meta.views, 3, meta.recipe.image_size, meta.recipe.image_size))
+    loader = DataLoader(_RenderStream(jobs, meta, s.skip_bad, ring), batch_size=None, num_workers=workers,
+                        prefetch_factor=4 if workers else None, persistent_workers=False, collate_fn=keep_as_is)
     policy = meta.compute or ComputePolicy()  # None: a cache written before the policy was recorded (fp32)
     storage = Storage(codec=codec, num_classes=meta.num_classes, temperatures=tuple(meta.temperatures))
     buffers: dict[int, _ShardBuffer] = {}
@@ -367,6 +394,9 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
                                             np.array([it[5][1] for it in items]), meta.recipe, device)
         else:
             pixels = renderers.stack([it[3] for it in items], device.type == "cuda").to(device, non_blocking=True)
+            for it in items:  # copied: a sample's ring slot goes back once all its views are
+                if it[6] is not None:
+                    it[6].view_copied()
         x = normalize(pixels, meta.recipe)
         labels = torch.tensor([it[4] for it in items], device=device)
         logits = teacher_forward(model, x, policy)
@@ -403,7 +433,7 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
     # Teacher batches hold views of one shard only, in (sample, view) order, cut every batch_size views: the
     # batches are a function of the shard alone, so the logits (which can differ in the last bit with batch
     # composition) are the same whatever the worker count, rank count or crash-and-resume history.
-    queues: dict[int, list] = {}  # shard -> [(shard, pos, view, image, label)]
+    queues: dict[int, list] = {}  # shard -> [(shard, pos, view, image, label, (box, flip), lent slot or None)]
     # On a terminal a bar; in a log file a line every s.log_every teacher batches (views done/total, views/s,
     # ETA, the shard of the batch and the shards written so far). The fsyncs and done record of a written shard
     # wait on the disk on one commit thread, in shard order, while this loop encodes the next shard; every commit
@@ -424,9 +454,12 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
             queue = queues.setdefault(item.shard, [])
             if item.images is not None:
                 on_device = meta.renderer.name == "device"
+                images, lent = item.images, None
+                if isinstance(images, RingSlot):
+                    images, lent = ring.buffer(images), _LentViews(ring, images, meta.views)
                 for view in range(meta.views):
-                    queue.append((item.shard, item.pos, view, item.images if on_device else item.images[view],
-                                  item.label, (item.boxes[view], item.flips[view])))
+                    queue.append((item.shard, item.pos, view, images if on_device else images[view],
+                                  item.label, (item.boxes[view], item.flips[view]), lent))
                 buf.pending_views += meta.views
                 buf.filled += 1
             while len(queue) >= s.batch_size or (queue and buf.filled == buf.expected):

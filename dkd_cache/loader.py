@@ -231,12 +231,13 @@ def _group(buf: list[Item], packed: bool = False, ring: TransferRing | None = No
     images: torch.Tensor | Packed | RingSlot | None = None
     if buf[0].image is not None:
         pixels = [i.image for i in buf]
-        slot = None if packed or ring is None else ring.acquire(buf[0].worker, pixels)
+        lent = None if packed or ring is None else ring.acquire(buf[0].worker, len(pixels), pixels[0].shape,
+                                                                 pixels[0].dtype)
         if packed:
             images = renderers.pack(pixels)
-        elif slot is not None:
-            torch.stack(pixels, out=ring.buffer(buf[0].worker, slot, len(buf)))
-            images = RingSlot(slot, len(buf))
+        elif lent is not None:
+            torch.stack(pixels, out=ring.buffer(lent))
+            images = lent
         else:
             images = torch.stack(pixels, out=renderers.transfer_buffer((len(buf), *pixels[0].shape)))
     entries = {k: np.stack([i.entry[k] for i in buf]) for k in buf[0].entry}
@@ -451,8 +452,8 @@ def _as_groups(stream: Iterable, block: int, ring: TransferRing | None = None) -
             yield from group_items(loose, block)
             loose = []
             if isinstance(x.images, RingSlot):
-                x = dataclasses.replace(x, images=ring.buffer(x.worker, x.images.slot, x.images.rows),
-                                        release=functools.partial(ring.release, x.worker, x.images.slot))
+                x = dataclasses.replace(x, images=ring.buffer(x.images), release=functools.partial(ring.release,
+                                                                                                    x.images))
             yield x
         else:
             loose.append(x)

@@ -8,8 +8,8 @@ copies the rows into its batch and hands the slot back.
 
 Stream shapes:
     main:   free[w]  <- slot numbers                                   (a queue per worker, filled at the start)
-    worker: acquire  -> stack the group's images into buffers[w][slot] -> ItemGroup(images=RingSlot(slot, rows))
-    main:   view(w, slot, rows) -> the batch copies the rows -> release(w, slot) -> free[w]
+    worker: acquire  -> write the images into buffer(lent)  -> send the RingSlot (worker, slot, rows)
+    main:   buffer(lent) -> the batch copies the rows -> release(lent) -> free[w]
 A worker that finds no free slot within `wait` seconds stacks that group into a fresh buffer instead: a consumer that
 holds slots (groups waiting for their turn in the canonical order) slows a worker down, never deadlocks it.
 The queue's put and get are the synchronisation: a slot is written only after the main process has copied it out.
@@ -28,8 +28,9 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class RingSlot:
-    """What a worker sends for a group's images: the slot of its ring that holds them, and how many rows."""
+    """A lent slot: which worker's ring, which slot, how many rows of it hold the images. What a worker sends."""
 
+    worker: int
     slot: int
     rows: int
 
@@ -54,21 +55,21 @@ class TransferRing:
             for s in range(slots):
                 q.put(s)
 
-    def acquire(self, worker: int, images: Sequence[torch.Tensor]) -> int | None:
-        """In worker `worker`: the number of a free slot for these images (the caller stacks them into its buffer);
-        None when they do not fit a slot or no slot is free within `wait` seconds."""
-        if not images or len(images) > self.shape[0] or tuple(images[0].shape) != self.shape[1:] \
-                or images[0].dtype != torch.uint8:
+    def acquire(self, worker: int, rows: int, shape: Sequence[int], dtype: torch.dtype = torch.uint8
+                ) -> RingSlot | None:
+        """In worker `worker`: a free slot for `rows` images of `shape` (the caller writes them into `buffer`); None
+        when they do not fit a slot or no slot is free within `wait` seconds."""
+        if not 0 < rows <= self.shape[0] or tuple(shape) != self.shape[1:] or dtype != torch.uint8:
             return None
         try:
-            return self.free[worker].get(timeout=self.wait)
+            return RingSlot(worker, self.free[worker].get(timeout=self.wait), rows)
         except queue.Empty:
             return None
 
-    def buffer(self, worker: int, slot: int, rows: int) -> torch.Tensor:
-        """The first `rows` rows of a slot (a view of the shared buffer, in the worker or the main process)."""
-        return self.buffers[worker][slot, :rows]
+    def buffer(self, lent: RingSlot) -> torch.Tensor:
+        """The lent rows of a slot (a view of the shared buffer, in the worker or the main process)."""
+        return self.buffers[lent.worker][lent.slot, :lent.rows]
 
-    def release(self, worker: int, slot: int) -> None:
+    def release(self, lent: RingSlot) -> None:
         """In the main process, once the slot's rows are copied out: the worker may fill it again."""
-        self.free[worker].put(slot)
+        self.free[lent.worker].put(lent.slot)

@@ -67,11 +67,11 @@ def test_items_from_ring_slots_are_copies_and_the_slots_go_back(shards, cache_pa
 
 def test_a_worker_without_a_free_slot_falls_back_instead_of_waiting_forever():
     ring = TransferRing(1, 2, (4, 3, 2, 2), wait=0.01)
-    images = [torch.zeros((3, 2, 2), dtype=torch.uint8)] * 4
-    got = [ring.acquire(0, images) for _ in range(3)]
-    assert sorted(got[:2]) == [0, 1] and got[2] is None  # both lent: the caller uses a fresh buffer
-    ring.release(0, 1)
-    assert ring.acquire(0, [torch.zeros((3, 5, 5), dtype=torch.uint8)]) is None  # does not fit a slot
-    assert ring.acquire(0, images + images[:1]) is None  # more rows than a slot holds
-    assert ring.acquire(0, images) == 1  # still free: the refusals took nothing
-    assert ring.buffer(0, 1, 3).shape == (3, 3, 2, 2)
+    got = [ring.acquire(0, 4, (3, 2, 2)) for _ in range(3)]
+    assert sorted(g.slot for g in got[:2]) == [0, 1] and got[2] is None  # both lent: the caller uses a fresh buffer
+    ring.release(got[1])
+    assert ring.acquire(0, 1, (3, 5, 5)) is None  # does not fit a slot
+    assert ring.acquire(0, 5, (3, 2, 2)) is None  # more rows than a slot holds
+    again = ring.acquire(0, 3, (3, 2, 2))
+    assert again.slot == got[1].slot  # still free: the refusals took nothing
+    assert ring.buffer(again).shape == (3, 3, 2, 2)
