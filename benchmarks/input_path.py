@@ -154,7 +154,7 @@ def null_teacher_dump(a, shards: str, out: Path, *, prerendered=None, writer_onl
     from dkd_cache.views import Recipe
 
     info = TeacherInfo(arch="null", sha256="0" * 64, num_classes=TEACHER_CLASSES, source_format="dkd-cache")
-    saved = dump_mod.load_teacher, dump_mod.DataLoader, dump_mod._run
+    saved = dump_mod.load_teacher, dump_mod.DataLoader, dump_mod._run, dump_mod.TransferRing
     loop: dict[str, float] = {}
 
     def run(*args, **kwargs):
@@ -176,6 +176,7 @@ def null_teacher_dump(a, shards: str, out: Path, *, prerendered=None, writer_onl
         dump_mod.renderers.stack = lambda images, pin=False: still[: len(images)]
     if prerendered is not None:
         dump_mod.DataLoader = lambda *args, **kw: prerendered
+        dump_mod.TransferRing = lambda *args, **kw: None  # no workers, so no transfer slots to allocate
     try:
         weights = out.parent / "null-weights.bin"
         weights.write_bytes(b"null")
@@ -188,7 +189,7 @@ def null_teacher_dump(a, shards: str, out: Path, *, prerendered=None, writer_onl
         with host_threads.one_thread() if writer_only else contextlib.nullcontext():
             report = dump_mod.dump_teacher(settings, progress=False)
     finally:
-        dump_mod.load_teacher, dump_mod.DataLoader, dump_mod._run = saved
+        dump_mod.load_teacher, dump_mod.DataLoader, dump_mod._run, dump_mod.TransferRing = saved
         dump_mod.normalize, dump_mod.renderers.stack = saved_norm, saved_stack
     return {"views": report.views_written, "loop_seconds": loop["seconds"], "main_cpu_seconds": loop["main_cpu"],
             "views_per_s": report.views_written / loop["seconds"],
@@ -353,6 +354,7 @@ def stage_costs(urls: list[str], a, cache_path: str) -> dict[str, float]:
     """Per-image milliseconds of each worker stage, one process, one thread, over the first shard."""
     from dkd_cache.data import iter_raw_samples, parse_sample
     from dkd_cache.loader import Item, _group
+    from dkd_cache.transfer import TransferRing, shared_empty
     from dkd_cache.views import Recipe, draw_view, image_size_of, render_decoded
     from torchvision.io import ImageReadMode, decode_image
 
@@ -385,12 +387,42 @@ def stage_costs(urls: list[str], a, cache_path: str) -> dict[str, float]:
         out = render_decoded(img, v[:4], v[4], recipe)
         add("crop + resize + flip", t0)
         items.append(Item(0, i, out, s.label, {"views/box": np.array(v[:4], np.uint16)}))
+    b = a.batch_size
     t0 = time.perf_counter()
-    for k in range(0, len(items), 16):
-        _group(items[k:k + 16])
-    add("group for transfer", t0)
+    for k in range(0, len(items), b):
+        _group(items[k:k + b])
+    add("group for transfer (in process)", t0)
+    # A worker's group into fresh shared memory (what torch's DataLoader does per batch) or into a reused slot
+    # (TransferRing): the page allocation and first touch are the difference.
+    full = [items[k:k + b] for k in range(0, len(items) - b + 1, b)]
+    ring = TransferRing(1, 1, (b, 3, a.image_size, a.image_size))
+    slot = ring.acquire(0, b, (3, a.image_size, a.image_size))
+    torch.stack([i.image for i in full[0]], out=ring.buffer(slot))  # the slot's pages, touched once
+    for key, out in (("group into fresh shared memory", lambda: shared_empty((b, 3, a.image_size, a.image_size))),
+                     ("group into a reused shared slot", lambda: ring.buffer(slot))):
+        t0 = time.perf_counter()
+        for group in full:
+            torch.stack([i.image for i in group], out=out())
+        t[key] = (time.perf_counter() - t0) * len(raws) / (len(full) * b)  # per image, like the others
     torch.set_num_threads(threads)
     return {k: 1e3 * v / len(raws) for k, v in t.items()}
+
+
+def encode_cost(a) -> float:
+    """Per-view ms of the dump's codec encode (a.codec, fitted on the null teacher's logits), one thread."""
+    from dkd_cache import host_threads
+    from dkd_cache.logit_codecs import parse_codec
+
+    z = NullTeacher(TEACHER_CLASSES).z.detach()
+    codec = parse_codec(a.codec, TEACHER_CLASSES)
+    codec = codec.fit(z) if codec.learned else codec
+    batch = z[: a.dump_batch_size]
+    with host_threads.one_thread():
+        codec.encode(batch)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            codec.encode(batch)
+        return 1e3 * (time.perf_counter() - t0) / (20 * len(batch))
 
 
 def model_costs(a, cache_path: str, device) -> dict[str, float]:
@@ -517,7 +549,8 @@ def main(argv=None) -> dict[str, Any]:
                 res["vpd"][str(m)] = timed(lambda: project_loader(spec_m, sizes, a, device))
         if "stages" in want:
             say("stage costs")
-            res["stages_ms_per_image"] = stage_costs(urls, a, cache_path)
+            res["stages_ms_per_image"] = {**stage_costs(urls, a, cache_path),
+                                          f"dump codec encode, per view ({a.codec})": encode_cost(a)}
             res["model_ms_per_image"] = model_costs(a, cache_path, device)
         if "size" in want:
             say("student at 160 and 224 px")

@@ -374,13 +374,13 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
     meta = cache.meta
     if not jobs:
         return 0, 0
-    workers = min(s.workers, len(jobs))
+    workers, prefetch = min(s.workers, len(jobs)), 4
     ring = None
-    if workers and meta.renderer.name == "cpu":  # a slot per sample: the teacher batch's samples, prefetch, one more
-        ring = TransferRing(workers, -(-s.batch_size // meta.views) + 4 + 2,
+    if workers and meta.renderer.name == "cpu":  # a slot per sample: those of a teacher batch, the prefetched, two more
+        ring = TransferRing(workers, -(-s.batch_size // meta.views) + prefetch + 2,
                             (meta.views, 3, meta.recipe.image_size, meta.recipe.image_size))
     loader = DataLoader(_RenderStream(jobs, meta, s.skip_bad, ring), batch_size=None, num_workers=workers,
-                        prefetch_factor=4 if workers else None, persistent_workers=False, collate_fn=keep_as_is)
+                        prefetch_factor=prefetch if workers else None, persistent_workers=False, collate_fn=keep_as_is)
     policy = meta.compute or ComputePolicy()  # None: a cache written before the policy was recorded (fp32)
     storage = Storage(codec=codec, num_classes=meta.num_classes, temperatures=tuple(meta.temperatures))
     buffers: dict[int, _ShardBuffer] = {}

@@ -11,7 +11,7 @@ Stream shapes:
                                   transfer; training's block is the rank's batch)
     main:   canonical_runs     -> groups in round-robin order of (block, worker): independent of scheduling
             batches            -> (images (B,3,S,S), labels (B,), entries {name: (B,…)}): a batch inside one group
-                                  is a view of it (no copy); one across groups, or pinned, is copied slice by slice
+                                  is a view of it (a worker's ring slot only when borrowed); others are copied
 Every rank gets the same number of samples per epoch (padding repeats a rank's first samples; reported),
 so every rank runs the same number of steps and no collective ever waits for a rank that ran out.
 """
@@ -488,6 +488,15 @@ def batches(groups: Iterable[ItemGroup], batch_size: int, *, pin_memory: bool = 
     slice by slice, into fresh memory, and a slot it came from goes back at once; the copy is numpy's
     single-threaded memcpy: a torch copy here would wake the intra-op thread pool, which stalls for milliseconds
     while DataLoader workers hold the cores."""
+    for run in _runs(groups, batch_size):
+        batch, lent = collate(run, pin_memory, borrow)
+        yield batch
+        for release in lent:  # the next batch is asked for: the lent slots go back to their workers
+            release()
+
+
+def _runs(groups: Iterable[ItemGroup], batch_size: int) -> Iterator[list[tuple[ItemGroup, int, int]]]:
+    """Groups -> each batch's (group, first row, stop row) slices; the last batch may be short."""
     run: list[tuple[ItemGroup, int, int]] = []
     have = 0
     for group in groups:
@@ -498,16 +507,10 @@ def batches(groups: Iterable[ItemGroup], batch_size: int, *, pin_memory: bool = 
             have += take
             start += take
             if have == batch_size:
-                batch, lent = collate(run, pin_memory, borrow)
-                yield batch
-                for release in lent:  # the next batch is asked for: the lent slots go back to their workers
-                    release()
+                yield run
                 run, have = [], 0
     if run:
-        batch, lent = collate(run, pin_memory, borrow)
-        yield batch
-        for release in lent:
-            release()
+        yield run
 
 
 def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False, borrow: bool = False):
@@ -516,7 +519,8 @@ def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False,
     if len(run) == 1 and not pin_memory and (g.release is None or borrow):  # views, nothing copied or touched
         images = g.images.slice(a, b) if isinstance(g.images, Packed) else None if g.images is None else g.images[a:b]
         lent = [g.release] if g.release is not None and b == len(g) else []
-        return (images, torch.from_numpy(g.labels[a:b]), {k: torch.from_numpy(v[a:b]) for k, v in g.entries.items()}), lent
+        entries = {k: torch.from_numpy(v[a:b]) for k, v in g.entries.items()}
+        return (images, torch.from_numpy(g.labels[a:b]), entries), lent
     n = sum(stop - start for _, start, stop in run)
     first = run[0][0]
     images = None
