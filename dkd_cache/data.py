@@ -68,6 +68,37 @@ def shard_name(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1].split(" ")[-1]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardMatch:
+    """Shard urls matched against the shard names a cache's manifest lists (by file name: shard_name)."""
+
+    found: dict[int, str]  # manifest position -> url, in manifest order
+    missing: tuple[str, ...]  # manifest shards no url names
+    extra: tuple[str, ...]  # urls whose shard the manifest does not list (their names)
+
+    def urls(self) -> list[str]:
+        return list(self.found.values())
+
+
+def match_shards(manifest_names: Sequence[str], urls: Sequence[str]) -> ShardMatch:
+    """The one shard matching of dump, train and verify: which manifest shard each url is, which are absent, and
+    which urls the manifest does not know. The caller decides what is an error (train refuses extra shards, verify
+    reports both, dump needs every manifest shard)."""
+    by_name = {shard_name(u): u for u in urls}
+    known = set(manifest_names)
+    return ShardMatch(found={i: by_name[n] for i, n in enumerate(manifest_names) if n in by_name},
+                      missing=tuple(n for n in manifest_names if n not in by_name),
+                      extra=tuple(n for n in by_name if n not in known))
+
+
+def index_differs(ix: "ShardIndex", samples: int, keys_sha256: str) -> str | None:
+    """How a shard as scanned now differs from what a cache recorded of it (sample count and key digest), or None."""
+    if len(ix.keys) == samples and ix.keys_sha256 == keys_sha256:
+        return None
+    return (f"shard {ix.name} holds {len(ix.keys)} samples (keys {ix.keys_sha256[:12]}), the cache {samples} "
+            f"(keys {keys_sha256[:12]}); the shard changed since the dump")
+
+
 def expand_shards(spec: str | Sequence[str], *, allow_pipe: bool = False) -> list[str]:
     """Brace patterns, globs, a directory, a .txt/.lst/.list list of shards, or a sequence of any of those -> shard urls."""
     specs = [spec] if isinstance(spec, str) else list(spec)
