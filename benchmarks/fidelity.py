@@ -21,7 +21,7 @@ For each codec (--codecs; default CODECS) and, for the top-k codecs that store n
 bucket), at T=1 (alpha 1, beta 0.5: the ImageNet recipe) and T=4 (alpha 1, beta 8: DKD's CIFAR-100 setting):
   bytes/view   the codec's arrays plus the exact target logit and the lse at one temperature (float32 each: what
                the cache stores beside every codec), encoded from the measured rows, written with zarr using the
-               cache's compressors (dkd_cache.cache.COMPRESSORS) in the cache's chunking (inner chunks of
+               cache's compressors (dkd_cache.cache_writer.COMPRESSORS) in the cache's chunking (inner chunks of
                --chunk-rows rows, sharded), measured as chunk bytes on disk / entries (zarr.json excluded: a
                constant per array). The crop box and flip (~9 raw bytes per view) are not counted; nor is a learned
                basis or a feature cache's fc (stored once per cache; "basis_bytes" in the JSON).
@@ -140,6 +140,7 @@ def real_sources(path: str) -> list[dict[str, Any]]:
 def demo_source(a: argparse.Namespace) -> dict[str, Any]:
     """The demo teacher's float32 logits on the cache's own views (re-rendered from the shards)."""
     from dkd_cache import cache as cache_mod
+from dkd_cache import cache_meta
     from dkd_cache.data import expand_shards, iter_raw_samples, parse_sample, shard_name
     from dkd_cache.teacher import load_teacher
     from dkd_cache.views import normalize, render
@@ -158,7 +159,7 @@ def demo_source(a: argparse.Namespace) -> dict[str, Any]:
     want: list[tuple[int, int]] = []
     for e in m.shards:
         for r in range(e.row_start, e.row_start + e.samples):
-            if status[r] == cache_mod.STATUS_OK:
+            if status[r] == cache_meta.STATUS_OK:
                 want.extend((r, v) for v in range(meta.views))
         if len(want) >= a.demo_samples:
             break
@@ -215,7 +216,7 @@ def disk_bytes_per_view(codec, z: torch.Tensor, chunk_rows: int, temperature: fl
     A learned basis is stored once per cache (not per view): reported beside as basis_bytes."""
     import zarr
 
-    from dkd_cache.cache import COMPRESSORS
+    from dkd_cache.cache_writer import COMPRESSORS
 
     n, c = z.shape
     arrays = {f"logits/{k}": v for k, v in codec.encode(z).items()}

@@ -275,6 +275,8 @@ def entry_arrays(cache) -> tuple[str, ...]:
 
 def cache_read_rate(cache_path: str, min_seconds: float = 1.0) -> dict[str, Any]:
     from dkd_cache import cache as cache_mod
+from dkd_cache import cache_meta
+from dkd_cache import cache_writer
     from dkd_cache.loader import StreamSpec, _cache_rows
 
     cache = cache_mod.open_cache(cache_path)
@@ -317,15 +319,15 @@ def imagenet_geometry_cache(path: Path, codec_spec: str, *, shards: int = 4, per
     indexes = [ShardIndex(url=f"/nonexistent/train-{i:06d}.tar", name=f"train-{i:06d}.tar",
                           keys=tuple(f"n{i:04d}_{j:08d}" for j in range(per_shard)),
                           labels=tuple(int(x) for x in rng.integers(0, classes, per_shard))) for i in range(shards)]
-    meta = cache_mod.CacheMeta(
+    meta = cache_meta.CacheMeta(
         format_version=FORMAT_VERSION,
         teacher=TeacherInfo(arch="resnet34", sha256="0" * 64, num_classes=classes, source_format="torchvision"),
         recipe=Recipe(), seed=seed, views=1, codec=codec, temperatures=(1.0,), chunk_rows=chunk_rows,
-        manifest=cache_mod.build_manifest(indexes, chunk_rows), versions=cache_mod.library_versions())
+        manifest=cache_meta.build_manifest(indexes, chunk_rows), versions=cache_meta.library_versions())
     if codec.learned:  # fitted on logits drawn like the rows below (timing only: the fit's quality is irrelevant)
         codec = codec.fit(torch.from_numpy(rng.normal(0, 2, (max(1024, 2 * classes), classes)).astype(np.float32)))
         meta = dataclasses.replace(meta, codec=codec)
-    cache = cache_mod.create_cache(path, meta, indexes, arrays, codec.state_arrays())
+    cache = cache_writer.create_cache(path, meta, indexes, arrays, codec.state_arrays())
     for i, e in enumerate(cache.meta.manifest.shards):
         rows = e.row_stop - e.row_start
         z = torch.from_numpy(rng.normal(0, 2, (rows, classes)).astype(np.float32))
@@ -337,8 +339,8 @@ def imagenet_geometry_cache(path: Path, codec_spec: str, *, shards: int = 4, per
                  "logits/target": z.gather(1, torch.from_numpy(labels)[:, None]).numpy().reshape(1, rows),
                  "logits/lse": torch.logsumexp(z, 1).numpy().reshape(1, rows, 1)}
         block.update({f"logits/{n}": v[None] for n, v in codec.encode(z).items()})
-        cache_mod.write_shard(cache, i, block, {"shard": e.name, "samples": e.samples, "skipped": [], "views": 1})
-    cache_mod.finalize(cache)
+        cache_writer.write_shard(cache, i, block, {"shard": e.name, "samples": e.samples, "skipped": [], "views": 1})
+    cache_writer.finalize(cache)
     return str(path)
 
 

@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import FORMAT_VERSION
 from . import cache as cache_mod
+from . import cache_meta
+from . import cache_writer
 from . import host_threads
 from . import dist as dist_mod
 from . import store as store_mod
@@ -143,7 +145,7 @@ def check_out_path(out: str, urls: Sequence[str], patterns: Sequence[str] = ()) 
 class _RenderStream(IterableDataset):
     """Yields RenderedSample for each sample of this worker's shards (worker w takes shards w, w+W, …)."""
 
-    def __init__(self, jobs: list[tuple[int, str]], meta: cache_mod.CacheMeta, skip_bad: bool,
+    def __init__(self, jobs: list[tuple[int, str]], meta: cache_meta.CacheMeta, skip_bad: bool,
                  ring: TransferRing | None = None):
         self.jobs, self.meta, self.skip_bad, self.ring = jobs, meta, skip_bad, ring
 
@@ -159,7 +161,7 @@ class _RenderStream(IterableDataset):
                 return
 
 
-def render_shard(shard: int, url: str, meta: cache_mod.CacheMeta, skip_bad: bool, ring: TransferRing | None = None,
+def render_shard(shard: int, url: str, meta: cache_meta.CacheMeta, skip_bad: bool, ring: TransferRing | None = None,
                  worker: int = 0) -> Iterator[RenderedSample]:
     """A shard's RenderedSamples; the V views of a sample in a slot of `ring` (DataLoader worker `worker`) when one
     is free, else in a fresh transfer buffer."""
@@ -228,7 +230,7 @@ class _ShardBuffer:
         for name, (tail, dtype) in codec_arrays.items():
             self.block[f"logits/{name}"] = np.zeros((v, rows, *tail), dtype)
         self.cache = cache
-        self.skipped: list[cache_mod.SkippedSample] = []
+        self.skipped: list[cache_meta.SkippedSample] = []
         self.pending_views = 0
 
     def add_sample(self, s: RenderedSample) -> None:
@@ -237,10 +239,10 @@ class _ShardBuffer:
         self.block["views/box"][:, s.pos] = s.boxes
         self.block["views/flip"][:, s.pos] = s.flips
         if s.skipped is not None:
-            self.block["samples/status"][s.pos] = cache_mod.STATUS_SKIPPED
+            self.block["samples/status"][s.pos] = cache_meta.STATUS_SKIPPED
             key = cache_mod.decode_keys(self.cache.read_rows("samples/key", self.entry.row_start + s.pos,
                                                              self.entry.row_start + s.pos + 1))[0]
-            self.skipped.append(cache_mod.SkippedSample(shard=self.entry.name, key=key, reason=s.skipped))
+            self.skipped.append(cache_meta.SkippedSample(shard=self.entry.name, key=key, reason=s.skipped))
             self.filled += 1
 
     def add_logits(self, pos: np.ndarray, view: np.ndarray, encoded: dict[str, np.ndarray],
@@ -279,11 +281,11 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
             try:
                 out.remove_stale()
                 indexes = scan_shards(urls, tinfo.num_classes, s.skip_bad, threads=max(2, s.workers * 2))
-                meta = cache_mod.CacheMeta(
+                meta = cache_meta.CacheMeta(
                     format_version=FORMAT_VERSION, teacher=tinfo, recipe=s.recipe, seed=s.seed,
                     views=s.views, codec=codec, temperatures=tuple(float(t) for t in s.temperatures),
-                    chunk_rows=s.chunk_rows, manifest=cache_mod.build_manifest(indexes, s.chunk_rows),
-                    versions=cache_mod.library_versions(), compute=compute,
+                    chunk_rows=s.chunk_rows, manifest=cache_meta.build_manifest(indexes, s.chunk_rows),
+                    versions=cache_meta.library_versions(), compute=compute,
                     renderer=renderers.renderer_info(s.renderer))
                 if out.exists("zarr.json"):
                     existing = cache_mod.open_cache(s.out, mode="r+")
@@ -300,7 +302,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                     if codec.learned:
                         codec = fit_codec(codec, indexes, urls, meta, model, s)
                         meta = dataclasses.replace(meta, codec=codec)
-                    cache_mod.create_cache(s.out, meta, indexes, codec.arrays(tinfo.num_classes), codec.state_arrays())
+                    cache_writer.create_cache(s.out, meta, indexes, codec.arrays(tinfo.num_classes), codec.state_arrays())
             except DKDCacheError as e:
                 error = e
         shared = dist_mod.broadcast_object(dinfo, (None if error is None else f"{type(error).__name__}: {error}",
@@ -334,7 +336,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
         dist_mod.barrier(dinfo)
 
         def mark_complete() -> bool:
-            return cache_mod.finalize(cache, lease).meta.state is cache_mod.CacheState.COMPLETE
+            return cache_writer.finalize(cache, lease).meta.state is cache_meta.CacheState.COMPLETE
 
         complete = dist_mod.on_rank0(dinfo, mark_complete)
     seconds = time.perf_counter() - t0
@@ -343,7 +345,7 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                       complete=complete, rank=dinfo.rank, world=dinfo.world)
 
 
-def fit_codec(codec, indexes, urls, meta: cache_mod.CacheMeta, model, s: DumpSettings):
+def fit_codec(codec, indexes, urls, meta: cache_meta.CacheMeta, model, s: DumpSettings):
     """A learned codec fitted on the teacher's logits of the calibration sample (calibration.py), before any row."""
     by_name = {shard_name(u): u for u in urls}
     names = [e.name for e in meta.manifest.shards]
@@ -421,7 +423,7 @@ def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_sam
         for sh in [sh for sh, b in buffers.items() if b.filled == b.expected and b.pending_views == 0]:
             b = buffers.pop(sh)
             with host_threads.one_thread():  # zstd and crc32c of the chunks, in this thread
-                commits.append(cache_mod.write_shard(cache, sh, b.block,
+                commits.append(cache_writer.write_shard(cache, sh, b.block,
                                                      {"shard": b.entry.name, "samples": b.expected,
                                                       "skipped": [x.to_dict() for x in b.skipped],
                                                       "views": meta.views}, lease, commit=committer))

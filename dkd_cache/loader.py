@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import cache as cache_mod
+from . import cache_meta
 from .data import keep_as_is, iter_raw_samples, parse_sample, shard_name
 from .errors import BadSampleError, CacheMismatchError, DKDCacheError, ShardError
 from . import renderers
@@ -276,7 +277,7 @@ def _cache_rows(cache: cache_mod.Cache, shard: int, spec: StreamSpec):
     keys = cache_mod.decode_keys(cache.read_rows("samples/key", e.row_start, e.row_start + e.samples))
     labels = cache.read_rows("samples/label", e.row_start, e.row_stop)
     status = cache.read_rows("samples/status", e.row_start, e.row_stop)
-    ok = status == cache_mod.STATUS_OK
+    ok = status == cache_meta.STATUS_OK
     sizes = {}
     if "views/box" in spec.entry_arrays:  # stored boxes are in the dumped image's pixels: render_items checks it
         sizes = {name: cache.read_rows(name, e.row_start, e.row_stop) for name in SIZE_ENTRIES}
@@ -319,7 +320,7 @@ def joined_samples(spec: StreamSpec, task: Task, cache: cache_mod.Cache | None):
             expected = keys[pos] if pos < len(keys) else "<end of shard>"
             raise CacheMismatchError(f"{name}: sample {pos} is {key!r} but the cache has {expected!r} there; "
                                      "the shards changed since the dump or belong to another cache")
-        if status[pos] == cache_mod.STATUS_SKIPPED:
+        if status[pos] == cache_meta.STATUS_SKIPPED:
             continue  # recorded as skipped in the cache at dump time
         yield raw, int(labels[pos]), [{n: a[pos] for n, a in arrays.items()} for arrays in per_view]
         taken += 1

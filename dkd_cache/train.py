@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import cache as cache_mod
+from . import cache_meta
 from . import dist as dist_mod
 from . import store as store_mod
 from .data import expand_shards, scan_shards, shard_name
@@ -258,7 +259,7 @@ def _check_cache_matches(cache: cache_mod.Cache, urls: list[str], dinfo) -> list
                     f"shard {ix.name} holds {len(ix.keys)} samples (keys {ix.keys_sha256[:12]}), the cache "
                     f"{entry.samples} (keys {entry.keys_sha256[:12]}); the shard changed since the dump")
             for pos, reason in ix.bad:
-                if status[entry.row_start + pos] != cache_mod.STATUS_SKIPPED:
+                if status[entry.row_start + pos] != cache_meta.STATUS_SKIPPED:
                     raise CacheMismatchError(
                         f"{ix.name}: sample {ix.keys[pos]!r} is unusable ({reason}) but the cache holds it as "
                         "dumped; the shard changed since the dump: train with the shards the cache was dumped from")
@@ -267,7 +268,7 @@ def _check_cache_matches(cache: cache_mod.Cache, urls: list[str], dinfo) -> list
     sizes = []
     for n in names:
         e = m.shards[m.shard_index(n)]
-        sizes.append(int((status[e.row_start:e.row_stop] == cache_mod.STATUS_OK).sum()))
+        sizes.append(int((status[e.row_start:e.row_stop] == cache_meta.STATUS_OK).sum()))
     return sizes
 
 

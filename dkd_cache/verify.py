@@ -74,6 +74,7 @@ import numpy as np
 import torch
 
 from . import cache as cache_mod
+from . import cache_meta
 from .data import IMAGE_EXTS, expand_shards, iter_raw_samples, keys_digest, parse_sample, scan_shard, shard_name
 from .errors import BadSampleError, CheckpointError, ConfigError, DKDCacheError, ShardError
 from .checkpoint import read_checkpoint
@@ -747,7 +748,7 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
         else:
             rep.check(finding.check.value, finding.ok, detail=finding.detail)
     pending = cache.pending_shards()
-    versions = cache_mod.library_versions()
+    versions = cache_meta.library_versions()
     vdiff = {k: {"cache": meta.versions.get(k), "now": versions.get(k)} for k in sorted(set(meta.versions) | set(versions))
              if meta.versions.get(k) != versions.get(k)}
     rep.data["versions_differ"] = vdiff
@@ -773,7 +774,7 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
             teacher = None
 
     status = per["status"] if per["status"] is not None else np.zeros(m.rows, np.uint8)
-    ok = (status == cache_mod.STATUS_OK) & ~damaged_rows
+    ok = (status == cache_meta.STATUS_OK) & ~damaged_rows
     done = np.zeros(m.rows, bool)
     for i, e in enumerate(m.shards):
         if i not in set(pending):

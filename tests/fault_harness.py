@@ -92,7 +92,7 @@ def apply(spec: dict) -> None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (spec["fsize"], resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
         if spec.get("fsize_at_shard"):
-            real_ws, shard_writes = cache_mod.write_shard, [0]
+            real_ws, shard_writes = cache_writer.write_shard, [0]
 
             def write_shard(*a, **k):
                 shard_writes[0] += 1
@@ -100,18 +100,18 @@ def apply(spec: dict) -> None:
                     limit()
                 return real_ws(*a, **k)
 
-            cache_mod.write_shard = write_shard
+            cache_writer.write_shard = write_shard
         else:
             limit()
 
     if "slow_shard" in spec:  # hold the writer lock longer: every shard write sleeps first
-        real_ws2 = cache_mod.write_shard
+        real_ws2 = cache_writer.write_shard
 
         def slow_write_shard(*a, **k):
             time.sleep(spec["slow_shard"])
             return real_ws2(*a, **k)
 
-        cache_mod.write_shard = slow_write_shard
+        cache_writer.write_shard = slow_write_shard
 
     if armed and "late_listing" in spec:  # this rank lists the done records only once another rank recorded one
         real_pending = cache_mod.Cache.pending_shards

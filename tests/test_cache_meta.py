@@ -14,6 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dkd_cache import cache as cache_mod
+from dkd_cache import cache_meta
+from dkd_cache import cache_writer
 from dkd_cache.cli import app
 from dkd_cache.errors import CacheError, CacheMetadataError, DKDCacheError
 from dkd_cache.logit_codecs import TopKCodec
@@ -51,10 +53,10 @@ def test_a_cache_written_before_the_typing_opens_rewrites_byte_identically_and_t
                                     source_format="dkd-cache")
     assert m.codec == TopKCodec(k=4) and cache.codec.name == "topk:4"
     assert m.compute == ComputePolicy(device="cpu", amp="none", tf32=False)
-    assert m.state is cache_mod.CacheState.COMPLETE and m.skipped == ()
+    assert m.state is cache_meta.CacheState.COMPLETE and m.skipped == ()
     assert json.dumps(m.to_dict()) == json.dumps(old)  # same keys, same order, same values
     before = (path / "zarr.json").read_bytes()
-    cache_mod.write_meta(cache, m)  # what a dump's finalize does
+    cache_writer.write_meta(cache, m)  # what a dump's finalize does
     assert (path / "zarr.json").read_bytes() == before
 
     r = train_student(TrainConfig(shards=str(Path(shards["train"][0]).parent), cache=str(path),
@@ -75,13 +77,13 @@ def test_skipped_samples_and_states_round_trip_in_the_stored_form():
     old = _previous()
     old["state"] = "writing"
     old["skipped"] = [{"shard": "train-000001.tar", "key": "0007_x", "reason": "image cannot be decoded"}]
-    m = cache_mod.CacheMeta.from_dict(copy.deepcopy(old))
-    assert m.state is cache_mod.CacheState.WRITING
-    assert m.skipped == (cache_mod.SkippedSample(shard="train-000001.tar", key="0007_x",
+    m = cache_meta.CacheMeta.from_dict(copy.deepcopy(old))
+    assert m.state is cache_meta.CacheState.WRITING
+    assert m.skipped == (cache_meta.SkippedSample(shard="train-000001.tar", key="0007_x",
                                                  reason="image cannot be decoded"),)
     assert json.dumps(m.to_dict()) == json.dumps(old)
     done = dataclasses.replace(m, state="complete")  # parsed on construction, whatever the caller passes
-    assert done.state is cache_mod.CacheState.COMPLETE and done.to_dict()["state"] == "complete"
+    assert done.state is cache_meta.CacheState.COMPLETE and done.to_dict()["state"] == "complete"
     with pytest.raises(CacheMetadataError, match="'state'"):
         dataclasses.replace(m, state="finished")
 
@@ -166,6 +168,6 @@ def test_a_done_record_with_a_malformed_skipped_entry_is_named_when_the_cache_is
     rec["skipped"] = [{"shard": "train-000002.tar", "key": "k"}]
     record.write_text(json.dumps(rec))
     with pytest.raises(CacheMetadataError) as info:
-        cache_mod.finalize(cache_mod.open_cache(path, mode="r+"))
+        cache_writer.finalize(cache_mod.open_cache(path, mode="r+"))
     assert info.value.cache == f"{path}: done record of tar shard train-000002.tar"
     assert info.value.field == "skipped[0]"

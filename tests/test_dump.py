@@ -15,6 +15,8 @@ import torch
 import zarr
 
 from dkd_cache import cache as cache_mod
+from dkd_cache import cache_meta
+from dkd_cache import cache_writer
 from dkd_cache.data import expand_shards, iter_raw_samples, parse_sample
 from dkd_cache.dump import dump_teacher, render_shard
 from dkd_cache.errors import (BadSampleError, CacheLockedError, CacheMismatchError, ConfigError, ShardError,
@@ -31,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_cache_round_trips_keys_labels_and_metadata(cache_path, shards):
     cache = cache_mod.open_cache(cache_path)
     m = cache.meta
-    assert m.state is cache_mod.CacheState.COMPLETE and m.views == 2 and m.temperatures == (1.0, 4.0)
-    assert cache_mod.CacheMeta.from_dict(m.to_dict()) == m
+    assert m.state is cache_meta.CacheState.COMPLETE and m.views == 2 and m.temperatures == (1.0, 4.0)
+    assert cache_meta.CacheMeta.from_dict(m.to_dict()) == m
     urls = expand_shards(str(Path(shards["train"][0]).parent))
     for i, url in enumerate(urls):
         entry = m.manifest.shards[i]
@@ -44,7 +46,7 @@ def test_cache_round_trips_keys_labels_and_metadata(cache_path, shards):
         assert labels[: entry.samples].tolist() == [s.label for s in shard_samples]
         assert (labels[entry.samples:] == -1).all()
     status = cache.read_rows("samples/status", 0, m.manifest.rows)
-    assert int((status == cache_mod.STATUS_OK).sum()) == m.manifest.samples == shards["train_samples"]
+    assert int((status == cache_meta.STATUS_OK).sum()) == m.manifest.samples == shards["train_samples"]
     # any Zarr v3 reader: plain zarr, no dkd-cache code
     g = zarr.open_group(str(cache_path), mode="r")
     assert g["logits/topk_idx"].shape == (2, m.manifest.rows, 4)
@@ -99,7 +101,7 @@ def test_rerun_of_a_complete_cache_does_nothing(shards, teacher_ckpt, cache_path
 
 def test_second_writer_is_refused(shards, teacher_ckpt, tmp_path):
     out = tmp_path / "locked.zarr"
-    with cache_mod.writer_lock(out):
+    with cache_writer.writer_lock(out):
         with pytest.raises(CacheLockedError):
             dump_teacher(dump_settings(shards, teacher_ckpt, out), progress=False)
 

@@ -31,6 +31,7 @@ import zarr
 from typer.testing import CliRunner
 
 from dkd_cache import cache as cache_mod
+from dkd_cache import cache_meta
 from dkd_cache import loader as loader_mod
 from dkd_cache.cli import app
 from dkd_cache.data import expand_shards
@@ -501,7 +502,7 @@ def test_image_bomb_is_refused_or_skipped_and_pipe_needs_allow_pipe(shards, teac
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     m = cache_mod.open_cache(tmp_path / "p.zarr").meta
-    assert [s.name for s in m.manifest.shards] == ["train-000003.tar"] and m.state is cache_mod.CacheState.COMPLETE
+    assert [s.name for s in m.manifest.shards] == ["train-000003.tar"] and m.state is cache_meta.CacheState.COMPLETE
 
 
 @pytest.mark.parametrize("extra, words", [

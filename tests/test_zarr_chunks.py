@@ -9,7 +9,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from dkd_cache import zarr_chunks
-from dkd_cache.cache import COMPRESSORS
+from dkd_cache.cache_writer import COMPRESSORS
 
 V, C, ROWS = 3, 8, 32
 
