@@ -21,6 +21,7 @@ import torch
 import zarr.storage._local as zlocal
 
 import dkd_cache.cache as cache_mod
+import dkd_cache.cache_writer as cache_writer
 import dkd_cache.store as store_mod
 from dkd_cache.cli import app
 
