@@ -108,7 +108,8 @@ def test_verify_fails_on_a_tampered_chunk(cache_path, shards, teacher_ckpt, tmp_
     target.write_bytes(bytes(data))
     out = tmp_path / "report.json"
     result = _verify_cli(bad, _train_dir(shards), teacher_ckpt, "--json", str(out))
-    assert _failed(result, out) >= {"array logits/topk_val readable"}  # reported, not crashed
+    # reported by the reader's own deep check (Cache.check), not crashed; the failure names the array
+    assert _failed(result, out) >= {"every chunk reads back (checksums)"}
     report = json.loads(out.read_text())
     assert any("logits/topk_val" in f and "damaged" in f for f in report["failures"])
 
@@ -178,3 +179,39 @@ def test_verify_settings_are_validated(tmp_path):
     result = CliRunner().invoke(app, ["verify", "--cache", str(tmp_path), "--shards", str(tmp_path), "--weights",
                                       str(tmp_path), "--samples", "0"])
     assert result.exit_code == 2 and "samples" in result.output
+
+
+def test_verify_phases_return_their_checks_and_reuse_the_readers_findings(cache_path, shards, teacher_ckpt):
+    from dkd_cache.cache import open_cache
+    from dkd_cache.verify import entries_phase, integrity_phase
+    from dkd_cache.verify_report import CheckResult
+
+    s = VerifySettings(cache=str(cache_path), shards=_train_dir(shards), weights=str(teacher_ckpt), samples=4)
+    cache = open_cache(cache_path)
+    integrity = integrity_phase(cache, cache.codec, s, torch.device("cpu"))
+    names = [c.name for c in integrity.phase.checks]
+    # every finding of the reader's deep check is a check of the integrity phase, by its own name (not a copy)
+    findings = [f.check.value for f in cache.check(deep=True) if not f.warning]
+    assert "every chunk reads back (checksums)" in findings and set(findings) <= set(names)
+    assert all(isinstance(c, CheckResult) and c.ok for c in integrity.phase.checks)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        integrity.phase.checks[0].ok = False  # type: ignore[misc]
+    entries = entries_phase(cache, cache.codec, integrity, s)
+    assert entries.images.shape == (4, 3, 32, 32) and len(entries.names) == 4
+    assert "entries compared" in [c.name for c in entries.phase.checks]
+    # the report is the phases' checks, in order
+    report = verify(s)
+    assert [c["name"] for c in report["checks"]][:len(names)] == names
+
+
+def test_verify_fails_on_repeated_topk_classes(cache_path, shards, teacher_ckpt, tmp_path):
+    bad = tmp_path / "repeated.zarr"
+    shutil.copytree(cache_path, bad)
+    arr = zarr.open_group(str(bad), mode="r+")["logits/topk_idx"]
+    block = arr[1, 8:16]
+    block[3, 1] = block[3, 0]  # one row of view 1 names a class twice: checksums fine, values wrong
+    arr[1, 8:16] = block
+    out = tmp_path / "r.json"
+    failed = _failed(_verify_cli(bad, _train_dir(shards), teacher_ckpt, "--json", str(out)), out)
+    assert "top-k classes in range and distinct" in failed
+    assert "every chunk reads back (checksums)" not in failed
