@@ -154,7 +154,7 @@ def null_teacher_dump(a, shards: str, out: Path, *, prerendered=None, writer_onl
     from dkd_cache.views import Recipe
 
     info = TeacherInfo(arch="null", sha256="0" * 64, num_classes=TEACHER_CLASSES, source_format="dkd-cache")
-    saved = dump_mod.load_teacher, dump_mod.DataLoader, dump_mod._run, dump_mod.TransferRing
+    saved = dump_mod.load_teacher, dump_mod.DataLoader, dump_mod.run_stages, dump_mod.TransferRing
     loop: dict[str, float] = {}
 
     def run(*args, **kwargs):
@@ -168,7 +168,7 @@ def null_teacher_dump(a, shards: str, out: Path, *, prerendered=None, writer_onl
     if prerendered is not None:
         shutil.rmtree(out, ignore_errors=True)  # timed runs write a fresh cache (a reused --workdir holds one)
     dump_mod.load_teacher = lambda arch, weights, device="cpu", **k: (NullTeacher(TEACHER_CLASSES), info)
-    dump_mod._run = run
+    dump_mod.run_stages = run
     saved_norm, saved_stack = dump_mod.normalize, dump_mod.renderers.stack
     if writer_only:
         still = torch.zeros((a.dump_batch_size, 3, a.image_size, a.image_size), dtype=torch.uint8)
@@ -189,7 +189,7 @@ def null_teacher_dump(a, shards: str, out: Path, *, prerendered=None, writer_onl
         with host_threads.one_thread() if writer_only else contextlib.nullcontext():
             report = dump_mod.dump_teacher(settings, progress=False)
     finally:
-        dump_mod.load_teacher, dump_mod.DataLoader, dump_mod._run, dump_mod.TransferRing = saved
+        dump_mod.load_teacher, dump_mod.DataLoader, dump_mod.run_stages, dump_mod.TransferRing = saved
         dump_mod.normalize, dump_mod.renderers.stack = saved_norm, saved_stack
     return {"views": report.views_written, "loop_seconds": loop["seconds"], "main_cpu_seconds": loop["main_cpu"],
             "views_per_s": report.views_written / loop["seconds"],

@@ -8,11 +8,11 @@ ResNet-34 teacher (random init: speed does not depend on the weights), it measur
             ``images_per_s`` (run_dir/metrics.jsonl) of the last of ``--epochs`` epochs (the first pays start-up);
             with ``--repeats N`` each mode runs N times, interleaved, and the best figure counts (least disturbed
             by other work on a shared machine).
-  dump      views/s of dump-teacher, timed around its teacher loop (dkd_cache.dump._run: excludes the shard scan,
+  dump      views/s of dump-teacher, timed around its teacher loop (dkd_cache.dump.run_stages: excludes the shard scan,
             teacher load and store creation; includes render workers, encode and Zarr writes), against the
             teacher's bare inference images/s on normalised tensors already in memory (same batch, channels_last,
             inference_mode, same autocast). Two dumps run (--codec and topk:10); the faster loop is compared.
-            DumpReport.images_per_s (whole call) is printed beside it.
+            DumpReport.views_per_s (whole call) is printed beside it.
   read      cache read rate, views/s, through the training path's reads (dkd_cache.loader._cache_rows: one
             view of every array training joins, a tar shard at a time, with the key decode and fill checks),
             and bare Cache.read_rows of the same arrays, against the rate training consumes them. Measured on
@@ -199,11 +199,11 @@ def dump_settings(a: argparse.Namespace, shards: str, weights: str, out: Path, c
 
 
 def timed_dump(settings) -> dict[str, Any]:
-    """dump_teacher, with its teacher loop (dump._run) timed on its own."""
+    """dump_teacher, with its teacher loop (dump.run_stages) timed on its own."""
     from dkd_cache import dump as dump_mod
 
     loop: dict[str, float] = {}
-    original = dump_mod._run
+    original = dump_mod.run_stages
 
     def run(*args, **kwargs):
         t0 = time.perf_counter()
@@ -211,13 +211,13 @@ def timed_dump(settings) -> dict[str, Any]:
         loop["seconds"] = time.perf_counter() - t0
         return out
 
-    dump_mod._run = run
+    dump_mod.run_stages = run
     try:
         report = dump_mod.dump_teacher(settings, progress=False)
     finally:
-        dump_mod._run = original
+        dump_mod.run_stages = original
     return {"codec": settings.codec, "views_written": report.views_written, "seconds": report.seconds,
-            "images_per_s": report.images_per_s, "loop_seconds": loop["seconds"],
+            "views_per_s": report.views_per_s, "loop_seconds": loop["seconds"],
             "loop_views_per_s": report.views_written / loop["seconds"]}
 
 
@@ -473,7 +473,7 @@ def summarise(res: dict[str, Any]) -> list[dict[str, Any]]:
         {"metric": "dump loop / bare teacher inference", "value": main_dump["loop_views_per_s"] / bare,
          "target": ">= 0.85", "pass": main_dump["loop_views_per_s"] / bare >= TARGETS["dump_over_bare"],
          "detail": f"{main_dump['loop_views_per_s']:.1f} / {bare:.1f} views/s ({main_dump['codec']}); whole call "
-                   f"{main_dump['images_per_s']:.1f}/s"},
+                   f"{main_dump['views_per_s']:.1f}/s"},
         {"metric": "cache read / training consume (ImageNet geometry)", "value": read_in / cached, "target": ">= 50x",
          "pass": read_in / cached >= TARGETS["read_over_consume"],
          "detail": f"{read_in:,.0f} / {cached:.1f} views/s, 1,000 samples/shard, 1,000 classes, {a_codec(res)}, "
@@ -552,7 +552,7 @@ def render(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     for m, t in res["train"].items():
         lines.append(f"| train {m} | {', '.join(f'{r:.1f}' for r in t['runs'])} | {t['best_images_per_s']:.1f} |")
     for k, d in res["dump"].items():
-        lines.append(f"| dump {k}: teacher loop (whole call) | {d['loop_views_per_s']:.1f} ({d['images_per_s']:.1f}) "
+        lines.append(f"| dump {k}: teacher loop (whole call) | {d['loop_views_per_s']:.1f} ({d['views_per_s']:.1f}) "
                      f"| |")
     lines.append(f"| bare teacher inference | {res['bare_inference']['images_per_s']:.1f} | |")
     lines += ["", "| ratio | value | target | verdict | detail |", "|---|---|---|---|---|"]

@@ -4,11 +4,12 @@ done record per tar shard after the chunks are durable, then zarr.json rewritten
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,14 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from . import zarr_chunks
-from .cache import Cache, chunk_keys, open_cache
+from . import host_threads, zarr_chunks
+from .cache import Cache, chunk_keys, decode_keys, open_cache
 from .cache_meta import STATUS_OK, STATUS_SKIPPED, CacheMeta, CacheState, ShardEntry, SkippedSample, parse_skipped
 from .data import ShardIndex
-from .errors import CacheError
-from .store import DiskLocation, ObjectLocation, location
+from .dist import DistInfo, barrier, broadcast_object, on_rank0
+from .errors import CacheError, CacheMismatchError, ConfigError, DKDCacheError
+from .logit_codecs import Codec
+from .store import DiskLocation, Lease, ObjectLocation, location
 
 
 COMPRESSORS = (ZstdCodec(level=3), Crc32cCodec())
@@ -57,14 +60,13 @@ def _array_specs(meta: CacheMeta, key_len: int, codec_arrays: dict[str, tuple[tu
 
 
 @contextlib.contextmanager
-def _store_writes(path: str | Path, what: str) -> Iterator[None]:
+def _store_writes(path: str | Path, what: str, fix: str = "free disk space or fix the folder's permissions, then "
+                  "rerun the same dump-teacher command: it continues where it stopped") -> Iterator[None]:
     """A failed write (disk full, file size limit, permissions) is a CacheError naming the cache, not a traceback."""
     try:
         yield
     except OSError as e:
-        raise CacheError(f"{path}: cannot write {what} ({type(e).__name__}: {e}); free disk space or fix the "
-                         "folder's permissions, then rerun the same dump-teacher command: it continues where it "
-                         "stopped") from e
+        raise CacheError(f"{path}: cannot write {what} ({type(e).__name__}: {e}); {fix}") from e
 
 
 def create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex],
@@ -206,3 +208,245 @@ def writer_lock(path: str | Path, rank: int = 0) -> Iterator[None]:
     """One dump at a time per local cache (store.DiskLocation.writer_lease: an flock per rank)."""
     with location(path).writer_lease(rank):
         yield
+
+
+# --------------------------------------------------------------------------------------------- the writer
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NewCache:
+    """What this run would write: its metadata (a learned codec not fitted yet) and the shard indexes its manifest
+    was built from (the per-sample arrays are written from them)."""
+
+    meta: CacheMeta
+    indexes: tuple[ShardIndex, ...]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WriterSpec:
+    """How to open a writer. `plan` runs on rank 0 only, under the writer lease (it scans the shards: a refused
+    second dump never pays for a scan); `fit_codec` only when a cache is created with a learned codec, so the
+    writer never builds a teacher: the caller passes the fit."""
+
+    out: str
+    plan: Callable[[], NewCache]
+    fit_codec: Callable[[NewCache], Codec] | None = None
+    dist: DistInfo = DistInfo()
+    lease_seconds: float = 120.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SampleRow:
+    """A sample's per-sample and per-view entries (everything but its logits)."""
+
+    shard: int  # index in the manifest
+    pos: int  # position in its tar shard (row = the shard's row_start + pos)
+    boxes: np.ndarray  # uint16 (V, 4)
+    flips: np.ndarray  # uint8 (V,)
+    height: int
+    width: int
+    skipped: str | None = None  # why the sample was left out (--skip-bad); it then has no logits
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LogitRows:
+    """Some views of one tar shard's samples: the teacher's logits as stored (B rows)."""
+
+    shard: int
+    pos: np.ndarray  # (B,) position of each row's sample in the shard
+    view: np.ndarray  # (B,)
+    target: np.ndarray  # float32 (B,)
+    lse: np.ndarray  # float32 (B, T)
+    encoded: dict[str, np.ndarray]  # codec array name (as under logits/) -> (B, ...)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WriteCounts:
+    """What this rank's writer has handed to the commit thread so far."""
+
+    shards: int = 0
+    views: int = 0
+    skipped: int = 0
+
+
+class _ShardBuffer:
+    """One tar shard's rows until every view of every sample has its logits."""
+
+    def __init__(self, cache: Cache, shard: int, status: np.ndarray):
+        meta = cache.meta
+        self.entry = entry = meta.manifest.shards[shard]
+        rows, v = entry.row_stop - entry.row_start, meta.views
+        self.samples_in = 0  # samples added (skipped ones too)
+        self.views_pending = 0  # views of added samples still without logits
+        self.skipped: list[SkippedSample] = []
+        self.block: dict[str, np.ndarray] = {
+            "samples/status": status[entry.row_start : entry.row_stop].copy(),  # as created (scan-time skips)
+            "samples/height": np.zeros(rows, np.int32),
+            "samples/width": np.zeros(rows, np.int32),
+            "views/box": np.zeros((v, rows, 4), np.uint16),
+            "views/flip": np.zeros((v, rows), np.uint8),
+            "logits/target": np.zeros((v, rows), np.float32),
+            "logits/lse": np.zeros((v, rows, len(meta.temperatures)), np.float32),
+        }
+        for name, (tail, dtype) in meta.codec.arrays(meta.num_classes).items():
+            self.block[f"logits/{name}"] = np.zeros((v, rows, *tail), dtype)
+
+    @property
+    def whole(self) -> bool:
+        return self.samples_in == self.entry.samples and self.views_pending == 0
+
+
+class CacheWriter:
+    """This rank's writer of an open cache: buffers each tar shard's rows, hands a whole shard to the commit thread
+    (whole chunks now; fsync, lease check and the create-only done record there, in shard order), and on close
+    marks the cache complete (rank 0). Made by `open_writer`; samples must be added before their logits."""
+
+    def __init__(self, cache: Cache, lease: Lease, dist: DistInfo, pending: Sequence[int], committer: Executor):
+        self.cache, self.lease, self.dist = cache, lease, dist
+        self.pending = tuple(pending)  # every rank's shards still to write, listed once by rank 0
+        self.codec = cache.codec  # with its stored basis, checked against the recorded hash
+        self.counts = WriteCounts()
+        self._committer = committer
+        self._commits: collections.deque[Future] = collections.deque()
+        self._buffers: dict[int, _ShardBuffer] = {}
+        self._status = cache.read_rows("samples/status", 0, cache.meta.manifest.rows)  # one read for every shard
+
+    @property
+    def meta(self) -> CacheMeta:
+        return self.cache.meta
+
+    def my_shards(self) -> tuple[int, ...]:
+        """This rank's share of the pending shards (whole shards per rank: each rank writes only its own chunks)."""
+        return self.pending[self.dist.rank :: self.dist.world]
+
+    def add_sample(self, row: SampleRow) -> None:
+        buf = self._buffers.get(row.shard)
+        if buf is None:
+            buf = self._buffers[row.shard] = _ShardBuffer(self.cache, row.shard, self._status)
+        b = buf.block
+        b["samples/height"][row.pos] = row.height
+        b["samples/width"][row.pos] = row.width
+        b["views/box"][:, row.pos] = row.boxes
+        b["views/flip"][:, row.pos] = row.flips
+        if row.skipped is not None:
+            b["samples/status"][row.pos] = STATUS_SKIPPED
+            at = buf.entry.row_start + row.pos
+            key = decode_keys(self.cache.read_rows("samples/key", at, at + 1))[0]
+            buf.skipped.append(SkippedSample(shard=buf.entry.name, key=key, reason=row.skipped))
+        else:
+            buf.views_pending += self.meta.views
+        buf.samples_in += 1
+        self._commit_if_whole(row.shard)
+
+    def add_logits(self, rows: LogitRows) -> None:
+        buf = self._buffers[rows.shard]
+        b = buf.block
+        b["logits/target"][rows.view, rows.pos] = rows.target
+        b["logits/lse"][rows.view, rows.pos] = rows.lse
+        for name, values in rows.encoded.items():
+            b[f"logits/{name}"][rows.view, rows.pos] = values
+        buf.views_pending -= len(rows.pos)
+        self.counts = dataclasses.replace(self.counts, views=self.counts.views + len(rows.pos))
+        self._commit_if_whole(rows.shard)
+
+    def _commit_if_whole(self, shard: int) -> None:
+        if self._buffers[shard].whole:
+            buf = self._buffers.pop(shard)
+            record = {"shard": buf.entry.name, "samples": buf.entry.samples,
+                      "skipped": [x.to_dict() for x in buf.skipped], "views": self.meta.views}
+            with host_threads.one_thread():  # zstd and crc32c of the chunks, in this thread
+                self._commits.append(write_shard(self.cache, shard, buf.block, record, self.lease,
+                                                 commit=self._committer))
+            self.counts = dataclasses.replace(self.counts, shards=self.counts.shards + 1,
+                                              skipped=self.counts.skipped + len(buf.skipped))
+        while self._commits and self._commits[0].done():
+            self._commits.popleft().result()  # a failed commit raises here
+
+    def close(self) -> bool:
+        """Wait for this rank's commits; once every rank has, rank 0 marks the cache complete. finalize refuses
+        (CacheError on every rank) if a shard of the plan has no done record, so a dump never ends successfully
+        with the cache still 'writing'. Returns whether the cache is complete."""
+        while self._commits:
+            self._commits.popleft().result()
+        if self._buffers:
+            names = [b.entry.name for b in self._buffers.values()]
+            raise CacheError(f"{self.cache.path}: tar shard(s) {names} ended before all their samples arrived; "
+                             "rerun the same dump-teacher command to complete them")
+        barrier(self.dist)
+        return on_rank0(self.dist, self._finalize)
+
+    def _finalize(self) -> bool:
+        return finalize(self.cache, self.lease).meta.state is CacheState.COMPLETE
+
+
+@contextlib.contextmanager
+def open_writer(spec: WriterSpec) -> Iterator[CacheWriter]:
+    """Take the writer lease, create the cache (or check that the one there was made with the same settings), list
+    the pending shards once for every rank, and yield this rank's writer; the lease is released on exit, after the
+    commit thread has finished. Call `close()` on the writer to finalize.
+
+    Rank 0 takes the lease, plans (scans the shards) and creates or compares; the other ranks wait, then open the
+    cache. On disk every rank holds its own flock; on an object store rank 0 holds the lease object and the other
+    ranks check, before each commit, that it is still rank 0's."""
+    dist, out = spec.dist, location(spec.out)
+    with contextlib.ExitStack() as held:
+        error: DKDCacheError | None = None
+        lease = None
+        if dist.is_main or not out.is_remote:
+            try:
+                with _store_writes(spec.out, "the writer lock", fix=_READ_ONLY_FIX):
+                    lease = held.enter_context(out.writer_lease(dist.rank, seconds=spec.lease_seconds))
+            except DKDCacheError as e:
+                error = e
+        if dist.is_main and error is None:
+            try:
+                _create_or_compare(spec)
+            except DKDCacheError as e:
+                error = e
+        message, owner = broadcast_object(dist, (None if error is None else f"{type(error).__name__}: {error}",
+                                                 None if lease is None else lease.owner))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise DKDCacheError(f"rank 0 failed: {message}")
+        if lease is None:  # a rank > 0 on an object store: checks rank 0's lease
+            lease = held.enter_context(out.writer_lease(dist.rank, seconds=spec.lease_seconds, owner=owner))
+        cache = open_cache(spec.out, mode="r+")
+        # One plan for every rank: rank 0 lists the done records once, before any rank can write, and every rank
+        # splits that same list. (Each rank listing on its own raced with the fastest rank's first done record: a
+        # late rank saw a shorter list, so its round-robin share shifted, a shard went to no rank, another to two.)
+        pending = on_rank0(dist, cache.pending_shards)
+        # The fsyncs and done record of a written shard wait on the disk on one thread, in shard order, while the
+        # caller encodes the next shard; every commit has finished (or raised) when this block exits.
+        with ThreadPoolExecutor(1, thread_name_prefix="dkd-commit") as committer:
+            yield CacheWriter(cache, lease, dist, pending, committer)
+
+
+_READ_ONLY_FIX = "choose a writable --out (or fix the folder's permissions), then rerun the same dump-teacher command"
+
+
+def _create_or_compare(spec: WriterSpec) -> None:
+    """Rank 0, under the lease: clear what a crash left, then create the cache, or refuse the one there when it was
+    made with other settings (the same codec keeps its stored basis: a resume never refits)."""
+    out = location(spec.out)
+    with _store_writes(spec.out, "the cache", fix=_READ_ONLY_FIX):
+        out.remove_stale()
+    new = spec.plan()
+    meta = new.meta
+    if out.exists("zarr.json"):
+        existing = open_cache(spec.out, mode="r+")
+        if existing.meta.codec.name == meta.codec.name:
+            meta = dataclasses.replace(meta, codec=existing.meta.codec)
+        diffs = existing.meta.differences(meta)
+        if diffs:
+            raise CacheMismatchError(f"{spec.out} holds a cache made with other settings; refusing to mix them. "
+                                     "Differences: " + "; ".join(diffs) + ". Use another --out.")
+        return
+    if not out.is_empty() and not (out.is_remote and out.keys("_dkd") == ["lease.json"]):
+        raise CacheError(f"{spec.out} exists and is not a dkd-cache store; choose another --out")
+    codec = meta.codec
+    if codec.learned:
+        if spec.fit_codec is None:
+            raise ConfigError(f"codec {codec.name!r} is learned and needs a fit on the teacher's logits; "
+                              "the writer was given none")
+        codec = spec.fit_codec(new)
+        meta = dataclasses.replace(meta, codec=codec)
+    create_cache(spec.out, meta, new.indexes, codec.arrays(meta.num_classes), codec.state_arrays())

@@ -15,13 +15,17 @@ The teacher runs as in the dump (same device, same autocast), so the logits are 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .data import ShardIndex, iter_raw_samples, parse_sample
+from .cache_writer import NewCache
+from .data import ShardIndex, iter_raw_samples, match_shards, parse_sample
 from .errors import BadSampleError, ConfigError
+from .logit_codecs import Codec
+from .teacher_signal import teacher_forward
 from .views import Recipe, decode, draw_view, normalize, pixel_major, render_decoded
 
 
@@ -83,19 +87,30 @@ def render_plan(plan: Sequence[tuple[int, int, int]], urls: Sequence[str], names
 def calibration_logits(renders: Iterator[torch.Tensor], forward: Callable[[torch.Tensor], torch.Tensor],
                        recipe: Recipe, device: torch.device, batch_size: int) -> torch.Tensor:
     """float32 (N, C) teacher logits of the renders, on the CPU; `forward` maps a normalised batch to logits."""
-    out, batch = [], []
-
-    def run() -> None:
-        x = normalize(torch.stack(batch).to(device), recipe)
-        out.append(forward(x).float().cpu())
-        batch.clear()
-
-    for img in renders:
-        batch.append(img)
-        if len(batch) == batch_size:
-            run()
-    if batch:
-        run()
+    # uint8 (3, S, S) renders -> lists of batch_size of them -> float32 (B, C) logits on the CPU
+    out = [forward(normalize(torch.stack(batch).to(device), recipe)).float().cpu()
+           for batch in _batched(renders, batch_size)]
     if not out:
         raise ConfigError("the calibration sample is empty: the shards hold no usable sample")
     return torch.cat(out)
+
+
+def _batched(items: Iterator[torch.Tensor], n: int) -> Iterator[list[torch.Tensor]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def fit_codec(new: NewCache, *, model: torch.nn.Module, device: torch.device, urls: Sequence[str],
+              calibration_views: int, batch_size: int, skip_bad: bool) -> Codec:
+    """A learned codec fitted on the teacher's logits of the calibration sample, before any row is written: the
+    fit hook dump-teacher hands its cache writer. The teacher runs exactly as for the cache's rows."""
+    meta = new.meta
+    names = [e.name for e in meta.manifest.shards]
+    by_shard = match_shards(names, urls).found
+    plan = calibration_plan(new.indexes, meta.views, calibration_views)
+    renders = render_plan(plan, [by_shard[i] for i in range(len(names))], names, meta.seed, meta.recipe,
+                          meta.num_classes, skip_bad)
+    logits = calibration_logits(renders, lambda x: teacher_forward(model, x, meta.compute), meta.recipe, device,
+                                batch_size)
+    return meta.codec.fit(logits)

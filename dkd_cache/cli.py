@@ -168,7 +168,7 @@ def dump_teacher_cmd(
         return
     share = "" if report.world == 1 else f"rank 0 of {report.world} (its shards): "
     typer.echo(f"{share}dumped {report.views_written} views of {report.samples} samples in {report.seconds:.1f} s "
-               f"({report.images_per_s:.1f} views/s); skipped {report.skipped}; "
+               f"({report.views_per_s:.1f} views/s); skipped {report.skipped}; "
                f"cache {'complete' if report.complete else 'incomplete'}: {report.path}")
 
 

@@ -144,7 +144,7 @@ def prepare(setup: DemoSetup, *, echo: Callable[[str], Any] = print, progress: b
         dump = merge(DumpSettings, setup.file["dump"], {}, where=f"{setup.config} [dump]", fixed={
             "shards": str(shards / "train.txt"), "weights": str(setup.teacher_ckpt), "out": str(setup.cache_path),
             "recipe": setup.recipe, "arch": d["teacher_arch"]})
-        _timed(rows, echo, "dump-teacher", lambda: {"images_per_s": dump_teacher(dump).images_per_s})
+        _timed(rows, echo, "dump-teacher", lambda: {"images_per_s": dump_teacher(dump).views_per_s})
     return rows
 
 

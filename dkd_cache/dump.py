@@ -1,26 +1,32 @@
 """dump-teacher: run the teacher once per recorded view and write its logits into the cache.
 
-Stream shapes:
-    pending shard ids (this rank's share)
-      --worker: iter_raw_samples + parse_sample + draw_view + render-->  RenderedSample (V views of one sample)
-      --main: batch views ------------------------------------------>  uint8 (B, 3, S, S) + where each row goes
-      --teacher, encode ------------------------------------------->  per-shard buffers (V, rows, …)
-      --write_shard when a shard is whole ------------------------->  Zarr chunks; on the commit thread: fsync,
-                                                                       then the shard's done record
+`dump_teacher` resolves the plan (settings -> teacher, codec, shard urls, the cache writer), then runs generator
+stages into the writer. Stream shapes:
+    this rank's pending shards (CacheWriter.my_shards)
+      --render (DataLoader workers): iter_raw_samples, parse_sample, draw_view, render -->  RenderedSample
+      --sample_views: recorded in the writer (boxes, flips, size, skip reason) ---------->  SampleViews (V views)
+      --teacher_batches: one shard's views in (sample, view) order, cut every batch_size ->  TeacherBatch (B views)
+      --teacher_logits: pixels to the device, normalise, forward ----------------------->  BatchLogits (B, classes)
+      --encode: target, lse, the codec's arrays ----------------------------------------->  LogitRows (numpy)
+      --CacheWriter.add_logits: shard buffers; a whole shard -> its chunks, then on the commit thread fsync and
+        its done record; CacheWriter.close marks the cache complete
 Decoding and cropping run in DataLoader workers, overlapped with teacher compute in the main process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import fnmatch
+import functools
 import math
+import os
+import signal
+import sys
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import braceexpand
 import numpy as np
@@ -28,21 +34,21 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import FORMAT_VERSION
-from . import cache as cache_mod
-from . import cache_meta
-from . import cache_writer
-from . import host_threads
+from . import calibration
 from . import dist as dist_mod
-from . import store as store_mod
-from .data import REMOTE_PREFIXES, keep_as_is, expand_shards, iter_raw_samples, parse_sample, scan_shards, shard_name
-from .errors import BadSampleError, CacheMismatchError, ConfigError, DKDCacheError, ShardError
-from .calibration import calibration_logits, calibration_plan, render_plan
-from .logit_codecs import parse_codec
-from .progress import Progress
+from . import host_threads
 from . import renderers
-from .teacher import load_teacher
-from .transfer import RingSlot, TransferRing
+from . import store as store_mod
+from .cache_meta import CacheMeta, build_manifest, library_versions
+from .cache_writer import CacheWriter, LogitRows, NewCache, SampleRow, WriterSpec, open_writer
+from .data import REMOTE_PREFIXES, expand_shards, iter_raw_samples, keep_as_is, match_shards, parse_sample, scan_shards
+from .dist import DistInfo
+from .errors import BadSampleError, ConfigError, DKDCacheError, ShardError
+from .logit_codecs import Codec, parse_codec
+from .progress import Progress
+from .teacher import TeacherInfo, load_teacher
 from .teacher_signal import LSE, TARGET, ComputePolicy, Storage, encode_entries, resolve_policy, teacher_forward
+from .transfer import RingSlot, TransferRing
 from .views import Recipe, decode, draw_view, normalize, parse_positive_int, pixel_major, render_decoded
 
 
@@ -96,24 +102,70 @@ class DumpReport:
     views_written: int
     skipped: int
     seconds: float
-    images_per_s: float
+    views_per_s: float  # views written per second of the whole call (scan and set-up included)
     complete: bool
     rank: int = 0  # the counts are this rank's share (its shards); only rank 0 prints the summary
     world: int = 1
 
 
+# ------------------------------------------------------------------------------------------- the plan
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RenderedSample:
-    shard: int
-    pos: int  # position in the shard (row = shard's row_start + pos)
-    images: torch.Tensor | RingSlot | None  # uint8 (V, 3, S, S), or the ring slot holding them; device renderer:
-    #                                         the decoded (3, H, W); None when skipped
-    boxes: np.ndarray  # (V, 4)
-    flips: np.ndarray  # (V,)
-    height: int
-    width: int
-    label: int
-    skipped: str | None = None
+class DumpPlan:
+    """Settings resolved: the teacher loaded, the codec parsed, the shard urls expanded, this process's rank."""
+
+    settings: DumpSettings
+    dist: DistInfo
+    device: torch.device
+    urls: tuple[str, ...]
+    model: torch.nn.Module
+    teacher: TeacherInfo
+    compute: ComputePolicy  # how the teacher runs (fp32 means fp32: TF32 would move logits by ~1e-3 relative)
+    codec: Codec  # as parsed; a learned one is fitted when the cache is created (CacheWriter's fit hook)
+
+
+def resolve_plan(s: DumpSettings) -> DumpPlan:
+    dinfo = dist_mod.init(s.device)
+    device = torch.device(f"cuda:{dinfo.local_rank}" if s.device == "cuda" else s.device)
+    urls = expand_shards(s.shards, allow_pipe=s.allow_pipe)
+    check_out_path(s.out, urls, [s.shards] if isinstance(s.shards, str) else list(s.shards))
+    model, tinfo = load_teacher(s.arch, s.weights, device=device)
+    return DumpPlan(settings=s, dist=dinfo, device=device, urls=tuple(urls), model=model, teacher=tinfo,
+                    compute=resolve_policy(device, s.amp), codec=parse_codec(s.codec, tinfo.num_classes))
+
+
+def new_cache(plan: DumpPlan) -> NewCache:
+    """The cache this dump would create: the shards scanned (keys, labels, bad samples) and the metadata. Run by
+    the writer on rank 0 only, under its lease."""
+    s = plan.settings
+    indexes = scan_shards(list(plan.urls), plan.teacher.num_classes, s.skip_bad, threads=max(2, s.workers * 2))
+    meta = CacheMeta(format_version=FORMAT_VERSION, teacher=plan.teacher, recipe=s.recipe, seed=s.seed,
+                     views=s.views, codec=plan.codec, temperatures=tuple(float(t) for t in s.temperatures),
+                     chunk_rows=s.chunk_rows, manifest=build_manifest(indexes, s.chunk_rows),
+                     versions=library_versions(), compute=plan.compute, renderer=renderers.renderer_info(s.renderer))
+    return NewCache(meta=meta, indexes=tuple(indexes))
+
+
+def writer_spec(plan: DumpPlan) -> WriterSpec:
+    s = plan.settings
+    fit = functools.partial(calibration.fit_codec, model=plan.model, device=plan.device, urls=plan.urls,
+                            calibration_views=s.calibration_views, batch_size=s.batch_size, skip_bad=s.skip_bad)
+    return WriterSpec(out=s.out, plan=functools.partial(new_cache, plan), fit_codec=fit, dist=plan.dist,
+                      lease_seconds=s.lease_seconds)
+
+
+def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport:
+    t0 = time.perf_counter()
+    plan = resolve_plan(settings)
+    with open_writer(writer_spec(plan)) as writer:
+        shards = writer.my_shards()
+        run_stages(plan, writer, shards, show=progress and plan.dist.is_main)
+        complete = writer.close()
+    seconds = time.perf_counter() - t0
+    counts = writer.counts
+    return DumpReport(path=str(settings.out), shards_done=len(shards),
+                      samples=sum(writer.meta.manifest.shards[i].samples for i in shards), views_written=counts.views,
+                      skipped=counts.skipped, seconds=seconds, views_per_s=counts.views / max(seconds, 1e-9),
+                      complete=complete, rank=plan.dist.rank, world=plan.dist.world)
 
 
 def check_out_path(out: str, urls: Sequence[str], patterns: Sequence[str] = ()) -> None:
@@ -142,26 +194,81 @@ def check_out_path(out: str, urls: Sequence[str], patterns: Sequence[str] = ()) 
 
 
 # ------------------------------------------------------------------------------------------- worker stage
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RenderJob:
+    shard: int  # index in the manifest
+    url: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RenderedSample:
+    shard: int
+    pos: int  # position in the shard (row = shard's row_start + pos)
+    images: torch.Tensor | RingSlot | None  # uint8 (V, 3, S, S), or the ring slot holding them; device renderer:
+    #                                         the decoded (3, H, W); None when skipped
+    boxes: np.ndarray  # (V, 4)
+    flips: np.ndarray  # (V,)
+    height: int
+    width: int
+    label: int
+    skipped: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderFailed:
+    """A worker's error, handed to the main process, which raises it as it is."""
+
+    error: DKDCacheError
+
+
 class _RenderStream(IterableDataset):
     """Yields RenderedSample for each sample of this worker's shards (worker w takes shards w, w+W, …)."""
 
-    def __init__(self, jobs: list[tuple[int, str]], meta: cache_meta.CacheMeta, skip_bad: bool,
-                 ring: TransferRing | None = None):
-        self.jobs, self.meta, self.skip_bad, self.ring = jobs, meta, skip_bad, ring
+    def __init__(self, jobs: Sequence[RenderJob], meta: CacheMeta, skip_bad: bool, ring: TransferRing | None = None):
+        self.jobs, self.meta, self.skip_bad, self.ring = list(jobs), meta, skip_bad, ring
 
-    def __iter__(self) -> Iterator[RenderedSample | tuple[str, DKDCacheError]]:
+    def __iter__(self) -> Iterator[RenderedSample | RenderFailed]:
         info = get_worker_info()
         jobs = self.jobs if info is None else self.jobs[info.id :: info.num_workers]
-        for shard, url in jobs:
+        for job in jobs:
             try:
-                yield from render_shard(shard, url, self.meta, self.skip_bad,
+                yield from render_shard(job.shard, job.url, self.meta, self.skip_bad,
                                         *((self.ring, info.id) if info is not None else ()))
-            except DKDCacheError as e:  # handed to the main process, which raises it as it is
-                yield ("error", e)
+            except DKDCacheError as e:
+                yield RenderFailed(e)
                 return
 
 
-def render_shard(shard: int, url: str, meta: cache_meta.CacheMeta, skip_bad: bool, ring: TransferRing | None = None,
+def die_with_parent(_worker_id: int = 0) -> None:
+    """A DataLoader worker's init: on Linux the kernel kills the worker when the dump's process dies (SIGTERM from
+    a scheduler, SIGKILL), so the worker's inherited copy of the writer lock's descriptor goes at once and an
+    immediate rerun is not refused as 'being written by another dump-teacher process'."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the prctl: nobody would signal us
+        os._exit(1)
+
+
+def render_loader(jobs: Sequence[RenderJob], meta: CacheMeta, s: DumpSettings) -> tuple[DataLoader, TransferRing | None]:
+    """RenderedSample from DataLoader workers (in the main process without workers), and the ring of transfer slots
+    the workers send each sample's views in (cpu renderer; None: fresh shared buffers)."""
+    workers, prefetch = min(s.workers, len(jobs)), 4
+    ring = None
+    if workers and meta.renderer.name == "cpu":  # a slot per sample: those of a teacher batch, the prefetched, two more
+        ring = TransferRing(workers, -(-s.batch_size // meta.views) + prefetch + 2,
+                            (meta.views, 3, meta.recipe.image_size, meta.recipe.image_size))
+    loader = DataLoader(_RenderStream(jobs, meta, s.skip_bad, ring), batch_size=None, num_workers=workers,
+                        prefetch_factor=prefetch if workers else None, persistent_workers=False,
+                        collate_fn=keep_as_is, worker_init_fn=die_with_parent if workers else None)
+    return loader, ring
+
+
+def render_shard(shard: int, url: str, meta: CacheMeta, skip_bad: bool, ring: TransferRing | None = None,
                  worker: int = 0) -> Iterator[RenderedSample]:
     """A shard's RenderedSamples; the V views of a sample in a slot of `ring` (DataLoader worker `worker`) when one
     is free, else in a fresh transfer buffer."""
@@ -208,270 +315,177 @@ def render_shard(shard: int, url: str, meta: cache_meta.CacheMeta, skip_bad: boo
         raise ShardError(f"{url}: holds {pos} samples, the cache's manifest says {entry.samples}; the shard changed")
 
 
-# ------------------------------------------------------------------------------------------- main stage
-class _ShardBuffer:
-    """Accumulates one tar shard's rows until every view of every sample has its logits."""
 
-    def __init__(self, cache: cache_mod.Cache, shard: int, codec_arrays: dict[str, tuple[tuple[int, ...], Any]],
-                 status: np.ndarray):
-        meta = cache.meta
-        entry = meta.manifest.shards[shard]
-        rows, v = entry.row_stop - entry.row_start, meta.views
-        self.shard, self.entry, self.expected, self.filled = shard, entry, entry.samples, 0
-        self.block: dict[str, np.ndarray] = {
-            "samples/status": status[entry.row_start : entry.row_stop].copy(),  # as created (scan-time skips)
-            "samples/height": np.zeros(rows, np.int32),
-            "samples/width": np.zeros(rows, np.int32),
-            "views/box": np.zeros((v, rows, 4), np.uint16),
-            "views/flip": np.zeros((v, rows), np.uint8),
-            "logits/target": np.zeros((v, rows), np.float32),
-            "logits/lse": np.zeros((v, rows, len(meta.temperatures)), np.float32),
-        }
-        for name, (tail, dtype) in codec_arrays.items():
-            self.block[f"logits/{name}"] = np.zeros((v, rows, *tail), dtype)
-        self.cache = cache
-        self.skipped: list[cache_meta.SkippedSample] = []
-        self.pending_views = 0
-
-    def add_sample(self, s: RenderedSample) -> None:
-        self.block["samples/height"][s.pos] = s.height
-        self.block["samples/width"][s.pos] = s.width
-        self.block["views/box"][:, s.pos] = s.boxes
-        self.block["views/flip"][:, s.pos] = s.flips
-        if s.skipped is not None:
-            self.block["samples/status"][s.pos] = cache_meta.STATUS_SKIPPED
-            key = cache_mod.decode_keys(self.cache.read_rows("samples/key", self.entry.row_start + s.pos,
-                                                             self.entry.row_start + s.pos + 1))[0]
-            self.skipped.append(cache_meta.SkippedSample(shard=self.entry.name, key=key, reason=s.skipped))
-            self.filled += 1
-
-    def add_logits(self, pos: np.ndarray, view: np.ndarray, encoded: dict[str, np.ndarray],
-                   target: np.ndarray, lse: np.ndarray) -> None:
-        self.block["logits/target"][view, pos] = target
-        self.block["logits/lse"][view, pos] = lse
-        for name, values in encoded.items():
-            self.block[f"logits/{name}"][view, pos] = values
-
-
-def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport:
-    s = settings
-    dinfo = dist_mod.init(s.device)
-    device = torch.device(f"cuda:{dinfo.local_rank}" if s.device == "cuda" else s.device)
-    t0 = time.perf_counter()
-    urls = expand_shards(s.shards, allow_pipe=s.allow_pipe)
-    check_out_path(s.out, urls, [s.shards] if isinstance(s.shards, str) else list(s.shards))
-    model, tinfo = load_teacher(s.arch, s.weights, device=device)
-    # fp32 means fp32 (TF32 would move logits by ~1e-3 relative); set around each forward, never left global
-    compute = resolve_policy(device, s.amp)
-    codec = parse_codec(s.codec, tinfo.num_classes)
-
-    out = store_mod.location(s.out)
-    with contextlib.ExitStack() as held:
-        # Rank 0 takes the writer lease, indexes the shards and creates (or checks) the store; the others wait,
-        # then open it. On disk every rank holds its own flock; on an object store rank 0 holds the lease object
-        # and the other ranks check, before each commit, that it is still rank 0's.
-        error: DKDCacheError | None = None
-        lease = None
-        if dinfo.is_main or not out.is_remote:
-            try:
-                lease = held.enter_context(out.writer_lease(dinfo.rank, seconds=s.lease_seconds))
-            except DKDCacheError as e:
-                error = e
-        if dinfo.is_main and error is None:
-            try:
-                out.remove_stale()
-                indexes = scan_shards(urls, tinfo.num_classes, s.skip_bad, threads=max(2, s.workers * 2))
-                meta = cache_meta.CacheMeta(
-                    format_version=FORMAT_VERSION, teacher=tinfo, recipe=s.recipe, seed=s.seed,
-                    views=s.views, codec=codec, temperatures=tuple(float(t) for t in s.temperatures),
-                    chunk_rows=s.chunk_rows, manifest=cache_meta.build_manifest(indexes, s.chunk_rows),
-                    versions=cache_meta.library_versions(), compute=compute,
-                    renderer=renderers.renderer_info(s.renderer))
-                if out.exists("zarr.json"):
-                    existing = cache_mod.open_cache(s.out, mode="r+")
-                    if existing.meta.codec.name == codec.name:
-                        # the same codec: a learned one keeps its stored basis (resume never refits)
-                        meta = dataclasses.replace(meta, codec=existing.meta.codec)
-                    diffs = existing.meta.differences(meta)
-                    if diffs:
-                        raise CacheMismatchError(f"{s.out} holds a cache made with other settings; refusing to mix "
-                                                 "them. Differences: " + "; ".join(diffs) + ". Use another --out.")
-                elif not out.is_empty() and not (out.is_remote and out.keys("_dkd") == ["lease.json"]):
-                    raise cache_mod.CacheError(f"{s.out} exists and is not a dkd-cache store; choose another --out")
-                else:
-                    if codec.learned:
-                        codec = fit_codec(codec, indexes, urls, meta, model, s)
-                        meta = dataclasses.replace(meta, codec=codec)
-                    cache_writer.create_cache(s.out, meta, indexes, codec.arrays(tinfo.num_classes), codec.state_arrays())
-            except DKDCacheError as e:
-                error = e
-        shared = dist_mod.broadcast_object(dinfo, (None if error is None else f"{type(error).__name__}: {error}",
-                                                   None if lease is None else lease.owner))
-        message, owner = shared
-        if error is not None:
-            raise error
-        if message is not None:
-            raise DKDCacheError(f"rank 0 failed: {message}")
-        if lease is None:  # a rank > 0 on an object store: checks rank 0's lease
-            lease = held.enter_context(out.writer_lease(dinfo.rank, seconds=s.lease_seconds, owner=owner))
-        cache = cache_mod.open_cache(s.out, mode="r+")
-        codec = cache.codec  # with its basis, checked against the recorded hash (every rank reads the same one)
-        codec_arrays = codec.arrays(tinfo.num_classes)
-
-        # One plan for every rank: rank 0 lists the done records once, before any rank can write, and every rank
-        # splits that same list. (Each rank listing on its own raced with the fastest rank's first done record: a
-        # late rank saw a shorter list, so its round-robin share shifted, a shard went to no rank, another to two.)
-        pending = dist_mod.on_rank0(dinfo, cache.pending_shards)
-        mine = pending[dinfo.rank :: dinfo.world]  # whole shards per rank: each rank writes only its own chunks
-        by_name = {shard_name(u): u for u in urls}
-        jobs = [(i, by_name[cache.meta.manifest.shards[i].name]) for i in mine]
-        n_samples = sum(cache.meta.manifest.shards[i].samples for i in mine)
-        label = "dump-teacher" if dinfo.world == 1 else f"dump-teacher rank 0/{dinfo.world} (its shards)"
-        views_written, skipped = _run(cache, model, codec, codec_arrays, jobs, s, device, n_samples,
-                                      progress and dinfo.is_main, label, lease)
-
-        # Once every rank has written (and committed) its shards, rank 0, which holds the lease, marks the cache
-        # complete; finalize refuses (CacheError on every rank) if any shard of the plan has no done record, so
-        # a dump never ends successfully with the cache still 'writing'.
-        dist_mod.barrier(dinfo)
-
-        def mark_complete() -> bool:
-            return cache_writer.finalize(cache, lease).meta.state is cache_meta.CacheState.COMPLETE
-
-        complete = dist_mod.on_rank0(dinfo, mark_complete)
-    seconds = time.perf_counter() - t0
-    return DumpReport(path=str(s.out), shards_done=len(jobs), samples=n_samples, views_written=views_written,
-                      skipped=skipped, seconds=seconds, images_per_s=views_written / max(seconds, 1e-9),
-                      complete=complete, rank=dinfo.rank, world=dinfo.world)
-
-
-def fit_codec(codec, indexes, urls, meta: cache_meta.CacheMeta, model, s: DumpSettings):
-    """A learned codec fitted on the teacher's logits of the calibration sample (calibration.py), before any row."""
-    by_name = {shard_name(u): u for u in urls}
-    names = [e.name for e in meta.manifest.shards]
-    plan = calibration_plan(indexes, meta.views, s.calibration_views)
-    device = next(model.parameters()).device
-    renders = render_plan(plan, [by_name[n] for n in names], names, meta.seed, meta.recipe, meta.num_classes,
-                          s.skip_bad)
-    policy = meta.compute  # the teacher runs exactly as for the cache's rows
-    logits = calibration_logits(renders, lambda x: teacher_forward(model, x, policy), meta.recipe, device,
-                                s.batch_size)
-    return codec.fit(logits)
-
-
+# ------------------------------------------------------------------------------------------- main stages
 class _LentViews:
     """A sample's V views in a worker's ring slot: the slot goes back once every view is copied into a batch."""
 
     def __init__(self, ring: TransferRing, lent: RingSlot, views: int):
         self.ring, self.lent, self.left = ring, lent, views
 
-    def view_copied(self) -> None:
-        self.left -= 1
+    def views_copied(self, n: int) -> None:
+        self.left -= n
         if self.left == 0:
             self.ring.release(self.lent)
 
 
-def _run(cache, model, codec, codec_arrays, jobs, s: DumpSettings, device, n_samples, show, label,
-         lease) -> tuple[int, int]:
-    meta = cache.meta
-    if not jobs:
-        return 0, 0
-    workers, prefetch = min(s.workers, len(jobs)), 4
-    ring = None
-    if workers and meta.renderer.name == "cpu":  # a slot per sample: those of a teacher batch, the prefetched, two more
-        ring = TransferRing(workers, -(-s.batch_size // meta.views) + prefetch + 2,
-                            (meta.views, 3, meta.recipe.image_size, meta.recipe.image_size))
-    loader = DataLoader(_RenderStream(jobs, meta, s.skip_bad, ring), batch_size=None, num_workers=workers,
-                        prefetch_factor=prefetch if workers else None, persistent_workers=False, collate_fn=keep_as_is)
-    policy = meta.compute or ComputePolicy()  # None: a cache written before the policy was recorded (fp32)
-    storage = Storage(codec=codec, num_classes=meta.num_classes, temperatures=tuple(meta.temperatures))
-    buffers: dict[int, _ShardBuffer] = {}
-    status = cache.read_rows("samples/status", 0, meta.manifest.rows)  # one read, not one per tar shard
-    views_written = skipped = shards_written = 0
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SampleViews:
+    """A sample's views as the teacher stage takes them (views 0: a skipped sample, which only counts)."""
 
-    def flush_batch(items) -> None:
-        nonlocal views_written
-        if meta.renderer.name == "device":  # it[3] is the decoded image, it[5] the view's (box, flip)
-            pixels = renderers.render_batch([it[3] for it in items], np.stack([it[5][0] for it in items]),
-                                            np.array([it[5][1] for it in items]), meta.recipe, device)
+    shard: int
+    pos: int
+    label: int
+    views: int
+    pixels: torch.Tensor | None  # uint8 (V, 3, S, S); device renderer: the decoded image (3, H, W)
+    boxes: np.ndarray  # (V, 4)
+    flips: np.ndarray  # (V,)
+    lent: _LentViews | None  # the worker's ring slot holding `pixels`, released once every view is copied
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ViewSpan:
+    """Views first..stop-1 of one sample: a piece of a teacher batch."""
+
+    sample: SampleViews
+    first: int
+    stop: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TeacherBatch:
+    """Views of one tar shard, in (sample, view) order."""
+
+    shard: int
+    spans: tuple[ViewSpan, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(sp.stop - sp.first for sp in self.spans)
+
+    def pos(self) -> np.ndarray:
+        return np.concatenate([np.full(sp.stop - sp.first, sp.sample.pos) for sp in self.spans])
+
+    def view(self) -> np.ndarray:
+        return np.concatenate([np.arange(sp.first, sp.stop) for sp in self.spans])
+
+    def labels(self) -> np.ndarray:
+        return np.concatenate([np.full(sp.stop - sp.first, sp.sample.label) for sp in self.spans])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchLogits:
+    batch: TeacherBatch
+    logits: torch.Tensor  # (B, classes) on the device
+
+
+def sample_views(items: Iterator[RenderedSample | RenderFailed], writer: CacheWriter,
+                 ring: TransferRing | None) -> Iterator[SampleViews]:
+    """Each sample recorded in the writer (its boxes, flips, size, skip reason), its views out of the worker's slot."""
+    v = writer.meta.views
+    for item in items:
+        if isinstance(item, RenderFailed):
+            raise item.error
+        writer.add_sample(SampleRow(shard=item.shard, pos=item.pos, boxes=item.boxes, flips=item.flips,
+                                    height=item.height, width=item.width, skipped=item.skipped))
+        pixels, lent = item.images, None
+        if isinstance(pixels, RingSlot):
+            pixels, lent = ring.buffer(pixels), _LentViews(ring, pixels, v)
+        yield SampleViews(shard=item.shard, pos=item.pos, label=item.label, views=0 if pixels is None else v,
+                          pixels=pixels, boxes=item.boxes, flips=item.flips, lent=lent)
+
+
+@dataclasses.dataclass(kw_only=True)
+class _ShardQueue:
+    spans: list[ViewSpan] = dataclasses.field(default_factory=list)
+    views: int = 0  # views queued
+    samples: int = 0  # samples arrived (skipped ones too)
+
+
+def teacher_batches(samples: Iterator[SampleViews], meta: CacheMeta, batch_size: int) -> Iterator[TeacherBatch]:
+    """Teacher batches hold views of one shard only, in (sample, view) order, cut every batch_size views (the last
+    one of a shard when all its samples are in): the batches are a function of the shard alone, so the logits
+    (which can differ in the last bit with batch composition) are the same whatever the worker count, rank count or
+    crash-and-resume history."""
+    queues: dict[int, _ShardQueue] = {}
+    for s in samples:
+        q = queues.setdefault(s.shard, _ShardQueue())
+        q.samples += 1
+        if s.views:
+            q.spans.append(ViewSpan(sample=s, first=0, stop=s.views))
+            q.views += s.views
+        last = q.samples == meta.manifest.shards[s.shard].samples
+        while q.views >= batch_size or (q.views and last):
+            yield TeacherBatch(shard=s.shard, spans=_take(q, batch_size))
+        if last:
+            del queues[s.shard]
+
+
+def _take(q: _ShardQueue, n: int) -> tuple[ViewSpan, ...]:
+    """The first n queued views (or all of them), splitting a sample's span where the batch ends."""
+    out, left = [], n
+    while q.spans and left:
+        sp = q.spans[0]
+        k = min(left, sp.stop - sp.first)
+        out.append(ViewSpan(sample=sp.sample, first=sp.first, stop=sp.first + k))
+        if sp.first + k == sp.stop:
+            q.spans.pop(0)
         else:
-            pixels = renderers.stack([it[3] for it in items], device.type == "cuda").to(device, non_blocking=True)
-            for it in items:  # copied: a sample's ring slot goes back once all its views are
-                if it[6] is not None:
-                    it[6].view_copied()
-        x = normalize(pixels, meta.recipe)
-        labels = torch.tensor([it[4] for it in items], device=device)
-        logits = teacher_forward(model, x, policy)
+            q.spans[0] = ViewSpan(sample=sp.sample, first=sp.first + k, stop=sp.stop)
+        left -= k
+    q.views -= n - left
+    return tuple(out)
+
+
+def teacher_logits(batches: Iterator[TeacherBatch], meta: CacheMeta, model: torch.nn.Module,
+                   device: torch.device) -> Iterator[BatchLogits]:
+    policy = meta.compute or ComputePolicy()  # None: a cache written before the policy was recorded (fp32)
+    for batch in batches:
+        if meta.renderer.name == "device":  # the decoded image once per view, rendered on the device
+            pixels = renderers.render_batch(
+                [sp.sample.pixels for sp in batch.spans for _ in range(sp.first, sp.stop)],
+                np.concatenate([sp.sample.boxes[sp.first:sp.stop] for sp in batch.spans]),
+                np.concatenate([sp.sample.flips[sp.first:sp.stop] for sp in batch.spans]), meta.recipe, device)
+        else:
+            pixels = renderers.stack([sp.sample.pixels[v] for sp in batch.spans for v in range(sp.first, sp.stop)],
+                                     device.type == "cuda").to(device, non_blocking=True)
+            for sp in batch.spans:  # copied: a sample's ring slot goes back once all its views are
+                if sp.sample.lent is not None:
+                    sp.sample.lent.views_copied(sp.stop - sp.first)
+        yield BatchLogits(batch=batch, logits=teacher_forward(model, normalize(pixels, meta.recipe), policy))
+
+
+def encode(logits: Iterator[BatchLogits], storage: Storage) -> Iterator[LogitRows]:
+    for b in logits:
         with host_threads.one_thread():  # small per-batch work: threads cost more than they give (host_threads)
-            stored = encode_entries(logits, labels, storage)
-            target_np, lse_np = stored.pop(TARGET).cpu().numpy(), stored.pop(LSE).cpu().numpy()
-            encoded = {name.split("/", 1)[1]: v.cpu().numpy() for name, v in stored.items()}
-            shards = np.array([it[0] for it in items])
-            pos = np.array([it[1] for it in items])
-            view = np.array([it[2] for it in items])
-            for sh in np.unique(shards):
-                sel = shards == sh
-                buffers[int(sh)].add_logits(pos[sel], view[sel], {k: v[sel] for k, v in encoded.items()},
-                                            target_np[sel], lse_np[sel])
-                buffers[int(sh)].pending_views -= int(sel.sum())
-        views_written += len(items)
+            stored = encode_entries(b.logits, torch.from_numpy(b.batch.labels()), storage)
+            rows = LogitRows(shard=b.batch.shard, pos=b.batch.pos(), view=b.batch.view(),
+                             target=stored.pop(TARGET).cpu().numpy(), lse=stored.pop(LSE).cpu().numpy(),
+                             encoded={name.split("/", 1)[1]: v.cpu().numpy() for name, v in stored.items()})
+        yield rows
 
-    commits: list = []  # futures of the shards whose fsyncs and done record run on the commit thread
 
-    def write_finished() -> None:
-        nonlocal skipped, shards_written
-        for sh in [sh for sh, b in buffers.items() if b.filled == b.expected and b.pending_views == 0]:
-            b = buffers.pop(sh)
-            with host_threads.one_thread():  # zstd and crc32c of the chunks, in this thread
-                commits.append(cache_writer.write_shard(cache, sh, b.block,
-                                                     {"shard": b.entry.name, "samples": b.expected,
-                                                      "skipped": [x.to_dict() for x in b.skipped],
-                                                      "views": meta.views}, lease, commit=committer))
-            skipped += len(b.skipped)
-            shards_written += 1
-        while commits and commits[0].done():
-            commits.pop(0).result()  # raises a failed commit here
-
-    # Teacher batches hold views of one shard only, in (sample, view) order, cut every batch_size views: the
-    # batches are a function of the shard alone, so the logits (which can differ in the last bit with batch
-    # composition) are the same whatever the worker count, rank count or crash-and-resume history.
-    queues: dict[int, list] = {}  # shard -> [(shard, pos, view, image, label, (box, flip), lent slot or None)]
-    # On a terminal a bar; in a log file a line every s.log_every teacher batches (views done/total, views/s,
-    # ETA, the shard of the batch and the shards written so far). The fsyncs and done record of a written shard
-    # wait on the disk on one commit thread, in shard order, while this loop encodes the next shard; every commit
-    # has finished (or raised) when _run returns.
-    # With the teacher on a GPU, this process's host work is small per-batch operations: one host thread for all of
-    # it (host_threads); on the CPU the teacher's forward keeps every thread and only encode and write run on one.
-    with ThreadPoolExecutor(1, thread_name_prefix="dkd-commit") as committer, \
-            (host_threads.one_thread() if device.type != "cpu" else contextlib.nullcontext()), \
-            Progress(total=n_samples * meta.views, label=label, unit="view", enabled=show,
+def run_stages(plan: DumpPlan, writer: CacheWriter, shards: Sequence[int], *, show: bool) -> None:
+    """This rank's shards through the stages into the writer. On a terminal a bar; in a log file a line every
+    log_every teacher batches (views done/total, views/s, ETA, the batch's shard and the shards written so far).
+    With the teacher on a GPU, this process's host work is small per-batch operations: one host thread for all of
+    it (host_threads); on the CPU the teacher's forward keeps every thread and only encode and write run on one."""
+    if not shards:
+        return
+    s, meta = plan.settings, writer.meta
+    urls = match_shards([e.name for e in meta.manifest.shards], plan.urls).found
+    jobs = [RenderJob(shard=i, url=urls[i]) for i in shards]
+    loader, ring = render_loader(jobs, meta, s)
+    storage = Storage(codec=writer.codec, num_classes=meta.num_classes, temperatures=tuple(meta.temperatures))
+    # RenderedSample -> SampleViews -> TeacherBatch -> BatchLogits -> LogitRows
+    rows = encode(teacher_logits(teacher_batches(sample_views(iter(loader), writer, ring), meta, s.batch_size),
+                                 meta, plan.model, plan.device), storage)
+    total = sum(meta.manifest.shards[i].samples for i in shards) * meta.views
+    with (host_threads.one_thread() if plan.device.type != "cpu" else contextlib.nullcontext()), \
+            Progress(total=total, label="dump-teacher" if plan.dist.world == 1 else
+                     f"dump-teacher rank 0/{plan.dist.world} (its shards)", unit="view", enabled=show,
                      line_every=s.log_every) as bar:
-        for item in loader:
-            if isinstance(item, tuple):
-                raise item[1]
-            buf = buffers.get(item.shard)
-            if buf is None:
-                buf = buffers[item.shard] = _ShardBuffer(cache, item.shard, codec_arrays, status)
-            buf.add_sample(item)
-            queue = queues.setdefault(item.shard, [])
-            if item.images is not None:
-                on_device = meta.renderer.name == "device"
-                images, lent = item.images, None
-                if isinstance(images, RingSlot):
-                    images, lent = ring.buffer(images), _LentViews(ring, images, meta.views)
-                for view in range(meta.views):
-                    queue.append((item.shard, item.pos, view, images if on_device else images[view],
-                                  item.label, (item.boxes[view], item.flips[view]), lent))
-                buf.pending_views += meta.views
-                buf.filled += 1
-            while len(queue) >= s.batch_size or (queue and buf.filled == buf.expected):
-                batch, queue[:] = queue[: s.batch_size], queue[s.batch_size :]
-                flush_batch(batch)
-                write_finished()
-                bar.advance(len(batch), info=f"shard {buf.entry.name}, {shards_written}/{len(jobs)} shards written")
-            write_finished()
-        for done in commits:
-            done.result()
-    if buffers:
-        raise ShardError(f"shards {sorted(buffers)} ended before all their samples arrived; rerun to complete them")
-    return views_written, skipped
+        for r in rows:
+            writer.add_logits(r)
+            bar.advance(len(r.pos), info=f"shard {meta.manifest.shards[r.shard].name}, "
+                                         f"{writer.counts.shards}/{len(shards)} shards written")
