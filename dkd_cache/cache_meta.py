@@ -18,7 +18,7 @@ from .data import ShardIndex, keys_digest
 from .errors import CacheMetadataError, CacheMismatchError, ConfigError
 from .logit_codecs import Codec, codec_from_dict
 from .renderers import RendererInfo
-from .teacher import TeacherInfo
+from .teacher import TeacherInfo, same_teacher
 from .teacher_signal import ComputePolicy
 from .views import Recipe
 
@@ -318,7 +318,9 @@ class CacheMeta:
         """What would make `other`'s settings mix into this cache: each difference as 'field: ours != theirs'."""
         out = []
         a, b = self.to_dict(), other.to_dict()
-        for field in ("teacher", "recipe", "seed", "views", "codec", "temperatures", "chunk_rows"):
+        if not same_teacher(other.teacher, self.teacher):  # the same tensors in another file are the same teacher
+            out.append(f"teacher: cache has {a['teacher']}, this run has {b['teacher']}")
+        for field in ("recipe", "seed", "views", "codec", "temperatures", "chunk_rows"):
             if a[field] != b[field]:
                 out.append(f"{field}: cache has {a[field]}, this run has {b[field]}")
         if self.renderer.name != other.renderer.name:

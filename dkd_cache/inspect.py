@@ -32,7 +32,9 @@ def render_text(info: dict[str, Any]) -> str:
     t = info["teacher"]
     lines = [
         f"cache         {info['path']}  (format {info['format_version']}, {info['state']})",
-        f"teacher       {t.get('arch')}  sha256 {str(t.get('sha256'))[:16]}…  {t.get('num_classes')} classes",
+        f"teacher       {t.get('arch')}  file sha256 {str(t.get('sha256'))[:16]}…  tensors "
+        f"{str(t['tensors_sha256'])[:16] + '…' if t.get('tensors_sha256') else 'not recorded'}  "
+        f"{t.get('num_classes')} classes",
         f"codec         {info['codec']}  temperatures {info['temperatures']}",
         f"recipe        {info['recipe']}",
         f"renderer      {info['renderer']['name']}: {info['renderer']['backend']}",

@@ -19,6 +19,11 @@ Loading is strict: missing, unexpected and wrong-shaped keys are all named in on
 ``*.num_batches_tracked`` buffer is tolerated (the model keeps its own 0); BatchNorm reads it only in training with
 ``momentum=None``, never in eval, so the teacher's logits do not depend on it.
 
+Identity: a teacher is recorded (TeacherInfo) by arch, classes, the SHA-256 of its weights file and the digest of
+its tensors (:func:`tensors_digest`), so that the same tensors re-saved in another format or key naming are
+recognised as the same weights (:func:`same_weights`); records written before the tensor digest carry the file's
+SHA-256 only, and are matched by it.
+
 Preprocessing is not part of the weights: mmpretrain's ``data_preprocessor`` mean/std (0-255 scale) equal torchvision's
 ImageNet mean/std (0-1 scale), so the recipe's defaults fit both. torchvision's own googlenet / inception_v3 ImageNet
 weights expect ``transform_input=True``, which :func:`build_model` does not set (``weights=None`` turns it off).
@@ -30,6 +35,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import json
 import os
 import re
 import warnings
@@ -53,6 +59,8 @@ HASH_BLOCK = 1 << 20
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Checkpoint entries that hold the state dict, in order of preference.
 CONTAINER_KEYS = {"model": "dkd-cache", "state_dict": "mmpretrain"}
+# The tensor digest's version: a change of its definition gets a new tag, and so other digests.
+TENSORS_DIGEST = "dkd-cache tensors v1"
 # Where torchvision models keep their classifier, for archs that cannot be built on the meta device (RegNet).
 _CLASSIFIER_GUESSES = ("fc.weight", "classifier.weight", "head.weight", "heads.head.weight")
 
@@ -66,6 +74,7 @@ class TeacherInfo:
     sha256: str  # of the weights file's bytes
     num_classes: int
     source_format: str  # one of SOURCE_FORMATS
+    tensors_sha256: str | None = None  # tensors_digest of the weights; None: recorded before it was (file hash only)
 
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or not self.arch:
@@ -78,19 +87,60 @@ class TeacherInfo:
         if self.source_format not in SOURCE_FORMATS:
             raise ConfigError(f"teacher.source_format must be one of {list(SOURCE_FORMATS)}, "
                               f"got {self.source_format!r}")
+        t = self.tensors_sha256
+        if t is not None and (not isinstance(t, str) or not re.fullmatch(r"[0-9a-f]{64}", t)):
+            raise ConfigError(f"teacher.tensors_sha256 must be 64 lowercase hex digits, got {t!r}")
         object.__setattr__(self, "num_classes", int(self.num_classes))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The record; without tensors_sha256 when it is unknown (an older record stays as it was written)."""
+        d = dataclasses.asdict(self)
+        if d["tensors_sha256"] is None:
+            del d["tensors_sha256"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TeacherInfo":
+        """Exactly the fields; tensors_sha256 may be absent (records written before it was)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = set(d) - known, known - set(d)
+        unknown, missing = set(d) - known, known - set(d) - {"tensors_sha256"}
         if unknown or missing:
             raise ConfigError(f"teacher info: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
                               f"expected exactly {sorted(known)}")
         return cls(**d)
+
+
+def tensors_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The weights' identity by their tensors, whatever file holds them (a pure function of the state dict).
+
+    SHA-256 over the tag TENSORS_DIGEST and a newline, then, for each entry in sorted name order, one JSON line
+    ``{"name": ..., "dtype": ..., "shape": [...]}`` (torch's dtype name without ``torch.``) and the tensor's raw
+    bytes in C order (native byte order: little-endian on every host torch supports). Names are those of the
+    normalised state dict (:func:`normalize_keys`: torchvision naming, wrapper prefixes stripped), so the same
+    tensors saved as a torchvision ``.pth``, a safetensors file, a dkd-cache or an mmpretrain checkpoint give the
+    same digest; another value, dtype, shape or name gives another. ``*.num_batches_tracked`` is left out: the
+    loader tolerates its absence and the logits never read it."""
+    h = hashlib.sha256(TENSORS_DIGEST.encode() + b"\n")
+    for name in sorted(state_dict):
+        if name.endswith(".num_batches_tracked"):
+            continue
+        t = state_dict[name].detach().to("cpu").contiguous()
+        head = {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        h.update(json.dumps(head, sort_keys=True).encode() + b"\n")
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def same_weights(given: TeacherInfo, recorded: TeacherInfo) -> bool:
+    """Whether `given` holds the weights `recorded` names: the same tensors (when both records carry their digest)
+    or the same file (SHA-256 of its bytes: the only identity of records written before tensor digests)."""
+    same_tensors = given.tensors_sha256 is not None and given.tensors_sha256 == recorded.tensors_sha256
+    return same_tensors or given.sha256 == recorded.sha256
+
+
+def same_teacher(given: TeacherInfo, recorded: TeacherInfo) -> bool:
+    """The same arch and classes with the same weights (same_weights); the file format may differ."""
+    return (given.arch, given.num_classes) == (recorded.arch, recorded.num_classes) and same_weights(given, recorded)
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -336,8 +386,10 @@ def load_teacher(arch: str, weights_path: str | os.PathLike, device: str | torch
             raise
         raise CheckpointError(f"{e} The weights look like {guess} (its keys and shapes fit them exactly): pass "
                               f"--arch {guess} (or --teacher-arch {guess})") from e
+    tensors = tensors_digest(sd)
     del sd
     model.eval().requires_grad_(False).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    return model, TeacherInfo(arch=arch, sha256=digest, num_classes=num_classes, source_format=fmt)
+    return model, TeacherInfo(arch=arch, sha256=digest, num_classes=num_classes, source_format=fmt,
+                              tensors_sha256=tensors)

@@ -11,8 +11,10 @@ in the report with its figure and tolerance):
    crash - and holds finite, non-sentinel values on every status-OK row); then what the reader does not look at:
    top-k classes are distinct and in range, and p_t = exp(z_t/T - lse) <= 1 on every status-OK row; the shards
    given are the manifest's (data.match_shards: same names; data.index_differs: same keys by SHA-256 digest; same
-   labels per sample); the teacher weights' SHA-256 is the one recorded at dump time. Library versions that differ
-   from the dump's are warnings: what they change is measured below, as logit error.
+   labels per sample); the teacher weights are the ones recorded at dump time (teacher.same_weights: the same tensors
+   by their digest, teacher.tensors_digest, in whatever file format; for caches that record only the weights file's
+   SHA-256, the same file). Library versions that differ from the dump's are warnings: what they change is measured
+   below, as logit error.
 2. Entries and fidelity. `samples` (view, sample) entries are drawn over the whole cache (systematic sampling over
    the status-OK rows in manifest order, so every shard gets its share; a random view per row; deterministic in
    `seed`). Each is re-rendered from its stored box and flip by the cache's renderer (renderers.render_views), and
@@ -83,7 +85,7 @@ from .data import (IMAGE_EXTS, expand_shards, index_differs, iter_raw_samples, k
                    parse_sample, scan_shard)
 from .errors import BadSampleError, CheckpointError, ConfigError, DKDCacheError, ShardError
 from .logit_codecs import Codec
-from .teacher import load_teacher
+from .teacher import load_teacher, same_weights
 from .verify_fidelity import fidelity_phase
 from .verify_parity import parity_phase, skipped_parity
 from .verify_report import Checks, PhaseResult, build_report, render_report  # noqa: F401  (render_report: the CLI's)
@@ -326,17 +328,24 @@ def _check_shards(cache: cache_mod.Cache, s: VerifySettings, labels: np.ndarray 
 
 def _check_teacher(cache: cache_mod.Cache, s: VerifySettings, device: torch.device,
                    ck: Checks) -> torch.nn.Module | None:
-    """The weights given, loaded as the cache's arch: the ones the cache was dumped with, of its classes."""
-    meta = cache.meta
+    """The weights given, loaded as the cache's arch: the ones the cache was dumped with (teacher.same_weights: the
+    same tensors in any file format, or the same file for caches recording only its hash), of its classes."""
+    recorded = cache.meta.teacher
     try:
-        teacher, tinfo = load_teacher(meta.teacher.arch, s.weights, device=device)
+        teacher, given = load_teacher(recorded.arch, s.weights, device=device)
     except (CheckpointError, ConfigError) as e:
-        ck.check(f"teacher weights load as {meta.teacher.arch}", False, detail=str(e))
+        ck.check(f"teacher weights load as {recorded.arch}", False, detail=str(e))
         return None
-    ck.check("teacher weights SHA-256 = the cache's", tinfo.sha256 == meta.teacher.sha256,
-             tinfo.sha256[:12], meta.teacher.sha256[:12], detail="these are not the weights the cache was dumped with")
-    if not ck.check("teacher classes = the cache's", tinfo.num_classes == meta.num_classes, tinfo.num_classes,
-                    meta.num_classes):
+    by_tensors = recorded.tensors_sha256 is not None
+    ok = same_weights(given, recorded)
+    ck.check("teacher weights SHA-256 = the cache's", ok,
+             (given.tensors_sha256 if by_tensors else given.sha256)[:12],
+             (recorded.tensors_sha256 if by_tensors else recorded.sha256)[:12],
+             detail=("" if given.sha256 == recorded.sha256 else "the same tensors in another file") if ok else
+             "these are not the weights the cache was dumped with (compared by the SHA-256 of their "
+             f"{'tensors' if by_tensors else 'file: the cache records no tensor digest'})")
+    if not ck.check("teacher classes = the cache's", given.num_classes == cache.meta.num_classes, given.num_classes,
+                    cache.meta.num_classes):
         return None
     return teacher
 

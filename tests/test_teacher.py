@@ -24,6 +24,9 @@ from dkd_cache.teacher import (
     num_classes_from_state_dict,
     read_state_dict,
     read_weights,
+    same_teacher,
+    same_weights,
+    tensors_digest,
 )
 
 NUM_CLASSES = 10
@@ -80,6 +83,49 @@ def test_all_formats_give_identical_logits(tmp_path, weights, x):
         assert not model.training
         assert not any(p.requires_grad for p in model.parameters())
         assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_same_tensors_in_every_format_have_one_digest(tmp_path, weights):
+    files = [tmp_path / "tv.pth", tmp_path / "w.safetensors", tmp_path / "ckpt.pt", tmp_path / "mm.pth",
+             tmp_path / "ddp.pth"]
+    torch.save(weights, files[0])
+    safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()}, files[1])
+    save_checkpoint(files[2], model=weights, arch="resnet18")
+    # mmpretrain naming, and without num_batches_tracked (the loader tolerates its absence; logits never read it)
+    torch.save({"meta": {"epoch": 1}, "state_dict": {k: v for k, v in _mmpretrain(weights).items()
+                                                     if not k.endswith("num_batches_tracked")}}, files[3])
+    torch.save({"module." + k: v for k, v in weights.items()}, files[4])
+    infos = [load_teacher("resnet18", f)[1] for f in files]
+    assert len({i.sha256 for i in infos}) == 5  # five different files
+    assert {i.tensors_sha256 for i in infos} == {tensors_digest(weights)}  # one set of tensors
+    assert all(same_weights(i, infos[0]) and same_teacher(i, infos[0]) for i in infos)
+
+
+def test_tensors_digest_tells_other_tensors_apart(weights):
+    base = tensors_digest(weights)
+    assert tensors_digest(dict(reversed(list(weights.items())))) == base  # entry order does not matter
+    moved = dict(weights)
+    moved["fc.bias"] = weights["fc.bias"].clone()
+    moved["fc.bias"][3] = torch.nextafter(moved["fc.bias"][3], torch.tensor(1.0))  # one ulp of one value
+    as_double = {**weights, "fc.bias": weights["fc.bias"].double()}  # same values, another dtype
+    renamed = {("fc2.bias" if k == "fc.bias" else k): v for k, v in weights.items()}
+    reshaped = {**weights, "fc.bias": weights["fc.bias"].reshape(2, -1)}
+    digests = {tensors_digest(d) for d in (moved, as_double, renamed, reshaped)}
+    assert len(digests) == 4 and base not in digests
+
+
+def test_same_weights_falls_back_to_the_file_hash_for_older_records():
+    old = TeacherInfo(arch="resnet18", sha256="ab" * 32, num_classes=10, source_format="torchvision")
+    now_same_file = TeacherInfo(arch="resnet18", sha256="ab" * 32, num_classes=10, source_format="torchvision",
+                                tensors_sha256="cd" * 32)
+    now_other_file = TeacherInfo(arch="resnet18", sha256="ef" * 32, num_classes=10, source_format="safetensors",
+                                 tensors_sha256="cd" * 32)
+    assert same_weights(now_same_file, old) and not same_weights(now_other_file, old)  # old: the file only
+    assert same_weights(now_other_file, now_same_file)  # both carry tensor digests: the tensors decide
+    other_tensors = TeacherInfo(arch="resnet18", sha256="ef" * 32, num_classes=10, source_format="torchvision",
+                                tensors_sha256="00" * 32)
+    assert not same_weights(other_tensors, now_same_file)
+    assert not same_teacher(TeacherInfo(**{**now_same_file.to_dict(), "arch": "resnet34"}), now_same_file)
 
 
 def test_format_is_sniffed_not_taken_from_suffix(tmp_path, weights):
@@ -260,6 +306,11 @@ def test_unknown_arch(tmp_path, weights):
 def test_teacher_info_round_trip():
     info = TeacherInfo(arch="resnet34", sha256="ab" * 32, num_classes=1000, source_format="mmpretrain")
     assert TeacherInfo.from_dict(info.to_dict()) == info
+    assert "tensors_sha256" not in info.to_dict()  # an older record is written back as it was
+    with_tensors = TeacherInfo(**info.to_dict(), tensors_sha256="cd" * 32)
+    assert TeacherInfo.from_dict(with_tensors.to_dict()) == with_tensors
+    with pytest.raises(ConfigError, match="tensors_sha256"):
+        TeacherInfo(**info.to_dict(), tensors_sha256="CD" * 32)
     with pytest.raises(ConfigError):
         TeacherInfo.from_dict({**info.to_dict(), "extra": 1})
     with pytest.raises(ConfigError):
@@ -290,3 +341,21 @@ def test_numpy1_pickle_names_are_read(tmp_path, weights):
     assert b"numpy._core.multiarray" in data
     path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
     assert read_checkpoint(path)["meta"]["best"] == 0.5
+
+
+def test_a_cache_is_resumed_with_the_same_tensors_and_refused_with_others(cache_path):
+    """CacheMeta.differences (dump's create-or-compare) compares teachers with same_teacher: a cache recording only
+    the file hash (written before tensor digests) is resumed by the same file; the same tensors re-saved are the
+    same teacher; other tensors are a difference."""
+    import dataclasses
+
+    from dkd_cache.cache import open_cache
+
+    meta = open_cache(cache_path).meta
+    t = meta.teacher
+    assert t.tensors_sha256 is not None
+    older = dataclasses.replace(meta, teacher=dataclasses.replace(t, tensors_sha256=None))
+    resaved = dataclasses.replace(meta, teacher=dataclasses.replace(t, sha256="ab" * 32, source_format="torchvision"))
+    other = dataclasses.replace(meta, teacher=dataclasses.replace(t, sha256="ab" * 32, tensors_sha256="cd" * 32))
+    assert older.differences(meta) == [] and meta.differences(resaved) == []
+    assert [d.split(":")[0] for d in meta.differences(other)] == ["teacher"]

@@ -215,3 +215,43 @@ def test_verify_fails_on_repeated_topk_classes(cache_path, shards, teacher_ckpt,
     failed = _failed(_verify_cli(bad, _train_dir(shards), teacher_ckpt, "--json", str(out)), out)
     assert "top-k classes in range and distinct" in failed
     assert "every chunk reads back (checksums)" not in failed
+
+
+def _weights_check(report: dict) -> dict:
+    return next(c for c in report["checks"] if c["name"] == "teacher weights SHA-256 = the cache's")
+
+
+def test_verify_knows_the_teachers_weights_by_their_tensors(cache_path, shards, teacher_ckpt, tmp_path):
+    from dkd_cache.teacher import read_state_dict
+
+    resaved = tmp_path / "teacher.pth"  # the same tensors as a plain torchvision state dict: another file
+    torch.save(read_state_dict(teacher_ckpt), resaved)
+    assert resaved.read_bytes() != teacher_ckpt.read_bytes()
+    s = VerifySettings(cache=str(cache_path), shards=_train_dir(shards), weights=str(resaved), samples=4)
+    report = verify(s)
+    assert report["passed"], report["failures"]
+    assert _weights_check(report)["ok"] and "same tensors in another file" in _weights_check(report)["detail"]
+    other = tmp_path / "other.pth"  # other tensors fail, whatever their format
+    moved = read_state_dict(teacher_ckpt)
+    moved["fc.bias"] = moved["fc.bias"] + 1e-3
+    torch.save(moved, other)
+    report = verify(dataclasses.replace(s, weights=str(other)))
+    assert not _weights_check(report)["ok"] and not report["passed"]
+
+
+def test_verify_of_a_cache_recording_only_the_weights_file_hash(cache_path, shards, teacher_ckpt, tmp_path):
+    """Caches written before tensor digests record the file's SHA-256 only: they open, and match by it."""
+    from dkd_cache.teacher import read_state_dict
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(cache_path, old)
+    group = zarr.open_group(str(old), mode="r+")
+    meta = dict(group.attrs["dkd_cache"])
+    meta["teacher"] = {k: v for k, v in meta["teacher"].items() if k != "tensors_sha256"}
+    group.attrs["dkd_cache"] = meta
+    s = VerifySettings(cache=str(old), shards=_train_dir(shards), weights=str(teacher_ckpt), samples=4)
+    assert verify(s)["passed"]
+    resaved = tmp_path / "teacher.pth"
+    torch.save(read_state_dict(teacher_ckpt), resaved)
+    check = _weights_check(verify(dataclasses.replace(s, weights=str(resaved))))
+    assert not check["ok"] and "records no tensor digest" in check["detail"]
