@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 
 _CONVERT_HINT = (
     "If you trust the file's source, convert it once, in a trusted environment: "
@@ -127,13 +127,22 @@ def save_checkpoint(path: str | os.PathLike, **entries: Any) -> None:
     Entries must be readable back with weights_only=True (tensors, dicts, lists, tuples, str, numbers, None,
     torch dtypes/devices); anything else raises TypeError and leaves no file."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as e:
+        raise CheckpointWriteError(p, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(entries, f)
-            f.flush()
-            os.fsync(f.fileno())
+            out = _WriteErrors(f)
+            try:
+                torch.save(entries, out)
+                f.flush()
+                os.fsync(f.fileno())
+            except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError; out kept the cause
+                if out.error is None and not isinstance(e, OSError):
+                    raise
+                raise CheckpointWriteError(p, out.error or e) from e
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
         if unsafe:
             raise TypeError(f"{p}: checkpoint entries hold objects that weights_only loading refuses: {unsafe}; "
@@ -155,6 +164,24 @@ def save_checkpoint(path: str | os.PathLike, **entries: Any) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+class _WriteErrors:
+    """A file for torch.save that keeps the OSError of a failed write (a full disk): torch's zip writer replaces it
+    with a RuntimeError that does not say what happened."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def read_run_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

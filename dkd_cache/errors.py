@@ -1,5 +1,7 @@
 """Typed errors. Each subclasses the project base and the matching built-in, so callers may catch either."""
 
+from pathlib import Path
+
 
 class DKDCacheError(Exception):
     """Base of every error this package raises on purpose."""
@@ -20,19 +22,38 @@ class ShardNotFoundError(DKDCacheError, FileNotFoundError):
 class BadSampleError(ShardError):
     """One sample is unusable: undecodable image, missing or bad label, duplicate key."""
 
-    def __init__(self, shard: str, key: str, reason: str):
-        self.shard, self.key, self.reason = shard, key, reason
-        super().__init__(
-            f"{shard}: sample {key!r}: {reason}. Fix or remove the sample, or rerun with --skip-bad "
-            "to skip it (every skipped sample is recorded in the cache)."
-        )
+    def __init__(self, shard: str, key: str, reason: str, advice: str | None = None):
+        self.shard, self.key, self.reason, self.advice = shard, key, reason, advice
+        super().__init__(f"{shard}: sample {key!r}: {reason}. " + (advice or (
+            "Fix or remove the sample, or rerun with --skip-bad to skip it (every skipped sample is recorded in "
+            "the cache).")))
 
     def __reduce__(self):  # pickles by its parts, so a DataLoader worker can hand it to the main process whole
-        return (type(self), (self.shard, self.key, self.reason))
+        return (type(self), (self.shard, self.key, self.reason, self.advice))
 
 
 class CheckpointError(DKDCacheError, ValueError):
     """Weights cannot be loaded: unsafe pickle, wrong keys or shapes, truncated file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a read-only folder); whatever stood at its path before is
+    untouched: the new file is written beside it and renamed over it only once whole."""
+
+    def __init__(self, path, cause: BaseException, advice: str = ""):
+        self.path, self.cause, self.advice = Path(path), cause, advice
+        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        before = ("the previous checkpoint there is intact" if self.path.exists()
+                  else "no earlier checkpoint was there")
+        super().__init__(f"{self.path}: the checkpoint could not be written ({why}); {before}, the partial file "
+                         f"was removed. Free disk space (or make the folder writable){advice}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.cause, self.advice))
+
+
+class ResumeMismatchError(ConfigError):
+    """--resume was given other data (shards, cache or teacher) than the run's checkpoint was trained on."""
 
 
 class CacheError(DKDCacheError, ValueError):

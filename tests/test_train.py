@@ -108,7 +108,7 @@ def test_a_resumed_run_keeps_the_transfer_block_of_its_checkpoint():
 
 def test_cache_mode_never_builds_the_teacher(shards, cache_path, tmp_path, monkeypatch):
     import dkd_cache.teacher as teacher_mod
-    import dkd_cache.train as train_mod
+    import dkd_cache.train_setup as setup_mod
 
     built = []
     real_build = teacher_mod.build_model
@@ -120,8 +120,8 @@ def test_cache_mode_never_builds_the_teacher(shards, cache_path, tmp_path, monke
     def no_teacher(*a, **k):
         raise AssertionError("the teacher was loaded in cache mode")
 
-    monkeypatch.setattr(train_mod, "build_model", spy)
-    monkeypatch.setattr(train_mod, "load_teacher", no_teacher)
+    monkeypatch.setattr(setup_mod, "build_model", spy)
+    monkeypatch.setattr(setup_mod, "load_teacher", no_teacher)
     monkeypatch.setattr(teacher_mod, "load_teacher", no_teacher)
     r = train_student(cfg(shards, tmp_path / "run", cache=str(cache_path), epochs=1), progress=False)
     assert built == ["resnet18"]  # the student only

@@ -1,0 +1,210 @@
+"""train-student's set-up, before the first step: the process group, the data (from the cache when there is one,
+so nothing is typed twice, checked against the shards), the student, the teacher's signal, the optimizer and the
+data fingerprint a checkpoint records. Every input is checked here: a typo must not cost an epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import cache as cache_mod
+from . import cache_meta
+from . import dist as dist_mod
+from . import renderers, tb_log
+from .data import expand_shards, index_differs, match_shards, scan_shards, shard_name
+from .data_fingerprint import DataFingerprint, ShardPrint, cache_identity, of_shards, teacher_identity
+from .errors import BadSampleError, CacheMismatchError, ConfigError
+from .teacher import build_model, load_teacher
+from .teacher_signal import Storage, resolve_policy
+from .train_config import TrainConfig, lr_at, student_size
+from .views import Recipe
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainData:
+    """What the run trains on: the shards in the run's order and what each epoch's stream needs to read them."""
+
+    urls: tuple[str, ...]
+    sizes: tuple[int, ...]  # usable samples per shard, in url order (the epoch plan's input)
+    shards: tuple[ShardPrint, ...]  # the shards by content, for the data fingerprint
+    recipe: Recipe
+    num_classes: int
+    views: int | None  # views per sample in the cache (None: no cache, views drawn from (seed, epoch, key))
+    entry_arrays: tuple[str, ...]  # the cache arrays each sample's entries carry
+    renderer: str
+    cache: cache_mod.Cache | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSetup:
+    """Everything the loop uses that does not change from step to step."""
+
+    dinfo: dist_mod.DistInfo
+    device: torch.device
+    local_batch: int  # the rank's share of the global batch
+    data: TrainData
+    model: torch.nn.Module  # the student (its state is what checkpoints hold)
+    ddp_model: torch.nn.Module  # the student wrapped for DDP under torchrun (the model itself otherwise)
+    optimizer: torch.optim.Optimizer
+    teacher: torch.nn.Module | None  # live mode only
+    teacher_policy: Any  # how the live teacher computes (teacher_signal.resolve_policy); None otherwise
+    storage: Storage | None  # the teacher signal's storage: the cache's, or exact (live); None for CE
+    fingerprint: DataFingerprint
+
+
+def resolve(cfg: TrainConfig) -> TrainSetup:
+    dinfo = dist_mod.init(cfg.device)
+    device = torch.device(f"cuda:{dinfo.local_rank}" if cfg.device == "cuda" else cfg.device)
+    if cfg.batch_size % dinfo.world:
+        raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {dinfo.world} ranks")
+    check_inputs(cfg)
+    data = resolve_data(cfg, dinfo)
+    renderers.check_recipe(data.renderer, data.recipe)
+    check_live_teacher_size(cfg, data.recipe)
+
+    torch.manual_seed(cfg.seed)  # the student's initial weights: same seed, same start, on every rank
+    model = build_model(cfg.arch, data.num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    teacher, teacher_info = None, None  # the teacher exists only in live mode
+    if cfg.loss == "dkd" and cfg.live_teacher:
+        teacher, teacher_info = load_teacher(cfg.teacher_arch, cfg.live_teacher, device=device)
+        if teacher_info.num_classes != data.num_classes:
+            raise ConfigError(f"live teacher has {teacher_info.num_classes} classes, the data {data.num_classes}")
+        if data.cache is not None and teacher_info.sha256 != data.cache.meta.teacher.sha256 and dinfo.is_main:
+            warnings.warn("the live teacher's weights differ from the cache's teacher", stacklevel=2)
+    # the teacher's signal: the cache's storage, or (live) exact storage of the teacher computed per batch
+    storage = policy = None
+    if teacher is not None:
+        storage = Storage.exact(data.num_classes, (cfg.temperature,))
+        policy = resolve_policy(device, cfg.amp)
+    elif cfg.loss == "dkd":
+        storage = Storage.of_cache(data.cache)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    if teacher_info is None and data.cache is not None:
+        teacher_info = data.cache.meta.teacher
+    fingerprint = DataFingerprint(shards=data.shards,
+                                  cache=None if data.cache is None else cache_identity(data.cache.meta),
+                                  teacher=None if teacher_info is None else teacher_identity(teacher_info))
+    return TrainSetup(dinfo=dinfo, device=device, local_batch=cfg.batch_size // dinfo.world, data=data, model=model,
+                      ddp_model=DistributedDataParallel(model) if dinfo.world > 1 else model, optimizer=optimizer,
+                      teacher=teacher, teacher_policy=policy, storage=storage, fingerprint=fingerprint)
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """What can be checked from the config alone, before any shard or cache is read."""
+    if cfg.tensorboard:
+        tb_log.require_tensorboard()
+    if cfg.val_shards:
+        expand_shards(cfg.val_shards, allow_pipe=cfg.allow_pipe)
+    out = Path(cfg.out)
+    if cfg.cache and Path(cfg.cache).resolve() in (out.resolve(), *out.resolve().parents):
+        raise ConfigError(f"--out {out} lies inside the cache {cfg.cache}; choose another run directory")
+
+
+def check_live_teacher_size(cfg: TrainConfig, recipe: Recipe) -> None:
+    """The live teacher sees the batch the student sees; at another size its logits would not be the teacher's
+    signal for the recorded views (the cache's logits always are: rendered at the recipe's size)."""
+    if not (cfg.loss == "dkd" and cfg.live_teacher):
+        return
+    sizes_used = {student_size(cfg, recipe, e) for e in range(cfg.epochs)}
+    if sizes_used != {recipe.image_size}:
+        raise ConfigError(f"--live-teacher renders one batch for teacher and student, so the student's image "
+                          f"size must be the recipe's ({recipe.image_size} px), got {sorted(sizes_used)}: "
+                          f"drop --image-size/--image-size-schedule, or train from the cache (--cache) instead")
+
+
+def resolve_data(cfg: TrainConfig, dinfo: dist_mod.DistInfo) -> TrainData:
+    urls = tuple(expand_shards(cfg.shards, allow_pipe=cfg.allow_pipe))
+    if cfg.cache:
+        return _cache_data(cfg, urls, dinfo)
+    return _shard_data(cfg, urls)
+
+
+def _cache_data(cfg: TrainConfig, urls: tuple[str, ...], dinfo: dist_mod.DistInfo) -> TrainData:
+    cache = cache_mod.open_cache(cfg.cache)
+    meta = cache.meta
+    sizes = check_cache_matches(cache, urls, dinfo)
+    if cfg.num_classes is not None and cfg.num_classes != meta.num_classes:
+        raise ConfigError(f"num_classes {cfg.num_classes} contradicts the cache's {meta.num_classes}")
+    if cfg.recipe is not None and Recipe.from_dict(cfg.recipe) != meta.recipe:
+        raise ConfigError("the config's [recipe] contradicts the cache's recipe; the cache's recipe is used "
+                          "for training: remove [recipe] or re-dump with it")
+    cached_dkd = cfg.loss == "dkd" and not cfg.live_teacher
+    # a learned codec comes with its basis, checked against the recorded hash (cache.codec)
+    if cached_dkd and not cache.codec.decodes_full and cfg.temperature not in meta.temperatures:
+        raise ConfigError(f"temperature {cfg.temperature} was not dumped (cache has {list(meta.temperatures)}); "
+                          "the top-k codec needs the exact log-partition at that temperature")
+    if cfg.epochs > meta.views and dinfo.is_main:
+        warnings.warn(f"{cfg.epochs} epochs over {meta.views} cached views: view e mod {meta.views} is reused, "
+                      "so views repeat", stacklevel=3)
+    entry_arrays = ("views/box", "views/flip")
+    if cached_dkd:
+        entry_arrays += ("logits/target", "logits/lse", *(f"logits/{n}" for n in cache.codec_arrays))
+    by_name = {s.name: s for s in meta.manifest.shards}  # the shards as dumped: check_cache_matches scanned them
+    shards = tuple(ShardPrint(name=by_name[n].name, samples=by_name[n].samples, keys_sha256=by_name[n].keys_sha256)
+                   for n in map(shard_name, urls))
+    return TrainData(urls=urls, sizes=tuple(sizes), shards=shards, recipe=meta.recipe, num_classes=meta.num_classes,
+                     views=meta.views, entry_arrays=entry_arrays,
+                     renderer=renderers.choose_renderer(meta.renderer, cfg.renderer, cfg.allow_other_renderer),
+                     cache=cache)
+
+
+def _shard_data(cfg: TrainConfig, urls: tuple[str, ...]) -> TrainData:
+    if cfg.num_classes is None:
+        raise ConfigError("without a cache, give num_classes (in the config or --num-classes)")
+    indexes = scan_shards(urls, skip_bad=True)  # labels read as they are, checked against num_classes here
+    n = cfg.num_classes
+    for ix in indexes:
+        for pos, reason in ix.bad:
+            raise BadSampleError(ix.name, ix.keys[pos], reason, advice=NO_SKIP_BAD)
+        for key, label in zip(ix.keys, ix.labels):
+            if label >= n:
+                raise BadSampleError(ix.name, key, f"label {label} is outside the {n} classes of --num-classes "
+                                     f"(0..{n - 1})", advice="Give the --num-classes that covers every label, or "
+                                     "fix or remove the sample. " + NO_SKIP_BAD)
+    return TrainData(urls=urls, sizes=tuple(len(ix.keys) for ix in indexes), shards=of_shards(indexes),
+                     recipe=Recipe.from_dict(cfg.recipe or {}), num_classes=cfg.num_classes, views=None,
+                     entry_arrays=(), renderer=cfg.renderer or "cpu", cache=None)
+
+
+# train-student reads every sample it is given: a sample to leave out is left out once, by the dump, and recorded.
+NO_SKIP_BAD = ("Without a cache every sample is trained on; to leave bad samples out, dump a cache with "
+               "dump-teacher --skip-bad (each skipped sample is recorded there) and train from it with --cache")
+
+
+def check_cache_matches(cache: cache_mod.Cache, urls: tuple[str, ...], dinfo: dist_mod.DistInfo) -> list[int]:
+    """Shards and cache belong together: same names, same keys (by digest). Returns per-shard usable sizes, in url
+    order."""
+    cache_mod.require_sound(cache)  # the fast pre-flight: records, layout, chunk files (no logit is read)
+    m = cache.meta.manifest
+    match = match_shards([s.name for s in m.shards], urls)
+    if match.extra:
+        raise CacheMismatchError(f"{len(match.extra)} shard(s) are not in the cache's manifest, first "
+                                 f"{list(match.extra[:3])}; the cache was dumped from other shards")
+    entry_of = {url: m.shards[i] for i, url in match.found.items()}
+    status = cache.read_rows("samples/status", 0, m.rows)
+
+    def check_shards() -> None:
+        # Bad samples are found, not raised: the ones the dump skipped (recorded in the cache) are left out of
+        # training by the loader; any other is a shard that changed since the dump.
+        for ix in scan_shards(urls, skip_bad=True):
+            entry = entry_of[ix.url]
+            differs = index_differs(ix, entry.samples, entry.keys_sha256)
+            if differs:
+                raise CacheMismatchError(differs)
+            for pos, reason in ix.bad:
+                if status[entry.row_start + pos] != cache_meta.STATUS_SKIPPED:
+                    raise CacheMismatchError(
+                        f"{ix.name}: sample {ix.keys[pos]!r} is unusable ({reason}) but the cache holds it as "
+                        "dumped; the shard changed since the dump: train with the shards the cache was dumped from")
+
+    dist_mod.on_rank0(dinfo, check_shards)
+    return [int((status[entry_of[u].row_start:entry_of[u].row_stop] == cache_meta.STATUS_OK).sum()) for u in urls]
