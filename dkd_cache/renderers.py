@@ -10,7 +10,13 @@ recorded in the cache, because two renderers give slightly different pixels for 
             spread over its footprint, an area filter when shrinking; one sample, plain bilinear, when enlarging),
             rounded to uint8. Bilinear only.
 
-A view's pixels depend only on (image bytes, box, flip, recipe, renderer). The device renderer pads each image of a
+The resize kernel is part of the record (RendererInfo.cpu_capability, .resize): torch's native uint8 kernels run
+bilinear only on hosts with AVX2 (or AVX512) or on ARM; elsewhere torchvision resizes bilinear views through float32
+(uint8 -> float32, interpolate, round), which gives slightly other pixels. `resize_kernels` names the kernel each
+interpolation runs with on this host; a cache names the one that produced it, inspect and verify show it, and verify
+warns when the host it runs on would resize otherwise. Caches written before it was recorded say "not recorded".
+
+A view's pixels depend only on (image bytes, box, flip, recipe, renderer, resize kernel). The device renderer pads each image of a
 batch with one replicated row and column and zeros beyond: its samples reach at most one pixel past the box, so
 they never read a neighbour's pixels or the zero padding, and the batch's composition cannot move a pixel.
 
@@ -23,6 +29,7 @@ Stream shapes (device renderer):
 from __future__ import annotations
 
 import dataclasses
+import platform
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,25 +51,66 @@ BACKENDS = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RendererInfo:
-    """The renderer a cache was dumped with: name, what it runs, and the library versions it ran with."""
+    """The renderer a cache was dumped with: name, what it runs, the library versions it ran with, and the resize
+    kernel that produced its pixels (the host's CPU capability and resize_kernels; None / empty: not recorded)."""
 
     name: str
     backend: str
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    cpu_capability: str | None = None  # torch.backends.cpu.get_cpu_capability() of the host that rendered
+    resize: dict[str, str] = dataclasses.field(default_factory=dict)  # interpolation -> kernel (resize_kernels)
+
+    def kernel(self, interpolation: str) -> str:
+        """The resize kernel that rendered this interpolation's views, with the host's CPU capability."""
+        if interpolation not in self.resize:
+            return "not recorded (written before resize kernels were)"
+        return f"{self.resize[interpolation]}; CPU capability {self.cpu_capability}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "backend": self.backend, "versions": dict(self.versions)}
+        d: dict[str, Any] = {"name": self.name, "backend": self.backend, "versions": dict(self.versions)}
+        if self.cpu_capability is not None:  # an older record is written back as it was
+            d.update(cpu_capability=self.cpu_capability, resize=dict(self.resize))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "RendererInfo":
-        """A cache's record; None (a cache written before renderers were recorded) is the cpu renderer."""
+        """A cache's record; None (a cache written before renderers were recorded) is the cpu renderer. The resize
+        kernel may be absent (caches written before it was recorded)."""
         if d is None:
             return cls(name="cpu", backend=BACKENDS["cpu"] + " (not recorded: written before renderers were)")
-        unknown = sorted(set(d) - {"name", "backend", "versions"})
+        unknown = sorted(set(d) - {"name", "backend", "versions", "cpu_capability", "resize"})
         if unknown:
             raise ConfigError(f"renderer record has unknown keys {unknown}")
         parse_renderer(d.get("name"))
-        return cls(name=d["name"], backend=str(d.get("backend", "")), versions=dict(d.get("versions", {})))
+        cap, resize = d.get("cpu_capability"), d.get("resize", {})
+        if cap is not None and not isinstance(cap, str):
+            raise ConfigError(f"renderer cpu_capability must be a string, got {cap!r}")
+        if not isinstance(resize, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in resize.items()):
+            raise ConfigError(f"renderer resize must be a table of interpolation -> kernel, got {resize!r}")
+        return cls(name=d["name"], backend=str(d.get("backend", "")), versions=dict(d.get("versions", {})),
+                   cpu_capability=cap, resize=dict(resize))
+
+
+UINT8_KERNEL = "uint8: torch's native uint8 kernel"
+FLOAT_KERNEL = "float32: uint8 -> float32, interpolate, round to uint8"
+
+
+def native_uint8_bilinear(capability: str, machine: str) -> bool:
+    """Whether torch's uint8 bilinear kernel serves views on a host (torchvision's own rule, which views follows:
+    x86 with AVX2 or AVX512, or ARM); elsewhere torchvision resizes bilinear through float32."""
+    return capability in ("AVX2", "AVX512") or machine in ("aarch64", "arm64")
+
+
+def resize_kernels(name: str, capability: str | None = None, machine: str | None = None) -> dict[str, str]:
+    """The resize kernel of each interpolation for renderer `name` on a host (default: this one)."""
+    parse_renderer(name)
+    if name == "device":
+        return {"bilinear": "float32: torchvision.ops.roi_align on the compute device, rounded to uint8"}
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    machine = platform.machine() if machine is None else machine
+    return {"bilinear": UINT8_KERNEL if native_uint8_bilinear(capability, machine) else FLOAT_KERNEL,
+            "bicubic": UINT8_KERNEL,  # torchvision keeps uint8 for bicubic on every CPU
+            "nearest": "uint8: nearest neighbour (copies pixels)"}
 
 
 def parse_renderer(name: Any) -> str:
@@ -76,7 +124,8 @@ def renderer_info(name: str) -> RendererInfo:
 
     parse_renderer(name)
     return RendererInfo(name=name, backend=BACKENDS[name],
-                        versions={"torch": torch.__version__, "torchvision": torchvision.__version__})
+                        versions={"torch": torch.__version__, "torchvision": torchvision.__version__},
+                        cpu_capability=torch.backends.cpu.get_cpu_capability(), resize=resize_kernels(name))
 
 
 def check_recipe(name: str, recipe: Recipe) -> None:

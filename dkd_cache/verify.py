@@ -25,6 +25,8 @@ in the report with its figure and tolerance):
    the live one, tie-tolerant: a stored set passes if no class outside it has a live logit more than logit_tol above
    the smallest live logit inside it. The stored box is also re-drawn from (seed, view, key) with the recipe
    (views.draw_view); a different box is a failure under the dump's numpy version, a warning under another one.
+   A resize kernel on this host other than the one the cache records (renderers.resize_kernels: uint8 or float32
+   bilinear) is a warning: what it changes is measured, as logit error.
    Loss fidelity. Student logits for the same inputs (the given student checkpoint, else a ResNet-18 initialised
    with torch.manual_seed(seed), in eval mode). At every cached temperature, DKD (alpha, beta) is computed three ways:
    from the stored entries exactly as training does (teacher_signal.dkd_from_entries; both residual rules for
@@ -187,7 +189,8 @@ def _head(cache: cache_mod.Cache, codec: Codec, s: VerifySettings) -> dict[str, 
     return {"cache": {"path": str(s.cache), "state": meta.state.value, "codec": codec.name, "classes": meta.num_classes,
                       "views": meta.views, "temperatures": list(meta.temperatures), "shards": len(m.shards),
                       "samples": m.samples, "teacher": meta.teacher.to_dict(), "recipe": meta.recipe.to_dict(),
-                      "renderer": meta.renderer.to_dict()},
+                      "renderer": meta.renderer.to_dict(),
+                      "resize_kernel": meta.renderer.kernel(meta.recipe.interpolation)},
             "settings": dataclasses.asdict(s)}
 
 
@@ -407,6 +410,12 @@ def entries_phase(cache: cache_mod.Cache, codec: Codec, integrity: Integrity, s:
         ck.check("stored views = re-drawn from (seed, view, key) and the recipe", box_mismatch == 0,
                  f"{box_mismatch}/{n}", 0, detail="the recipe metadata does not describe these views"
                  if box_mismatch else "")
+    recorded = meta.renderer.resize.get(meta.recipe.interpolation)
+    here = renderers.resize_kernels(meta.renderer.name).get(meta.recipe.interpolation)
+    if recorded is not None and recorded != here:
+        ck.warn(f"the cache's views were resized with {recorded} (CPU capability {meta.renderer.cpu_capability}); "
+                f"this host resizes them with {here}: the re-rendered pixels may differ (their effect is the logit "
+                "error measured)")
     images = _render(n, sources, meta.renderer.name, meta.recipe)
     labels = torch.as_tensor(per["label"][rows].astype(np.int64)) if per else torch.zeros(0, dtype=torch.int64)
     return Entries(phase=ck.done("entries", figures, {"entries": time.perf_counter() - t0}), names=names,

@@ -133,7 +133,7 @@ def render_report(report: dict[str, Any]) -> str:
              f"  codec {c.get('codec')}, {c.get('classes')} classes, {c.get('views')} views, T {c.get('temperatures')}, "
              f"{c.get('samples')} samples in {c.get('shards')} shards; teacher {c.get('teacher', {}).get('arch')}"]
     if r:
-        lines.append(f"  renderer {r.get('name')}: {r.get('backend')}")
+        lines.append(f"  renderer {r.get('name')}, resize {c.get('resize_kernel')}")
     ent = report.get("entries")
     if ent:
         lines.append(f"  entries: {ent['compared']} compared of {ent['drawn']} drawn ({ent['requested']} requested), "

@@ -273,3 +273,75 @@ def test_cli_names_the_renderer_and_refuses_another_without_the_flag(shards, cac
     assert r.exit_code == 0, r.output
     rec = json.loads(r.output.strip().splitlines()[-1])
     assert rec["renderer"] == "device" and rec["image_size"] == 24 and rec["epochs"] == 2
+
+
+def test_the_resize_kernel_is_recorded_and_shown(cache_path, shards, teacher_ckpt, tmp_path):
+    from dkd_cache.inspect import describe, render_text
+    from dkd_cache.verify_report import render_report
+
+    r = cache_mod.open_cache(cache_path).meta.renderer
+    assert r.cpu_capability == torch.backends.cpu.get_cpu_capability()
+    assert r.resize == renderers.resize_kernels("cpu") and r.resize["bilinear"] in (renderers.UINT8_KERNEL,
+                                                                                   renderers.FLOAT_KERNEL)
+    assert f"CPU capability {r.cpu_capability}" in r.kernel("bilinear")
+    assert f"resize        {r.kernel('bilinear')}" in render_text(describe(cache_path))
+    s = VerifySettings(cache=str(cache_path), shards=str(Path(shards["train"][0]).parent), weights=str(teacher_ckpt),
+                       samples=2)
+    report = verify(s)
+    assert report["cache"]["resize_kernel"] == r.kernel("bilinear") and r.kernel("bilinear") in render_report(report)
+    assert not any("resized with" in w for w in report["warnings"])  # dumped on this host: the same kernel
+    # a cache whose views a host without AVX2 resized (float32 bilinear): verify says this host resizes otherwise
+    other = tmp_path / "float.zarr"
+    import shutil
+
+    shutil.copytree(cache_path, other)
+    group = zarr.open_group(str(other), mode="r+")
+    attrs = dict(group.attrs["dkd_cache"])
+    kernels = renderers.resize_kernels("cpu", "DEFAULT", "x86_64")
+    attrs["renderer"] = {**attrs["renderer"], "cpu_capability": "DEFAULT", "resize": kernels}
+    group.attrs["dkd_cache"] = attrs
+    report = verify(dataclasses.replace(s, cache=str(other)))
+    if kernels["bilinear"] != r.resize["bilinear"]:
+        assert any("resized with float32" in w and "CPU capability DEFAULT" in w for w in report["warnings"])
+    assert "CPU capability DEFAULT" in report["cache"]["resize_kernel"]
+
+
+def test_resize_kernels_follow_the_path_torchvision_takes(shards, monkeypatch):
+    """What the record says is what runs: with the CPU capability torch reports, torchvision's uint8 bilinear resize
+    gives the native uint8 kernel's pixels or the float32 path's, as resize_kernels names."""
+    import platform
+
+    from torchvision.transforms.v2 import functional as F
+
+    from dkd_cache.views import decode
+
+    assert renderers.resize_kernels("cpu", "DEFAULT", "x86_64")["bilinear"] == renderers.FLOAT_KERNEL
+    assert renderers.resize_kernels("cpu", "AVX2", "x86_64")["bilinear"] == renderers.UINT8_KERNEL
+    assert renderers.resize_kernels("cpu", "AVX512", "x86_64")["bilinear"] == renderers.UINT8_KERNEL
+    assert renderers.resize_kernels("cpu", "DEFAULT", "aarch64")["bilinear"] == renderers.UINT8_KERNEL
+    assert "roi_align" in renderers.resize_kernels("device")["bilinear"]
+    data, boxes, _, _ = _views(shards, n=4)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    differed = False
+    for d, (top, left, h, w) in zip(data, boxes):
+        crop = decode(d)[:, top:top + h, left:left + w].unsqueeze(0)
+        native = torch.nn.functional.interpolate(crop, size=[32, 32], mode="bilinear", antialias=True)[0]
+        via_float = torch.nn.functional.interpolate(crop.float(), size=[32, 32], mode="bilinear",
+                                                    antialias=True).round_().to(torch.uint8)[0]
+        differed |= not torch.equal(native, via_float)
+        for cap in ("DEFAULT", "AVX2"):
+            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda cap=cap: cap)
+            got = F.resized_crop(decode(d), int(top), int(left), int(h), int(w), [32, 32], antialias=True)
+            kernel = renderers.resize_kernels("cpu", cap, "x86_64")["bilinear"]
+            assert torch.equal(got, via_float if kernel == renderers.FLOAT_KERNEL else native), (cap, kernel)
+    assert differed  # the two kernels give other pixels: why the record matters
+
+
+def test_a_renderer_record_without_the_resize_kernel_opens(cache_path):
+    old = {"name": "cpu", "backend": renderers.BACKENDS["cpu"], "versions": {"torch": "2.3.0"}}
+    info = renderers.RendererInfo.from_dict(old)
+    assert info.cpu_capability is None and info.resize == {} and "not recorded" in info.kernel("bilinear")
+    assert info.to_dict() == old  # written back as it was
+    assert "not recorded" in renderers.RendererInfo.from_dict(None).kernel("bilinear")
+    with pytest.raises(ConfigError, match="resize"):
+        renderers.RendererInfo.from_dict({**old, "cpu_capability": "AVX2", "resize": ["uint8"]})
