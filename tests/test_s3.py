@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from dkd_cache import cache as cache_mod
 from dkd_cache import store as store_mod
+from dkd_cache.cache_writer import WriterSpec, open_writer
 from dkd_cache.cli import app
 from dkd_cache.data import expand_shards, iter_raw_samples, parse_sample, scan_shard
 from dkd_cache.dump import dump_teacher
@@ -36,6 +37,7 @@ from dkd_cache.verify import VerifySettings, verify
 
 from .conftest import dump_settings
 from .helpers import assert_caches_equal, sample_members, write_tar
+from .test_cache_writer import SIZES, add_shard, run_killed, synthetic_cache, write_synthetic
 
 
 def free_port() -> int:
@@ -310,6 +312,39 @@ def test_dump_killed_on_s3_then_rerun_equals_uninterrupted(shards, teacher_ckpt,
     assert_caches_equal(cache_path, out)
     assert not loc.exists(store_mod.LEASE) and not loc.exists(store_mod.CREATING)
 
+
+
+def test_writer_killed_on_s3_then_rerun_equals_uninterrupted(bucket, tmp_path):
+    """The writer alone (synthetic logits, no teacher) on the object store: kill -9 inside a chunk write; its lease
+    refuses a rerun while live; once lapsed a rerun takes it over and completes; equal to an uninterrupted write."""
+    local = tmp_path / "whole.zarr"
+    assert write_synthetic(str(local))
+    out = f"s3://{bucket}/w.zarr"
+    lease_s = 6.0
+    run_killed(out, die_at=60, lease_seconds=lease_s)
+    killed_at = time.monotonic()
+    with pytest.raises(CacheLockedError, match="being written by another dump-teacher"):
+        write_synthetic(out, lease_seconds=lease_s)
+    assert time.monotonic() - killed_at < lease_s, "the refusal must come while the lease is live"
+    loc = store_mod.location(out)
+    assert 1 <= len(loc.keys("_dkd/done")) < len(SIZES)
+    time.sleep(max(0.0, killed_at + lease_s + 0.5 - time.monotonic()))
+    assert write_synthetic(out, lease_seconds=lease_s)
+    assert_caches_equal(local, out)
+    assert not loc.exists(store_mod.LEASE)
+
+
+def test_a_writer_that_lost_its_lease_commits_nothing_more(bucket):
+    """The lease is checked before each commit: once another process took it over, a whole shard's done record is
+    not written and the writer ends in CacheLockedError, not with a cache two writers wrote."""
+    out = f"s3://{bucket}/lost.zarr"
+    loc = store_mod.location(out)
+    with pytest.raises(CacheLockedError, match="lost its writer lease"):
+        with open_writer(WriterSpec(out=out, plan=synthetic_cache, lease_seconds=60)) as writer:
+            loc.put(store_mod.LEASE, json.dumps({"owner": "another-dump", "expires": time.time() + 60}).encode())
+            add_shard(writer, writer.my_shards()[0])
+            writer.close()
+    assert loc.keys("_dkd/done") == [] and cache_mod.open_cache(out).meta.state == "writing"
 
 
 def _two_nodes(args: list[str], timeout: float = 400) -> list[subprocess.CompletedProcess]:
