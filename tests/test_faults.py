@@ -179,6 +179,42 @@ def test_failing_store_writes_are_clear_errors_then_rerun_completes(shards, teac
     assert_caches_equal(cache_path, out)
 
 
+def test_dump_to_a_read_only_out_is_a_named_error_not_a_traceback(shards, teacher_ckpt, tmp_path):
+    from .test_cache_writer import _read_only_dir
+
+    out = _read_only_dir(tmp_path) / "c.zarr"
+    res = runner.invoke(app, _dump_args(shards, teacher_ckpt, out))
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"{out}: cannot write" in res.output and "choose a writable --out" in res.output, res.output
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_dump_with_workers_then_an_immediate_rerun_continues(shards, teacher_ckpt, cache_path,
+                                                                          tmp_path):
+    """A scheduler's SIGTERM stops dump-teacher; its DataLoader workers die with it, so their inherited copy of the
+    writer lock goes too and the requeued dump, started at once, is not refused as 'being written by another
+    dump-teacher process'."""
+    out = tmp_path / "c.zarr"
+    args = _dump_args(shards, teacher_ckpt, out, "--workers", "2")
+    proc = subprocess.Popen([sys.executable, str(HARNESS), *args], env=_env({"slow_shard": 0.5}),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while _done(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and _done(out) >= 1, "the dump ended or stalled before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGTERM
+    res = runner.invoke(app, args)  # at once, as a requeue does
+    assert res.exit_code == 0 and "cache complete" in res.output, res.output
+    assert_caches_equal(cache_path, out)
+
+
 def _train_args(shards, cache, out, *extra) -> list[str]:
     return ["train-student", "--shards", _shard_dir(shards), "--cache", str(cache), "--out", str(out),
             "--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--workers", "0", "--checkpoint-every", "2",
@@ -214,6 +250,24 @@ def test_train_killed_mid_epoch_and_mid_checkpoint_then_resumed_equals_uninterru
                               batch_size=16, lr=0.05, workers=0, checkpoint_every=2), progress=False)
     assert read_checkpoint(run / "checkpoint.pt")["step"] == read_checkpoint(full / "checkpoint.pt")["step"] == 10
     _assert_same_weights(full, run)
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_is_named_and_the_previous_one_stands(shards, cache_path, tmp_path,
+                                                                                       server):
+    run = tmp_path / "run"
+    res = runner.invoke(app, _train_args(shards, cache_path, run, "--max-steps", "2"))  # checkpoint at step 2
+    assert res.exit_code == 0, res.output
+    before = (run / "checkpoint.pt").read_bytes()
+    # resumed where files may grow to 1 MB only, like a disk that fills up: the next checkpoint (~90 MB) fails
+    r = server.run(_train_args(shards, cache_path, run, "--resume"), {"fsize": 1_000_000})
+    assert r["rc"] == 2, r["output"]
+    assert "Traceback" not in r["output"] and "could not be written" in r["output"], r["output"]
+    assert "previous checkpoint there is intact" in r["output"] and "--resume" in r["output"], r["output"]
+    assert (run / "checkpoint.pt").read_bytes() == before  # the step-2 checkpoint, whole
+    assert not list(run.glob(".checkpoint.pt.*.tmp"))  # no partial file left behind
+    res = runner.invoke(app, _train_args(shards, cache_path, run, "--resume"))  # space freed: the run continues
+    assert res.exit_code == 0, res.output
+    assert read_checkpoint(run / "checkpoint.pt")["step"] == 10
 
 
 def _epoch_keys(monkeypatch, spec: StreamSpec, sizes, *, world, rank, workers, consumed=0) -> tuple[list[str], int]:
