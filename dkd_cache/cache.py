@@ -109,7 +109,9 @@ class Cache:
             return None  # a torn record means the shard is not done; it will be redone
 
     def pending_shards(self) -> list[int]:
-        done = set(self.location.keys("_dkd/done"))  # one listing, not a read per shard
+        """The shards without a readable done record: one listing finds the records, then each listed record is
+        read (a torn one means its shard is not done); a shard without a record costs no read."""
+        done = set(self.location.keys("_dkd/done"))
         return [i for i in range(len(self.meta.manifest.shards))
                 if f"{i:06d}.json" not in done or self.shard_record(i) is None]
 

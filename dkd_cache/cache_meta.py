@@ -73,15 +73,29 @@ def build_manifest(indexes: Sequence[ShardIndex], chunk_rows: int) -> Manifest:
 
 
 def library_versions() -> dict[str, str]:
+    """The libraries a cache's rows depend on (informational; Cache.check warns when they changed). The JPEG
+    decoder is torchvision's (views.decode decodes with torchvision.io), not Pillow's, whose libjpeg may differ."""
     import numcodecs
     import PIL
     import torch
     import torchvision
-    from PIL import features
 
     return {"dkd_cache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "pillow": PIL.__version__, "libjpeg": str(features.version("jpg")), "zarr": zarr.__version__,
+            "pillow": PIL.__version__, "jpeg_decoder": _torchvision_jpeg(), "zarr": zarr.__version__,
             "numcodecs": numcodecs.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _torchvision_jpeg() -> str:
+    """The libjpeg torchvision.io.decode_jpeg was built with, e.g. 'libjpeg-turbo (jpeglib API 8.0)'."""
+    import torch
+    import torchvision.io  # noqa: F401  (loads torchvision's image operators)
+
+    try:
+        api = int(torch.ops.image._jpeg_version())
+        turbo = bool(torch.ops.image._is_compiled_against_turbo())
+    except (AttributeError, RuntimeError):  # a torchvision without these operators
+        return "unknown"
+    return f"{'libjpeg-turbo' if turbo else 'libjpeg'} (jpeglib API {api // 10}.{api % 10})"
 
 
 METADATA = "cache metadata"  # what a metadata error names when no cache path is known (a CacheMeta built in code)

@@ -171,3 +171,17 @@ def test_a_done_record_with_a_malformed_skipped_entry_is_named_when_the_cache_is
         cache_writer.finalize(cache_mod.open_cache(path, mode="r+"))
     assert info.value.cache == f"{path}: done record of tar shard train-000002.tar"
     assert info.value.field == "skipped[0]"
+
+
+def test_library_versions_name_the_jpeg_decoder_torchvision_decodes_with():
+    """views.decode decodes with torchvision.io: the recorded JPEG library is torchvision's, not Pillow's."""
+    import torch
+
+    from dkd_cache.cache_meta import library_versions
+
+    versions = library_versions()
+    assert "libjpeg" not in versions  # Pillow's libjpeg, which no view is decoded with
+    api = int(torch.ops.image._jpeg_version())
+    assert versions["jpeg_decoder"].endswith(f"(jpeglib API {api // 10}.{api % 10})")
+    turbo = bool(torch.ops.image._is_compiled_against_turbo())
+    assert versions["jpeg_decoder"].startswith("libjpeg-turbo" if turbo else "libjpeg (")
