@@ -44,13 +44,13 @@ def main(work: Path) -> None:
     dump_teacher(DumpSettings(out=str(ref_cache), codec="fp32", **base), progress=False)
     live = first_step(shards, work / "live", cache=str(ref_cache), live_teacher=str(teacher), teacher_arch="resnet18")
     print(f"live teacher, exact DKD at T 4: {live['dkd']:.6f}")
-    print(f"{'codec':<12}{'first-step DKD':>16}{'relative difference':>22}")
-    for codec in ("fp32", "fp16", "q8", "topk:3+q4", "topk:3+q2"):
+    print(f"{'codec':<26}{'first-step DKD':>16}{'relative difference':>22}")
+    for codec in ("fp32", "fp16", "q8", "topk:3+q4", "topk:3+q2", "lowrank:4+top:4+sparse:2"):
         cache = work / f"{codec.replace(':', '_').replace('+', '_')}.zarr"
         if not cache.exists():
             dump_teacher(DumpSettings(out=str(cache), codec=codec, **base), progress=False)
         got = first_step(shards, work / f"run-{cache.stem}", cache=str(cache))
-        print(f"{codec:<12}{got['dkd']:>16.6f}{abs(got['dkd'] - live['dkd']) / live['dkd']:>22.3g}")
+        print(f"{codec:<26}{got['dkd']:>16.6f}{abs(got['dkd'] - live['dkd']) / live['dkd']:>22.3g}")
 
 
 if __name__ == "__main__":

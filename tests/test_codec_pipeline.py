@@ -30,11 +30,14 @@ def live_steps(shards, teacher_ckpt, cache_path, tmp_path_factory):
 
 
 # Largest relative difference of the first step's DKD from the live teacher's exact DKD, per codec: float rounding
-# for fp32; the codec's rounding for fp16 and q8; the top-3 approximation of a 10-class teacher for topk (measured
-# values: benchmarks/results/codec_first_step.txt, from benchmarks/codec_first_step.py)
-# (fp32 0, fp16 4.6e-5, q8 4.6e-4, topk:3+q4 5.0e-3, topk:3+q2 4.3e-3): tolerances are about 10x those.
+# for fp32; the codec's rounding for fp16 and q8; the top-3 approximation of a 10-class teacher for topk; the rank-4
+# approximation (top 4 exact, 2 sparse corrections) of the fitted lowrank basis. Measured on these very fixtures
+# (same shards, teacher, views and student init) by benchmarks/codec_first_step.py, results in
+# benchmarks/results/codec_first_step.txt: fp32 0, fp16 4.6e-5, q8 4.6e-4, topk:3+q4 5.0e-3, topk:3+q2 4.3e-3,
+# lowrank:4+top:4+sparse:2 2.9e-2. Tolerances are about 10x those, except lowrank at 2x (0.06): 10x would be
+# looser than its old unmeasured 0.2, and the only expected drift is float rounding of the basis fit.
 FIRST_STEP_TOL = {"fp32": 1e-5, "fp16": 5e-4, "q8": 5e-3, "topk:3+q4": 0.05, "topk:3+q2": 0.05,
-                  "lowrank:4+top:4+sparse:2": 0.2}  # lowrank: not measured by the benchmark
+                  "lowrank:4+top:4+sparse:2": 0.06}
 
 
 @pytest.mark.parametrize("codec", ["topk:3+q2", "topk:3+q4", "q8", "fp16", "fp32", "lowrank:4+top:4+sparse:2"])
