@@ -17,8 +17,17 @@ QUOTE_HINT = ("; an unquoted glob or brace pattern? The shell expanded it into m
               "e.g. --shards 'train-*.tar'")
 
 
+# What to do after Ctrl-C: every command may be stopped at any moment, and these continue where they stopped.
+RERUN_HINTS = {
+    "train-student": "rerun the same command with --resume: training continues from the last checkpoint",
+    "dump-teacher": "rerun the same command: the dump continues where it stopped (written shards are kept)",
+    "demo": "rerun the same command: the finished stages are kept",
+}
+
+
 class _Commands(TyperGroup):
-    """The command group; a usage error about extra arguments also says how to pass a shard pattern."""
+    """The command group; a usage error about extra arguments also says how to pass a shard pattern, and Ctrl-C
+    says how to continue (exit 130, as a shell reports SIGINT)."""
 
     def invoke(self, ctx):
         try:
@@ -27,6 +36,10 @@ class _Commands(TyperGroup):
             if "extra argument" in e.message and "quote it" not in e.message:
                 e.message += QUOTE_HINT
             raise
+        except KeyboardInterrupt:
+            hint = RERUN_HINTS.get(ctx.invoked_subcommand or "", "rerun the same command to start it again")
+            typer.echo(f"\ninterrupted (Ctrl-C): {hint}", err=True)
+            raise typer.Exit(code=130) from None
 
 
 app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

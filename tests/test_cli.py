@@ -51,3 +51,39 @@ def test_train_cli_errors_are_clear(tmp_path, shards, cache_path):
     r = runner.invoke(app, ["train-student", "--shards", str(tmp_path / "missing-*.tar"), "--cache", str(cache_path),
                             "--out", str(tmp_path / "run"), "--no-progress"])
     assert r.exit_code == 2 and "matched no files" in r.output
+
+
+def test_ctrl_c_says_how_to_continue_and_rerunning_continues(tmp_path, shards, cache_path, monkeypatch):
+    import dkd_cache.dump as dump_mod
+    import dkd_cache.train as train_mod
+
+    real_step, steps = train_mod.train_step, []
+
+    def interrupted_at_step_3(*a, **k):  # Ctrl-C during the third step, after the step-2 checkpoint
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    run = tmp_path / "run"
+    args = ["train-student", "--shards", str(Path(shards["train"][0]).parent), "--cache", str(cache_path), "--out",
+            str(run), "--epochs", "1", "--batch-size", "16", "--lr", "0.05", "--workers", "0", "--checkpoint-every",
+            "2", "--no-progress"]
+    monkeypatch.setattr(train_mod, "train_step", interrupted_at_step_3)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 130 and "Traceback" not in r.output, r.output
+    assert "interrupted" in r.output and "rerun the same command with --resume" in r.output, r.output
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    r = runner.invoke(app, args + ["--resume"])  # as told: the same command with --resume
+    assert r.exit_code == 0, r.output
+    logged = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["event"] == "step"]
+    assert logged == [1, 2, 3, 4, 5]  # continued from the step-2 checkpoint, each step logged once
+
+    def interrupted_dump(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dump_mod, "dump_teacher", interrupted_dump)
+    r = runner.invoke(app, ["dump-teacher", "--shards", str(Path(shards["train"][0]).parent), "--weights",
+                            str(cache_path), "--out", str(tmp_path / "c.zarr"), "--no-progress"])
+    assert r.exit_code == 130 and "rerun the same command: the dump continues" in r.output, r.output

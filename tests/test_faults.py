@@ -37,11 +37,11 @@ from dkd_cache.cli import app
 from dkd_cache.data import expand_shards
 from dkd_cache.dump import dump_teacher
 from dkd_cache.errors import CacheError, CacheMismatchError, ShardError
-from dkd_cache.loader import Item, StreamSpec, canonical_items, plan_epoch, skips_for, worker_items
+from dkd_cache.loader import Item, StreamSpec, plan_epoch, skips_for
 from dkd_cache.synth import make_shards
 from dkd_cache.checkpoint import read_checkpoint, save_checkpoint
 from dkd_cache.teacher import build_model
-from dkd_cache.train import TrainConfig, train_student
+from dkd_cache.train import TrainConfig, epoch_batches, train_student
 
 from .conftest import CLASSES, TINY_RECIPE, dump_settings
 from .helpers import assert_caches_equal, sample_members, write_tar
@@ -270,17 +270,20 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_named_and_the_previous_one
     assert read_checkpoint(run / "checkpoint.pt")["step"] == 10
 
 
-def _epoch_keys(monkeypatch, spec: StreamSpec, sizes, *, world, rank, workers, consumed=0) -> tuple[list[str], int]:
-    """The keys one rank trains on in one epoch, in training order: the real worker streams (tar read, cache
-    join, shuffle buffer, resume skip) and the real canonical order; only the image decode is replaced."""
+def _epoch_keys(monkeypatch, spec: StreamSpec, sizes, keys: list[str], *, world, rank, workers, consumed=0
+                ) -> tuple[list[str], int]:
+    """The keys one rank trains on in one epoch, in training order: training's own stream (train.epoch_batches:
+    tar read, cache join, shuffle buffer, resume skip, canonical order, batches); only the image decode is
+    replaced, by the sample's position in `keys` carried as its label."""
+    position = {k: i for i, k in enumerate(keys)}
     monkeypatch.setattr(loader_mod, "render_items",
                         lambda spec, raw, label, entries, worker, seq0, first=0: [
-                            Item(worker, seq0 + j, None, label, {"key": raw["__key__"]})
+                            Item(worker, seq0 + j, None, position[raw["__key__"]], {})
                             for j in range(first, len(entries))])
     plan = plan_epoch(sizes, seed=spec.seed, epoch=spec.epoch, world=world, rank=rank, workers=workers)
-    skips = skips_for(plan.counts, consumed)
-    items = [it for w, tasks in enumerate(plan.workers) for it in worker_items(spec, tasks, w, skips[w])]
-    return [it.entry["key"] for it in canonical_items(items, plan, skips)], plan.padding
+    skips = skips_for(plan.counts, consumed, spec.block)
+    stream = epoch_batches(spec, plan, skips, workers=0, block=spec.block, batch_size=spec.block)
+    return [keys[i] for _, labels, _ in stream for i in labels.tolist()], plan.padding
 
 
 def test_every_sample_once_per_epoch_across_ranks_workers_and_resume(monkeypatch, shards, cache_path):
@@ -297,13 +300,13 @@ def test_every_sample_once_per_epoch_across_ranks_workers_and_resume(monkeypatch
             seen, padding = [], 0
             for rank in range(world):
                 spec_r = dataclasses.replace(spec, rank=rank)
-                keys, pad = _epoch_keys(monkeypatch, spec_r, sizes, world=world, rank=rank, workers=workers)
+                keys, pad = _epoch_keys(monkeypatch, spec_r, sizes, all_keys, world=world, rank=rank, workers=workers)
                 seen += keys
                 padding += pad
                 # resume at a few positions: what was consumed plus what the resumed stream yields is the epoch
                 for consumed in (5, len(keys) - 1):
-                    rest, _ = _epoch_keys(monkeypatch, spec_r, sizes, world=world, rank=rank, workers=workers,
-                                          consumed=consumed)
+                    rest, _ = _epoch_keys(monkeypatch, spec_r, sizes, all_keys, world=world, rank=rank,
+                                          workers=workers, consumed=consumed)
                     assert keys[:consumed] + rest == keys, (epoch, world, workers, rank, consumed)
             assert sorted(set(seen)) == all_keys, "no sample missing"
             assert len(seen) == len(all_keys) + padding, "none twice beyond the reported padding"

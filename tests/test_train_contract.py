@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from dkd_cache.cli import app
 from dkd_cache.dump import dump_teacher
 from dkd_cache.errors import CacheMismatchError, ConfigError, ShardNotFoundError
 from dkd_cache.checkpoint import read_checkpoint
@@ -50,6 +52,20 @@ def test_a_cache_dumped_with_skip_bad_trains_without_the_skipped_samples(tmp_pat
     r = train_student(TrainConfig(shards=str(shard), out=str(tmp_path / "run"), cache=str(cache), epochs=1,
                                   batch_size=4, lr_batch=4, workers=0, shuffle_buffer=4), progress=False)
     assert r["samples"] == 12 and r["rank_steps"] == [3]
+
+
+def test_a_ce_run_without_a_cache_names_a_label_outside_num_classes_and_how_to_leave_such_samples_out(tmp_path):
+    members = [m for i in range(8) for m in sample_members(f"s{i:03d}", i % 4, seed=i)]
+    shard = write_tar(tmp_path / "shards" / "train-000000.tar", members + sample_members("s999", 12, seed=9))
+    r = CliRunner().invoke(app, ["train-student", "--shards", str(shard), "--out", str(tmp_path / "run"), "--loss",
+                                 "ce", "--num-classes", "10", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                                 "--no-progress"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "train-000000.tar: sample 's999': label 12 is outside the 10 classes of --num-classes" in r.output
+    # no teacher in a CE run, and no --skip-bad in train-student: the way to leave samples out is the dump's
+    assert "teacher's classes" not in r.output and "rerun with --skip-bad" not in r.output, r.output
+    assert "--num-classes" in r.output and "dump-teacher --skip-bad" in r.output, r.output
+    assert not (tmp_path / "run").exists()  # refused before any work
 
 
 def test_a_last_batch_of_one_sample_is_dropped_and_reported_not_a_crash(tmp_path, teacher_ckpt):
