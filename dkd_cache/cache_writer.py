@@ -19,7 +19,8 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from . import host_threads, zarr_chunks
 from .cache import Cache, chunk_keys, decode_keys, open_cache
-from .cache_meta import STATUS_OK, STATUS_SKIPPED, CacheMeta, CacheState, ShardEntry, SkippedSample, parse_skipped
+from .cache_meta import (STATUS_OK, STATUS_SKIPPED, CacheMeta, CacheState, ShardEntry, SkippedSample,
+                         build_manifest, parse_skipped)
 from .data import ShardIndex
 from .dist import DistInfo, barrier, broadcast_object, on_rank0
 from .errors import CacheError, CacheMismatchError, ConfigError, DKDCacheError
@@ -203,13 +204,6 @@ def finalize(cache: Cache, lease=None) -> Cache:
     return write_meta(cache, dataclasses.replace(cache.meta, state=CacheState.COMPLETE, skipped=tuple(skipped)))
 
 
-@contextlib.contextmanager
-def writer_lock(path: str | Path, rank: int = 0) -> Iterator[None]:
-    """One dump at a time per local cache (store.DiskLocation.writer_lease: an flock per rank)."""
-    with location(path).writer_lease(rank):
-        yield
-
-
 # --------------------------------------------------------------------------------------------- the writer
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NewCache:
@@ -222,12 +216,13 @@ class NewCache:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WriterSpec:
-    """How to open a writer. `plan` runs on rank 0 only, under the writer lease (it scans the shards: a refused
-    second dump never pays for a scan); `fit_codec` only when a cache is created with a learned codec, so the
-    writer never builds a teacher: the caller passes the fit."""
+    """How to open a writer. `meta`: this run's metadata; its manifest is built here from `scan`, which runs on
+    rank 0 only, under the writer lease (a refused second dump never pays for a scan). `fit_codec` runs only when
+    a cache is created with a learned codec: the caller passes the fit, so the writer never builds a teacher."""
 
     out: str
-    plan: Callable[[], NewCache]
+    meta: CacheMeta  # its manifest is replaced by the one built from the scan
+    scan: Callable[[], Sequence[ShardIndex]]
     fit_codec: Callable[[NewCache], Codec] | None = None
     dist: DistInfo = DistInfo()
     lease_seconds: float = 120.0
@@ -383,7 +378,7 @@ def open_writer(spec: WriterSpec) -> Iterator[CacheWriter]:
     the pending shards once for every rank, and yield this rank's writer; the lease is released on exit, after the
     commit thread has finished. Call `close()` on the writer to finalize.
 
-    Rank 0 takes the lease, plans (scans the shards) and creates or compares; the other ranks wait, then open the
+    Rank 0 takes the lease, scans the shards and creates or compares; the other ranks wait, then open the
     cache. On disk every rank holds its own flock; on an object store rank 0 holds the lease object and the other
     ranks check, before each commit, that it is still rank 0's."""
     dist, out = spec.dist, location(spec.out)
@@ -429,8 +424,9 @@ def _create_or_compare(spec: WriterSpec) -> None:
     out = location(spec.out)
     with _store_writes(spec.out, "the cache", fix=_READ_ONLY_FIX):
         out.remove_stale()
-    new = spec.plan()
-    meta = new.meta
+    indexes = tuple(spec.scan())
+    meta = dataclasses.replace(spec.meta, manifest=build_manifest(indexes, spec.meta.chunk_rows))
+    new = NewCache(meta=meta, indexes=indexes)
     if out.exists("zarr.json"):
         existing = open_cache(spec.out, mode="r+")
         if existing.meta.codec.name == meta.codec.name:

@@ -40,7 +40,7 @@ from . import host_threads
 from . import renderers
 from . import store as store_mod
 from .cache_meta import CacheMeta, build_manifest, library_versions
-from .cache_writer import CacheWriter, LogitRows, NewCache, SampleRow, WriterSpec, open_writer
+from .cache_writer import CacheWriter, LogitRows, SampleRow, WriterSpec, open_writer
 from .data import REMOTE_PREFIXES, expand_shards, iter_raw_samples, keep_as_is, match_shards, parse_sample, scan_shards
 from .dist import DistInfo
 from .errors import BadSampleError, ConfigError, DKDCacheError, ShardError
@@ -133,24 +133,19 @@ def resolve_plan(s: DumpSettings) -> DumpPlan:
                     compute=resolve_policy(device, s.amp), codec=parse_codec(s.codec, tinfo.num_classes))
 
 
-def new_cache(plan: DumpPlan) -> NewCache:
-    """The cache this dump would create: the shards scanned (keys, labels, bad samples) and the metadata. Run by
-    the writer on rank 0 only, under its lease."""
+def writer_spec(plan: DumpPlan) -> WriterSpec:
+    """What the cache writer needs: this run's metadata (its manifest comes from the writer's scan), the scan of the
+    shards (keys, labels, bad samples) and the fit of a learned codec on the teacher's logits."""
     s = plan.settings
-    indexes = scan_shards(list(plan.urls), plan.teacher.num_classes, s.skip_bad, threads=max(2, s.workers * 2))
     meta = CacheMeta(format_version=FORMAT_VERSION, teacher=plan.teacher, recipe=s.recipe, seed=s.seed,
                      views=s.views, codec=plan.codec, temperatures=tuple(float(t) for t in s.temperatures),
-                     chunk_rows=s.chunk_rows, manifest=build_manifest(indexes, s.chunk_rows),
-                     versions=library_versions(), compute=plan.compute, renderer=renderers.renderer_info(s.renderer))
-    return NewCache(meta=meta, indexes=tuple(indexes))
-
-
-def writer_spec(plan: DumpPlan) -> WriterSpec:
-    s = plan.settings
+                     chunk_rows=s.chunk_rows, manifest=build_manifest((), s.chunk_rows), versions=library_versions(),
+                     compute=plan.compute, renderer=renderers.renderer_info(s.renderer))
+    scan = functools.partial(scan_shards, list(plan.urls), plan.teacher.num_classes, s.skip_bad,
+                             threads=max(2, s.workers * 2))
     fit = functools.partial(calibration.fit_codec, model=plan.model, device=plan.device, urls=plan.urls,
                             calibration_views=s.calibration_views, batch_size=s.batch_size, skip_bad=s.skip_bad)
-    return WriterSpec(out=s.out, plan=functools.partial(new_cache, plan), fit_codec=fit, dist=plan.dist,
-                      lease_seconds=s.lease_seconds)
+    return WriterSpec(out=s.out, meta=meta, scan=scan, fit_codec=fit, dist=plan.dist, lease_seconds=s.lease_seconds)
 
 
 def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport:

@@ -58,11 +58,14 @@ def synthetic_logits(shard: int, pos: int, view: int) -> np.ndarray:
     return np.random.default_rng([shard, pos, view]).normal(size=CLASSES).astype(np.float32) * 4
 
 
+def spec_for(out: str, new: NewCache, **kw) -> WriterSpec:
+    return WriterSpec(out=out, meta=new.meta, scan=lambda: new.indexes, **kw)
+
+
 def write_synthetic(out: str, *, lease_seconds: float = 120.0, batch: int = 5, plan=synthetic_cache,
                     fit_codec=None) -> bool:
     """Every pending shard through the writer, then close: whether the cache is complete."""
-    spec = WriterSpec(out=out, plan=plan, fit_codec=fit_codec, lease_seconds=lease_seconds)
-    with open_writer(spec) as writer:
+    with open_writer(spec_for(out, plan(), fit_codec=fit_codec, lease_seconds=lease_seconds)) as writer:
         for shard in writer.my_shards():
             add_shard(writer, shard, batch)
         return writer.close()
@@ -161,14 +164,17 @@ def test_writer_killed_mid_write_then_rerun_equals_uninterrupted(uninterrupted, 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lease(tmp_path):
     out = str(tmp_path / "c.zarr")
-    with open_writer(WriterSpec(out=out, plan=synthetic_cache)):
+    new, scans = synthetic_cache(), []
+    second = WriterSpec(out=out, meta=new.meta, scan=lambda: scans.append(out) or new.indexes)
+    with open_writer(spec_for(out, new)):
         with pytest.raises(CacheLockedError, match="being written by another dump-teacher"):
-            with open_writer(WriterSpec(out=out, plan=synthetic_cache)):
+            with open_writer(second):
                 pass
+    assert scans == []  # refused before its scan: the scan runs under the lease
     assert write_synthetic(out)  # the lease went with the first writer
 
 
-def test_other_settings_are_refused_and_the_plan_runs_under_the_lease(uninterrupted):
+def test_a_cache_made_with_other_settings_is_refused(uninterrupted):
     with pytest.raises(CacheMismatchError, match="seed: cache has 0, this run has 1"):
         write_synthetic(str(uninterrupted), plan=lambda: synthetic_cache(seed=1))
 

@@ -16,7 +16,7 @@ import zarr
 
 from dkd_cache import cache as cache_mod
 from dkd_cache import cache_meta
-from dkd_cache import cache_writer
+from dkd_cache import store as store_mod
 from dkd_cache.data import expand_shards, iter_raw_samples, parse_sample
 from dkd_cache.dump import dump_teacher, render_shard
 from dkd_cache.errors import (BadSampleError, CacheLockedError, CacheMismatchError, ConfigError, ShardError,
@@ -101,7 +101,7 @@ def test_rerun_of_a_complete_cache_does_nothing(shards, teacher_ckpt, cache_path
 
 def test_second_writer_is_refused(shards, teacher_ckpt, tmp_path):
     out = tmp_path / "locked.zarr"
-    with cache_writer.writer_lock(out):
+    with store_mod.location(out).writer_lease():
         with pytest.raises(CacheLockedError):
             dump_teacher(dump_settings(shards, teacher_ckpt, out), progress=False)
 

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from dkd_cache import cache as cache_mod
 from dkd_cache import store as store_mod
-from dkd_cache.cache_writer import WriterSpec, open_writer
+from dkd_cache.cache_writer import open_writer
 from dkd_cache.cli import app
 from dkd_cache.data import expand_shards, iter_raw_samples, parse_sample, scan_shard
 from dkd_cache.dump import dump_teacher
@@ -37,7 +37,7 @@ from dkd_cache.verify import VerifySettings, verify
 
 from .conftest import dump_settings
 from .helpers import assert_caches_equal, sample_members, write_tar
-from .test_cache_writer import SIZES, add_shard, run_killed, synthetic_cache, write_synthetic
+from .test_cache_writer import SIZES, add_shard, run_killed, spec_for, synthetic_cache, write_synthetic
 
 
 def free_port() -> int:
@@ -340,7 +340,7 @@ def test_a_writer_that_lost_its_lease_commits_nothing_more(bucket):
     out = f"s3://{bucket}/lost.zarr"
     loc = store_mod.location(out)
     with pytest.raises(CacheLockedError, match="lost its writer lease"):
-        with open_writer(WriterSpec(out=out, plan=synthetic_cache, lease_seconds=60)) as writer:
+        with open_writer(spec_for(out, synthetic_cache(), lease_seconds=60)) as writer:
             loc.put(store_mod.LEASE, json.dumps({"owner": "another-dump", "expires": time.time() + 60}).encode())
             add_shard(writer, writer.my_shards()[0])
             writer.close()
