@@ -109,3 +109,7 @@ class RemoteReadError(ShardError, ConnectionError):
 
 def _remote_read_error(url, offset, attempts, cause, member):
     return RemoteReadError(url, offset=offset, attempts=attempts, cause=cause, member=member)
+
+
+class LoanError(DKDCacheError, RuntimeError):
+    """Borrowed memory (a transfer slot lent as a batch) was used after its release, or released twice."""

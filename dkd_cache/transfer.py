@@ -9,10 +9,18 @@ copies the rows into its batch and hands the slot back.
 Stream shapes:
     main:   free[w]  <- slot numbers                                   (a queue per worker, filled at the start)
     worker: acquire  -> write the images into buffer(lent)  -> send the RingSlot (worker, slot, rows)
-    main:   buffer(lent) -> the batch copies the rows -> release(lent) -> free[w]
+    main:   ring.lend(lent) -> Loan: the holder reads loan.tensor -> loan.release() -> free[w]
 A worker that finds no free slot within `wait` seconds stacks that group into a fresh buffer instead: a consumer that
 holds slots (groups waiting for their turn in the canonical order) slows a worker down, never deadlocks it.
-The queue's put and get are the synchronisation: a slot is written only after the main process has copied it out.
+The queue's put and get are the synchronisation: a slot is written only after its holder has released it.
+
+Ownership is explicit: the main process turns every slot it receives into a Loan, and the slot goes back to its
+worker when, and only when, the holder calls `release()` (training after its step has read the batch, the dump once
+a sample's views are copied into teacher batches). Nothing is recycled behind a holder's back: a consumer that keeps
+every batch (`list(...)`) keeps every slot, and the workers fall back to fresh buffers. A second release, or reading
+a released loan, raises LoanError. A ring made with `poison=True` (the tests make every ring so) overwrites a slot
+with POISON as it goes back, so a holder that kept a view of the tensor past release reads a constant image, not
+plausible stale pixels.
 """
 
 from __future__ import annotations
@@ -24,6 +32,10 @@ import queue
 from collections.abc import Sequence
 
 import torch
+
+from .errors import LoanError
+
+POISON = 0xA5  # what a poisoning ring writes over a released slot (no photo is one flat 165)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +55,40 @@ def shared_empty(shape: Sequence[int], dtype: torch.dtype = torch.uint8) -> torc
     return torch.empty(0, dtype=dtype).new(storage).view(tuple(shape))
 
 
+class Loan:
+    """Memory lent to one holder until it calls release(): a ring slot's rows, or memory of its own (`ring` None:
+    nothing goes back, but the same rules hold, so a consumer never needs to know which it got)."""
+
+    __slots__ = ("_tensor", "_ring", "_lent", "released")
+
+    def __init__(self, tensor: torch.Tensor | None, ring: "TransferRing | None" = None, lent: RingSlot | None = None):
+        self._tensor, self._ring, self._lent, self.released = tensor, ring, lent, False
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        if self.released:
+            raise LoanError("this memory was released (its transfer slot may already hold another group); read "
+                            "a batch before releasing it, or copy what you keep")
+        return self._tensor
+
+    @property
+    def from_ring(self) -> bool:
+        return self._ring is not None
+
+    def release(self) -> None:
+        if self.released:
+            raise LoanError("released twice: a transfer slot goes back to its worker exactly once")
+        self.released = True
+        if self._ring is not None:
+            self._ring.release(self._lent)
+        self._tensor = None
+
+
 class TransferRing:
-    def __init__(self, workers: int, slots: int, shape: Sequence[int], wait: float = 0.2):
+    def __init__(self, workers: int, slots: int, shape: Sequence[int], wait: float = 0.2, poison: bool | None = None):
         self.shape = tuple(int(x) for x in shape)  # one slot: (rows, 3, S, S) uint8
         self.wait = wait
+        self.poison = POISON_RELEASED_SLOTS if poison is None else poison
         self.buffers = [shared_empty((slots, *self.shape)) for _ in range(workers)]  # pages: touched on first use
         ctx = multiprocessing.get_context()
         self.free = [ctx.Queue() for _ in range(workers)]
@@ -70,6 +112,18 @@ class TransferRing:
         """The lent rows of a slot (a view of the shared buffer, in the worker or the main process)."""
         return self.buffers[lent.worker][lent.slot, :lent.rows]
 
+    def lend(self, lent: RingSlot) -> Loan:
+        """In the main process: the slot a worker sent, as a Loan its holder releases when done with it."""
+        return Loan(self.buffer(lent), self, lent)
+
     def release(self, lent: RingSlot) -> None:
-        """In the main process, once the slot's rows are copied out: the worker may fill it again."""
+        """In the main process, once the holder is done with the slot's rows (Loan.release calls this): the worker
+        may fill it again."""
+        if self.poison:
+            self.buffers[lent.worker][lent.slot].fill_(POISON)
         self.free[lent.worker].put(lent.slot)
+
+
+# Tests set this (tests/conftest.py) so that every ring poisons the slots it takes back; off in use (a memset per
+# batch for nothing). A ring's own `poison=` argument wins.
+POISON_RELEASED_SLOTS = False

@@ -15,6 +15,11 @@ from dkd_cache.synth import make_shards  # noqa: E402
 from dkd_cache.checkpoint import save_checkpoint  # noqa: E402
 from dkd_cache.teacher import build_model  # noqa: E402
 from dkd_cache.views import Recipe  # noqa: E402
+from dkd_cache import transfer  # noqa: E402
+
+# Every transfer ring made in the tests poisons the slots it takes back: a consumer that reads a batch after
+# releasing it (or keeps a view of it) reads a flat POISON image, and the test comparing its pixels fails loudly.
+transfer.POISON_RELEASED_SLOTS = True
 
 CLASSES = 10
 TINY_RECIPE = Recipe(image_size=32)

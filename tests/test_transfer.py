@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from dkd_cache import cache as cache_mod
@@ -75,3 +76,25 @@ def test_a_worker_without_a_free_slot_falls_back_instead_of_waiting_forever():
     again = ring.acquire(0, 3, (3, 2, 2))
     assert again.slot == got[1].slot  # still free: the refusals took nothing
     assert ring.buffer(again).shape == (3, 3, 2, 2)
+
+
+def test_a_loan_goes_back_once_and_cannot_be_read_after_release():
+    from dkd_cache.errors import LoanError
+    from dkd_cache.transfer import POISON, Loan
+
+    ring = TransferRing(1, 1, (2, 3, 2, 2), wait=0.01)
+    loan = ring.lend(ring.acquire(0, 2, (3, 2, 2)))
+    kept = loan.tensor  # a view a careless consumer keeps past release
+    kept.fill_(7)
+    assert ring.acquire(0, 2, (3, 2, 2)) is None  # lent: the worker's only slot is not free
+    loan.release()
+    assert bool((kept == POISON).all())  # the tests' rings poison what comes back: stale pixels never look real
+    with pytest.raises(LoanError, match="released"):
+        loan.tensor
+    with pytest.raises(LoanError, match="twice"):
+        loan.release()
+    assert ring.acquire(0, 2, (3, 2, 2)) is not None  # back exactly once
+    own = Loan(torch.zeros(1))  # memory of its own: the same rules, nothing goes back
+    own.release()
+    with pytest.raises(LoanError):
+        own.tensor
