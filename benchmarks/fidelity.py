@@ -140,7 +140,7 @@ def real_sources(path: str) -> list[dict[str, Any]]:
 def demo_source(a: argparse.Namespace) -> dict[str, Any]:
     """The demo teacher's float32 logits on the cache's own views (re-rendered from the shards)."""
     from dkd_cache import cache as cache_mod
-from dkd_cache import cache_meta
+    from dkd_cache import cache_meta
     from dkd_cache.data import expand_shards, iter_raw_samples, parse_sample, shard_name
     from dkd_cache.teacher import load_teacher
     from dkd_cache.views import normalize, render

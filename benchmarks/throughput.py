@@ -275,8 +275,6 @@ def entry_arrays(cache) -> tuple[str, ...]:
 
 def cache_read_rate(cache_path: str, min_seconds: float = 1.0) -> dict[str, Any]:
     from dkd_cache import cache as cache_mod
-from dkd_cache import cache_meta
-from dkd_cache import cache_writer
     from dkd_cache.loader import StreamSpec, _cache_rows
 
     cache = cache_mod.open_cache(cache_path)
@@ -307,7 +305,7 @@ def imagenet_geometry_cache(path: Path, codec_spec: str, *, shards: int = 4, per
     """A complete cache shaped like an ImageNet one (1,000 classes, ~1,000 samples per tar shard), one view,
     written through the cache module with random logits (no teacher, no images): for timing reads only."""
     from dkd_cache import FORMAT_VERSION
-    from dkd_cache import cache as cache_mod
+    from dkd_cache import cache_meta, cache_writer
     from dkd_cache.data import ShardIndex
     from dkd_cache.logit_codecs import parse_codec
     from dkd_cache.teacher import TeacherInfo
