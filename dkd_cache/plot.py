@@ -17,6 +17,16 @@ from .errors import ConfigError
 
 MODE_CE, MODE_CACHE, MODE_LIVE = "CE only", "DKD from cache", "DKD live teacher"
 MODE_COLOURS = {MODE_CE: "tab:gray", MODE_CACHE: "tab:blue", MODE_LIVE: "tab:orange"}
+# Line style and marker of each mode's mean curve. The cache's student equals the live one bit for bit (exact
+# storage), so their curves coincide (and at chance, CE's too): the cached one is drawn solid with small filled
+# markers, the live one over it dashed with hollow squares, CE dotted with larger hollow diamonds, so that each can
+# be seen where they lie on each other.
+MODE_STYLES = {MODE_CE: {"linestyle": (0, (1, 2)), "marker": "D", "markersize": 13, "markerfacecolor": "none",
+                         "markeredgewidth": 1.4, "zorder": 1},
+               MODE_CACHE: {"linestyle": "-", "marker": "o", "markersize": 5, "zorder": 2},
+               MODE_LIVE: {"linestyle": (0, (4, 3)), "marker": "s", "markersize": 10, "markerfacecolor": "none",
+                           "markeredgewidth": 1.6, "zorder": 3}}
+OTHER_STYLE = {"linestyle": "-.", "marker": "^", "markersize": 6, "zorder": 2}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,7 +119,19 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, title: str | None 
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"{out}: the plot is written as PNG; name the file *.png")
-    runs = [read_run(d) for d in run_dirs]
+    fig = draw_runs([read_run(d) for d in run_dirs], title=title)
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def draw_runs(runs: list[RunCurves], *, title: str | None = None):
+    """The figure of plot_runs: a panel per figure (top-1, loss, CE); each mode in its colour, line style and marker."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -120,18 +142,24 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, title: str | None 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
     groups = group_runs(runs)
     palette = iter(["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
+    drawn: dict[str, list] = {}  # label -> its mean curves, to name a curve that lies exactly on an earlier one
     for label, members in groups.items():
         mode = label.split(" ", 1)[1] if " " in label else label
         colour = MODE_COLOURS.get(mode) or next(palette, "black")
-        for ax, (field, ylabel, scale) in zip(axes, panels):
+        style = MODE_STYLES.get(mode, OTHER_STYLE)
+        curves = [mean_curve(members, field) for field, _, _ in panels]
+        text = f"{label} (mean of {len(members)})" if len(members) > 1 else label
+        same = [other for other, c in drawn.items() if c == curves]
+        if same:
+            text += f", identical to {same[0]}"
+        drawn[label] = curves
+        for ax, (field, ylabel, scale), (xs, ys) in zip(axes, panels, curves):
             for r in members:
                 pts = [(e, v * scale) for e, v in zip(r.epochs, getattr(r, field)) if v is not None]
                 if pts:
-                    ax.plot(*zip(*pts), color=colour, linewidth=0.8, alpha=0.45)
-            xs, ys = mean_curve(members, field)
+                    ax.plot(*zip(*pts), color=colour, linewidth=0.8, alpha=0.45, linestyle=style["linestyle"])
             if xs:
-                ax.plot(xs, [y * scale for y in ys], color=colour, linewidth=2.4,
-                        label=f"{label} (mean of {len(members)})" if len(members) > 1 else label)
+                ax.plot(xs, [y * scale for y in ys], color=colour, linewidth=2.2, label=text, **style)
     for ax, (field, ylabel, _) in zip(axes, panels):
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -144,9 +172,4 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, title: str | None 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return fig

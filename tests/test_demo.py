@@ -8,13 +8,14 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from dkd_cache.cli import app
 from dkd_cache.demo import run_demo
 from dkd_cache.errors import ConfigError, DKDCacheError
-from dkd_cache.plot import MODE_CACHE, MODE_CE, MODE_LIVE, plot_runs, read_run
+from dkd_cache.plot import MODE_CACHE, MODE_CE, MODE_LIVE, draw_runs, plot_runs, read_run
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = """
@@ -118,6 +119,26 @@ def test_read_run_gives_per_epoch_top1_and_mean_step_losses(demo_run):
     assert labels == {MODE_CE, MODE_CACHE, MODE_LIVE}
 
 
+def test_every_mode_is_drawn_so_that_it_shows_where_the_curves_lie_on_each_other(demo_run):
+    import matplotlib.pyplot as plt
+
+    work, _ = demo_run
+    runs = [read_run(work / "runs" / "seed-0" / n) for n in ("student-ce", "student-dkd-cache", "student-dkd-live")]
+    fig = draw_runs(runs)
+    for ax in fig.axes:
+        means = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+        assert len(means) == 3
+        looks = {(str(line.get_linestyle()), line.get_marker(), str(line.get_markerfacecolor()),
+                  line.get_markersize()) for line in means.values()}
+        assert len(looks) == 3  # no mode's curve hides another of the same look: the cached one under the live one
+        live = next(line for label, line in means.items() if MODE_LIVE in label)
+        cached = next(line for label, line in means.items() if MODE_CACHE in label)
+        # the live curve, drawn over the cached one, lets it through: dashed, with hollow markers around its dots
+        assert live.get_zorder() > cached.get_zorder() and live.get_linestyle() != "-"
+        assert live.get_markerfacecolor() == "none" and live.get_markersize() > cached.get_markersize()
+    plt.close(fig)
+
+
 def test_a_resumed_run_counts_each_step_once(demo_run, tmp_path):
     work, _ = demo_run
     run = tmp_path / "resumed"
@@ -210,11 +231,32 @@ def test_a_rerun_with_another_recipe_is_refused_naming_what_changed(demo_run, tm
     check_workdir(load_setup(work, other))
 
 
-def test_parity_compares_final_weights_bit_for_bit_and_times_runs_from_their_own_records(demo_run):
+def test_parity_compares_final_weights_bit_for_bit_and_times_runs_from_their_own_records(demo_run, tmp_path):
     work, _ = demo_run
     parity = _parity()
     runs = work / "runs" / "seed-0"
-    assert parity.identical_weights(runs / "student-ce", runs / "student-ce")
+    ckpt = torch.load(runs / "student-ce" / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+    def saved_as(name: str, model: dict) -> Path:  # another run directory holding a checkpoint of these weights
+        (tmp_path / name).mkdir()
+        torch.save({**ckpt, "model": model}, tmp_path / name / "checkpoint.pt")
+        return tmp_path / name
+
+    # the same values in new tensors, in another file: identical
+    same = saved_as("same", {k: v.clone() for k, v in ckpt["model"].items()})
+    assert parity.identical_weights(runs / "student-ce", same)
+    # one weight one ulp away: not identical
+    first = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    nudged = {k: v.clone() for k, v in ckpt["model"].items()}
+    corner = (0,) * nudged[first].dim()
+    nudged[first][corner] = torch.nextafter(nudged[first][corner], torch.tensor(float("inf")))
+    assert not parity.identical_weights(runs / "student-ce", saved_as("nudged", nudged))
     assert not parity.identical_weights(runs / "student-ce", runs / "student-dkd-cache")
-    records = [json.loads(x) for x in (runs / "student-ce" / "metrics.jsonl").read_text().splitlines()]
-    assert parity.run_span(runs / "student-ce") == max(r["time"] for r in records) - min(r["time"] for r in records)
+    # a run's span: its first to its last record's time stamp, whatever order they were written in
+    timed = tmp_path / "timed"
+    timed.mkdir()
+    (timed / "metrics.jsonl").write_text('{"event": "step", "step": 1, "time": 100.25}\n'
+                                         '{"event": "step", "step": 2, "time": 130.75}\n'
+                                         '{"event": "epoch", "epoch": 0, "time": 90.5}\n')
+    assert parity.run_span(timed) == 130.75 - 90.5
+    assert parity.run_span(runs / "student-ce") > 0
