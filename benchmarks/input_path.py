@@ -266,12 +266,14 @@ def project_loader(spec, sizes, a, device, *, null_step=None) -> int:
     skips = [0] * len(plan.counts)
     n = 0
     loader = make_loader(spec, plan, skips, a.workers)
-    for images, labels, entries in batches(canonical_runs(loader, plan, skips, spec.block), a.batch_size,
-                                           pin_memory=device.type == "cuda", borrow=True):  # as training does
-        x = renderers.to_device(images, entries, spec.recipe, device, spec.size)  # uint8 on the device
-        labels = labels.to(device, non_blocking=True)
+    for batch in batches(canonical_runs(loader, plan, skips, spec.block), a.batch_size,
+                         pin_memory=device.type == "cuda"):  # as training does
+        entries = batch.entries
+        x = renderers.to_device(batch.images, entries, spec.recipe, device, spec.size)  # uint8 on the device
+        labels = batch.labels.to(device, non_blocking=True)
         if null_step is not None:
-            null_step(x, labels, entries)
+            null_step(x, labels, entries)  # reads the batch's memory: released after it, as training does
+        batch.release()
         n += int(labels.shape[0])
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -325,13 +327,14 @@ def ingest(spec, sizes, a, device, repeat: int = 8) -> dict[str, Any]:
                             prefetch_factor=prefetch if a.workers else None, collate_fn=keep_as_is)
         n = 0
         skips = [0] * len(counts)
-        for images, labels, entries in batches(canonical_runs(loader, big, skips, block), a.batch_size,
-                                               pin_memory=device.type == "cuda", borrow=True):
-            x = renderers.to_device(images, entries, spec.recipe, device, spec.size)  # the null step takes it there
-            labels.to(device, non_blocking=True)
+        for batch in batches(canonical_runs(loader, big, skips, block), a.batch_size,
+                             pin_memory=device.type == "cuda"):
+            x = renderers.to_device(batch.images, batch.entries, spec.recipe, device, spec.size)  # the null step
+            batch.labels.to(device, non_blocking=True)                                            # takes it there
             if read and x.device.type == "cpu":  # a step's first read of the batch: the worker's shared memory
                 x.numpy().max()  # (on a GPU the pinned copy above has read it already)
-            n += int(labels.shape[0])
+            n += len(batch)
+            batch.release()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return n
@@ -340,10 +343,11 @@ def ingest(spec, sizes, a, device, repeat: int = 8) -> dict[str, Any]:
         n = 0
         flat = [g for gs in by_worker for g in gs]
         skips = [0] * len(counts)
-        for images, labels, entries in batches(canonical_runs(iter(flat), big, skips, block), a.batch_size,
-                                               pin_memory=device.type == "cuda", borrow=True):
-            renderers.to_device(images, entries, spec.recipe, device, spec.size)
-            n += int(labels.shape[0])
+        for batch in batches(canonical_runs(iter(flat), big, skips, block), a.batch_size,
+                             pin_memory=device.type == "cuda"):
+            renderers.to_device(batch.images, batch.entries, spec.recipe, device, spec.size)
+            n += len(batch)
+            batch.release()
         return n
 
     return {"through_workers": timed(run), "in_process": timed(in_process),

@@ -10,8 +10,9 @@ Stream shapes:
             group_items        -> ItemGroup: a worker's Items in one block of `spec.block` seqs (one tensor per
                                   transfer; training's block is the rank's batch)
     main:   canonical_runs     -> groups in round-robin order of (block, worker): independent of scheduling
-            batches            -> (images (B,3,S,S), labels (B,), entries {name: (B,…)}): a batch inside one group
-                                  is a view of it (a worker's ring slot only when borrowed); others are copied
+            batches            -> Batch(images (B,3,S,S), labels (B,), entries {name: (B,…)}): a batch that is one
+                                  whole group is that group's memory (a worker's ring slot, lent); others are
+                                  copied. The holder calls batch.release() when it has read it (transfer.Loan)
 Every rank gets the same number of samples per epoch (padding repeats a rank's first samples; reported),
 so every rank runs the same number of steps and no collective ever waits for a rank that ran out.
 """
@@ -19,7 +20,6 @@ so every rank runs the same number of steps and no collective ever waits for a r
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import heapq
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,7 +34,7 @@ from .data import keep_as_is, iter_raw_samples, parse_sample, shard_name
 from .errors import BadSampleError, CacheMismatchError, DKDCacheError, ShardError
 from . import renderers
 from .renderers import Packed
-from .transfer import RingSlot, TransferRing
+from .transfer import Loan, RingSlot, TransferRing
 from .views import Recipe, center_crop, decode, draw_view, pixel_major, render_decoded
 
 
@@ -190,7 +190,7 @@ class ItemGroup:
     images: torch.Tensor | Packed | RingSlot | None  # uint8 (m, 3, S, S); Packed decoded images (device renderer);
     labels: np.ndarray  # int64 (m,)                 # a worker's TransferRing slot (main: resolved to its rows); None
     entries: dict[str, np.ndarray]  # name -> (m, …)
-    release: Callable[[], None] | None = None  # images in a ring slot: hand the slot back once they are copied out
+    loan: Loan | None = None  # images in a ring slot: lent to whoever takes the group's rows, who releases it
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -453,8 +453,8 @@ def _as_groups(stream: Iterable, block: int, ring: TransferRing | None = None) -
             yield from group_items(loose, block)
             loose = []
             if isinstance(x.images, RingSlot):
-                x = dataclasses.replace(x, images=ring.buffer(x.images), release=functools.partial(ring.release,
-                                                                                                    x.images))
+                loan = ring.lend(x.images)
+                x = dataclasses.replace(x, images=loan.tensor, loan=loan)
             yield x
         else:
             loose.append(x)
@@ -471,29 +471,70 @@ def canonical_items(loader: Iterable, plan: RankPlan, skips: Sequence[int], bloc
     for group in canonical_runs(loader, plan, skips, block):
         for i in range(len(group)):
             item = group.item(i)
-            if group.release is not None and item.image is not None:
+            if group.loan is not None and item.image is not None:
                 item = dataclasses.replace(item, image=item.image.clone())
             yield item
-        if group.release is not None:
-            group.release()
+        if group.loan is not None:
+            group.loan.release()
 
 
-def batches(groups: Iterable[ItemGroup], batch_size: int, *, pin_memory: bool = False, borrow: bool = False
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
-    """Groups in canonical order -> (images uint8 (B,3,S,S), labels int64 (B,), entries {name: tensor (B,…)}).
+class Batch:
+    """One batch: images uint8 (B, 3, S, S) (Packed decoded images for the device renderer, None when the stream
+    renders none), labels int64 (B,), entries {name: (B, …)}.
 
-    A batch that lies inside one group (training's, whose block is the batch) is a view of the group's memory when
-    that memory is its own, or, with `borrow`, a worker's TransferRing slot lent until the next batch is asked for
-    (the training loop normalises a batch into new memory before it asks; a caller that keeps batches must not
-    borrow). Any other batch, and every batch to be pinned (for a non-blocking copy to a GPU), is copied once,
-    slice by slice, into fresh memory, and a slot it came from goes back at once; the copy is numpy's
-    single-threaded memcpy: a torch copy here would wake the intra-op thread pool, which stalls for milliseconds
-    while DataLoader workers hold the cores."""
+    Its images may be a worker's transfer slot, lent: the holder calls release() once it has read them (training:
+    after normalising them into new memory), and the slot goes back to its worker then, never earlier. Reading a
+    released batch raises LoanError; a batch that is never released keeps its slot (the worker falls back to fresh
+    memory), so keeping batches (`list(batches(...))`) is safe, only slower. `with batch:` releases on exit."""
+
+    __slots__ = ("_loan", "_labels", "_entries")
+
+    def __init__(self, images: Loan, labels: torch.Tensor, entries: dict[str, torch.Tensor]):
+        self._loan, self._labels, self._entries = images, labels, entries
+
+    @property
+    def images(self) -> torch.Tensor | Packed | None:
+        return self._loan.tensor  # raises LoanError once released
+
+    @property
+    def labels(self) -> torch.Tensor:
+        self._loan.tensor  # noqa: B018  (the same guard: a released batch is gone as a whole)
+        return self._labels
+
+    @property
+    def entries(self) -> dict[str, torch.Tensor]:
+        self._loan.tensor  # noqa: B018
+        return self._entries
+
+    @property
+    def lent(self) -> bool:
+        """Its images are a worker's transfer slot (not memory of its own)."""
+        return self._loan.from_ring
+
+    def __len__(self) -> int:
+        return self._labels.shape[0]
+
+    def release(self) -> None:
+        self._loan.release()
+
+    def __enter__(self) -> "Batch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._loan.released:
+            self.release()
+
+
+def batches(groups: Iterable[ItemGroup], batch_size: int, *, pin_memory: bool = False) -> Iterator[Batch]:
+    """Groups in canonical order -> Batch.
+
+    A batch that is one whole group (training's, whose block is the batch) is that group's memory, a worker's
+    TransferRing slot included, lent until the holder releases it. Any other batch, and every batch to be pinned
+    (for a non-blocking copy to a GPU), is copied once, slice by slice, into fresh memory, and each slot it came from
+    goes back as soon as its last rows are copied; the copy is numpy's single-threaded memcpy: a torch copy here
+    would wake the intra-op thread pool, which stalls for milliseconds while DataLoader workers hold the cores."""
     for run in _runs(groups, batch_size):
-        batch, lent = collate(run, pin_memory, borrow)
-        yield batch
-        for release in lent:  # the next batch is asked for: the lent slots go back to their workers
-            release()
+        yield collate(run, pin_memory)
 
 
 def _runs(groups: Iterable[ItemGroup], batch_size: int) -> Iterator[list[tuple[ItemGroup, int, int]]]:
@@ -514,14 +555,14 @@ def _runs(groups: Iterable[ItemGroup], batch_size: int) -> Iterator[list[tuple[I
         yield run
 
 
-def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False, borrow: bool = False):
-    """One batch from group slices -> ((images, labels, entries), the releases of ring slots it borrows)."""
+def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False) -> Batch:
+    """One batch from group slices: the group itself when the batch is one whole group, else a copy."""
     g, a, b = run[0]
-    if len(run) == 1 and not pin_memory and (g.release is None or borrow):  # views, nothing copied or touched
+    if len(run) == 1 and not pin_memory and (g.loan is None or (a == 0 and b == len(g))):
+        # views, nothing copied or touched: a slice of memory the group owns, or a whole lent slot, lent on
         images = g.images.slice(a, b) if isinstance(g.images, Packed) else None if g.images is None else g.images[a:b]
-        lent = [g.release] if g.release is not None and b == len(g) else []
         entries = {k: torch.from_numpy(v[a:b]) for k, v in g.entries.items()}
-        return (images, torch.from_numpy(g.labels[a:b]), entries), lent
+        return Batch(g.loan or Loan(images), torch.from_numpy(g.labels[a:b]), entries)
     n = sum(stop - start for _, start, stop in run)
     first = run[0][0]
     images = None
@@ -536,6 +577,6 @@ def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False,
     labels = torch.from_numpy(np.concatenate([g.labels[a:b] for g, a, b in run]))
     entries = {k: torch.from_numpy(np.concatenate([g.entries[k][a:b] for g, a, b in run])) for k in first.entries}
     for g, _, stop in run:
-        if stop == len(g) and g.release is not None:  # the group's last rows are copied out: its slot is free
-            g.release()
-    return (images, labels, entries), []
+        if stop == len(g) and g.loan is not None:  # the group's last rows are copied out: its slot is free
+            g.loan.release()
+    return Batch(Loan(images), labels, entries)

@@ -27,7 +27,7 @@ from . import run_checkpoint
 from . import train_setup
 from .data import expand_shards, scan_shards
 from .errors import ConfigError, DKDCacheError
-from .loader import RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch, skips_for
+from .loader import Batch, RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch, skips_for
 from .metrics_log import EpochClock, MetricsLog, PendingStep, status_line
 from .progress import Progress
 from .run_checkpoint import Position, plan_workers, transfer_block  # noqa: F401  (transfer_block: its home)
@@ -70,10 +70,11 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
         clock = EpochClock(steps=p.steps, first_step=step, step_in_epoch0=consumed // local_batch, t0=t0)
         run.model.train()
         with Progress(total=p.steps * local_batch - consumed, label=f"epoch {epoch}", enabled=lines) as bar:
-            for images, labels, entries in itertools.islice(stream, p.steps - consumed // local_batch):
+            for batch in itertools.islice(stream, p.steps - consumed // local_batch):
                 view_epoch = epoch + min(m - 1, consumed * m // p.views)  # the epoch of views this step is in
                 lr = set_lr(run.optimizer, lr_at(cfg, view_epoch))
-                x, labels, kd_fn = step_inputs(cfg, run, images, labels, entries, p.size)
+                x, labels, kd_fn = step_inputs(cfg, run, batch, p.size)
+                batch.release()  # x holds the pixels now: the batch's transfer slot goes back to its worker
                 # DKD's warm-up (official code): the KD term ramps as min(epoch / warmup, 1), epochs counted from 1
                 losses = train_step(run.ddp_model, run.optimizer, x, labels, kd_fn, kd_factor=kd_factor(cfg, view_epoch),
                                     ce_weight=cfg.ce_weight if cfg.loss == "dkd" else 1.0, amp=cfg.amp, dinfo=dinfo,
@@ -166,14 +167,13 @@ def with_views(plan: RankPlan, m: int) -> RankPlan:
 
 
 def epoch_batches(spec: StreamSpec, plan: RankPlan, skips: Sequence[int], *, workers: int, block: int,
-                  batch_size: int, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+                  batch_size: int, pin_memory: bool = False) -> Iterator[Batch]:
     """The rank's batches of one pass in the canonical order, from `skips` on (a resume): the worker streams
     (tar read, cache join, shuffle buffer, render) -> groups in canonical order -> batches.
 
-    Borrowed: a batch may be a worker's transfer slot, valid until the next is asked for; each step normalises it
-    into new memory first."""
+    A batch may be a worker's transfer slot, lent: the step normalises it into new memory, then releases it."""
     loader = own_generator(make_loader(spec, plan, skips, workers), spec.seed)
-    return batches(canonical_runs(loader, plan, skips, block), batch_size, pin_memory=pin_memory, borrow=True)
+    return batches(canonical_runs(loader, plan, skips, block), batch_size, pin_memory=pin_memory)
 
 
 def own_generator(loader: DataLoader, seed: int) -> DataLoader:
@@ -184,12 +184,14 @@ def own_generator(loader: DataLoader, seed: int) -> DataLoader:
     return loader
 
 
-def step_inputs(cfg: TrainConfig, run: train_setup.TrainSetup, images, labels: torch.Tensor, entries: dict,
-                size: int) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
-    """A batch on the device, normalised; the KD term as a function of the student's logits (None for CE)."""
-    x = normalize(renderers.to_device(images, entries, run.data.recipe, run.device, size), run.data.recipe,
+def step_inputs(cfg: TrainConfig, run: train_setup.TrainSetup, batch: Batch, size: int
+                ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """A batch on the device, normalised into new memory (the batch may be released after this); the KD term as a
+    function of the student's logits (None for CE)."""
+    entries = batch.entries
+    x = normalize(renderers.to_device(batch.images, entries, run.data.recipe, run.device, size), run.data.recipe,
                   cfg.channels_last)
-    labels = labels.to(run.device)
+    labels = batch.labels.to(run.device)
     if run.teacher is not None:  # live: the teacher's signal in exact storage, the same loss as cached
         entries = encode_entries(teacher_forward(run.teacher, x, run.teacher_policy), labels, run.storage)
     if cfg.loss != "dkd":
@@ -268,9 +270,9 @@ def evaluate(model, cfg: TrainConfig, recipe: Recipe, num_classes: int, device, 
         counts = [len(ix.keys) for ix in scan_shards(mine)]
         plan = RankPlan(workers=(tuple(Task(i) for i in range(len(mine))),), counts=(sum(counts),), padding=0)
         loader = own_generator(make_loader(spec, plan, [0], min(cfg.workers, 1)), cfg.seed)
-        for images, labels, _ in batches(canonical_runs(loader, plan, [0], EVAL_BATCH), EVAL_BATCH,
-                                         borrow=True):
-            x = normalize(images.to(device), recipe, cfg.channels_last)
+        for batch in batches(canonical_runs(loader, plan, [0], EVAL_BATCH), EVAL_BATCH):
+            with batch:  # released once normalised: x is new memory
+                x, labels = normalize(batch.images.to(device), recipe, cfg.channels_last), batch.labels
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                 logits = model(x).float()
             top5 = logits.topk(min(5, num_classes), dim=1).indices.cpu()

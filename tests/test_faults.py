@@ -283,7 +283,7 @@ def _epoch_keys(monkeypatch, spec: StreamSpec, sizes, keys: list[str], *, world,
     plan = plan_epoch(sizes, seed=spec.seed, epoch=spec.epoch, world=world, rank=rank, workers=workers)
     skips = skips_for(plan.counts, consumed, spec.block)
     stream = epoch_batches(spec, plan, skips, workers=0, block=spec.block, batch_size=spec.block)
-    return [keys[i] for _, labels, _ in stream for i in labels.tolist()], plan.padding
+    return [keys[i] for batch in stream for i in batch.labels.tolist()], plan.padding
 
 
 def test_every_sample_once_per_epoch_across_ranks_workers_and_resume(monkeypatch, shards, cache_path):

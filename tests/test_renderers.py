@@ -77,8 +77,10 @@ def _loader_pixels(spec: StreamSpec, sizes, workers: int) -> dict[tuple[str, int
     plan = with_views(plan, spec.views_per_decode)
     skips = [0] * len(plan.counts)
     out = []
-    for images, labels, entries in batches(canonical_runs(make_loader(spec, plan, skips, workers), plan, skips), 8):
-        px = renderers.to_device(images, entries, spec.recipe, "cpu", spec.size)
+    for batch in batches(canonical_runs(make_loader(spec, plan, skips, workers), plan, skips), 8):
+        labels, entries = batch.labels, batch.entries
+        px = renderers.to_device(batch.images, entries, spec.recipe, "cpu", spec.size).clone()
+        batch.release()
         for i in range(px.shape[0]):
             key = (tuple(int(v) for v in entries["views/box"][i]), int(entries["views/flip"][i]), int(labels[i]))
             out.append((key, px[i]))

@@ -85,7 +85,8 @@ def test_a_batch_inside_one_transfer_group_is_that_group_not_a_copy():
     plan = type(plan)(workers=plan.workers, counts=tuple(counts), padding=0)
     groups = _groups(counts, block)
     order = list(canonical_position(counts, block))
-    got = list(batches(canonical_runs(iter(groups[::-1]), plan, [0, 0, 0], block), block))
+    got = [(b.images, b.labels, b.entries) for b in batches(canonical_runs(iter(groups[::-1]), plan, [0, 0, 0],
+                                                                            block), block)]
     assert sum(len(labels) for _, labels, _ in got) == sum(counts)
     at = 0
     for images, labels, entries in got:
