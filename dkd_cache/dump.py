@@ -48,7 +48,7 @@ from .logit_codecs import Codec, parse_codec
 from .progress import Progress
 from .teacher import TeacherInfo, load_teacher
 from .teacher_signal import LSE, TARGET, ComputePolicy, Storage, encode_entries, resolve_policy, teacher_forward
-from .transfer import RingSlot, TransferRing
+from .transfer import Loan, RingSlot, TransferRing
 from .views import Recipe, decode, draw_view, normalize, parse_positive_int, pixel_major, render_decoded
 
 
@@ -312,18 +312,6 @@ def render_shard(shard: int, url: str, meta: CacheMeta, skip_bad: bool, ring: Tr
 
 
 # ------------------------------------------------------------------------------------------- main stages
-class _LentViews:
-    """A sample's V views in a worker's ring slot: the slot goes back once every view is copied into a batch."""
-
-    def __init__(self, ring: TransferRing, lent: RingSlot, views: int):
-        self.ring, self.lent, self.left = ring, lent, views
-
-    def views_copied(self, n: int) -> None:
-        self.left -= n
-        if self.left == 0:
-            self.ring.release(self.lent)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class SampleViews:
     """A sample's views as the teacher stage takes them (views 0: a skipped sample, which only counts)."""
@@ -335,7 +323,7 @@ class SampleViews:
     pixels: torch.Tensor | None  # uint8 (V, 3, S, S); device renderer: the decoded image (3, H, W)
     boxes: np.ndarray  # (V, 4)
     flips: np.ndarray  # (V,)
-    lent: _LentViews | None  # the worker's ring slot holding `pixels`, released once every view is copied
+    loan: Loan | None  # the worker's ring slot holding `pixels`: released once its last view is in a teacher batch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -383,11 +371,12 @@ def sample_views(items: Iterator[RenderedSample | RenderFailed], writer: CacheWr
             raise item.error
         writer.add_sample(SampleRow(shard=item.shard, pos=item.pos, boxes=item.boxes, flips=item.flips,
                                     height=item.height, width=item.width, skipped=item.skipped))
-        pixels, lent = item.images, None
+        pixels, loan = item.images, None
         if isinstance(pixels, RingSlot):
-            pixels, lent = ring.buffer(pixels), _LentViews(ring, pixels, v)
+            loan = ring.lend(pixels)
+            pixels = loan.tensor
         yield SampleViews(shard=item.shard, pos=item.pos, label=item.label, views=0 if pixels is None else v,
-                          pixels=pixels, boxes=item.boxes, flips=item.flips, lent=lent)
+                          pixels=pixels, boxes=item.boxes, flips=item.flips, loan=loan)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -444,9 +433,9 @@ def teacher_logits(batches: Iterator[TeacherBatch], meta: CacheMeta, model: torc
         else:
             pixels = renderers.stack([sp.sample.pixels[v] for sp in batch.spans for v in range(sp.first, sp.stop)],
                                      device.type == "cuda").to(device, non_blocking=True)
-            for sp in batch.spans:  # copied: a sample's ring slot goes back once all its views are
-                if sp.sample.lent is not None:
-                    sp.sample.lent.views_copied(sp.stop - sp.first)
+            for sp in batch.spans:  # copied: a sample's slot goes back with its last view ((sample, view) order)
+                if sp.sample.loan is not None and sp.stop == sp.sample.views:
+                    sp.sample.loan.release()
         yield BatchLogits(batch=batch, logits=teacher_forward(model, normalize(pixels, meta.recipe), policy))
 
 
