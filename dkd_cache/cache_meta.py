@@ -339,6 +339,11 @@ class CacheMeta:
                 out.append(f"{field}: cache has {a[field]}, this run has {b[field]}")
         if self.renderer.name != other.renderer.name:
             out.append(f"renderer: cache rendered with {self.renderer.name!r}, this run with {other.renderer.name!r}")
+        interp = self.recipe.interpolation
+        mine, theirs = self.renderer.resize.get(interp), other.renderer.resize.get(interp)
+        if mine is not None and theirs is not None and mine != theirs:  # another host's kernel: pixels differ by a level
+            out.append(f"resize kernel: cache rendered {interp} views with {mine!r}, this host would use {theirs!r}; "
+                       "finish the dump on a host of the same CPU capability")
         if a["compute"].get("amp") != b["compute"].get("amp"):
             out.append(f"amp: cache computed with {a['compute'].get('amp')}, this run with {b['compute'].get('amp')}")
         ma, mb = self.manifest, other.manifest

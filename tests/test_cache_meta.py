@@ -185,3 +185,16 @@ def test_library_versions_name_the_jpeg_decoder_torchvision_decodes_with():
     assert versions["jpeg_decoder"].endswith(f"(jpeglib API {api // 10}.{api % 10})")
     turbo = bool(torch.ops.image._is_compiled_against_turbo())
     assert versions["jpeg_decoder"].startswith("libjpeg-turbo" if turbo else "libjpeg (")
+
+
+def test_finishing_a_dump_on_a_host_that_resizes_with_another_kernel_is_refused(cache_path):
+    """A dump resumed on a host without AVX2 would render the rest of the cache with torchvision's float path:
+    pixels a level off the ones the first host rendered. Create-or-compare names it instead of mixing them."""
+    meta = cache_mod.open_cache(cache_path).meta
+    here = meta.renderer.resize[meta.recipe.interpolation]
+    other = dataclasses.replace(meta.renderer, cpu_capability="DEFAULT",
+                                resize={**meta.renderer.resize, meta.recipe.interpolation: here + " (other)"})
+    diffs = meta.differences(dataclasses.replace(meta, renderer=other))
+    assert len(diffs) == 1 and diffs[0].startswith("resize kernel") and "other" in diffs[0]
+    older = dataclasses.replace(meta.renderer, cpu_capability=None, resize={})  # not recorded: nothing to compare
+    assert meta.differences(dataclasses.replace(meta, renderer=older)) == []
