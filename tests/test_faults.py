@@ -252,8 +252,8 @@ def test_train_killed_mid_epoch_and_mid_checkpoint_then_resumed_equals_uninterru
     _assert_same_weights(full, run)
 
 
-def test_a_full_disk_while_a_checkpoint_is_written_is_named_and_the_previous_one_stands(shards, cache_path, tmp_path,
-                                                                                       server):
+def test_a_full_disk_while_a_training_checkpoint_is_written_is_named_and_the_previous_one_stands(
+        shards, cache_path, tmp_path, server):
     run = tmp_path / "run"
     res = runner.invoke(app, _train_args(shards, cache_path, run, "--max-steps", "2"))  # checkpoint at step 2
     assert res.exit_code == 0, res.output
