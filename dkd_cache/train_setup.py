@@ -20,7 +20,7 @@ from . import renderers, tb_log
 from .data import expand_shards, index_differs, match_shards, scan_shards, shard_name
 from .data_fingerprint import DataFingerprint, ShardPrint, cache_identity, of_shards, teacher_identity
 from .errors import BadSampleError, CacheMismatchError, ConfigError
-from .teacher import build_model, load_teacher
+from .teacher import build_model, load_teacher, same_weights
 from .teacher_signal import Storage, resolve_policy
 from .train_config import TrainConfig, lr_at, student_size
 from .views import Recipe
@@ -77,7 +77,7 @@ def resolve(cfg: TrainConfig) -> TrainSetup:
         teacher, teacher_info = load_teacher(cfg.teacher_arch, cfg.live_teacher, device=device)
         if teacher_info.num_classes != data.num_classes:
             raise ConfigError(f"live teacher has {teacher_info.num_classes} classes, the data {data.num_classes}")
-        if data.cache is not None and teacher_info.sha256 != data.cache.meta.teacher.sha256 and dinfo.is_main:
+        if data.cache is not None and not same_weights(teacher_info, data.cache.meta.teacher) and dinfo.is_main:
             warnings.warn("the live teacher's weights differ from the cache's teacher", stacklevel=2)
     # the teacher's signal: the cache's storage, or (live) exact storage of the teacher computed per batch
     storage = policy = None

@@ -202,3 +202,26 @@ def test_torchrun_two_ranks_unequal_shards_finish_with_equal_steps(shards, cache
     # the summary is printed once, by rank 0
     summaries = [line for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and json.loads(summaries[0])["epoch"] == 1, r.stdout
+
+
+def test_a_live_teacher_is_compared_with_the_cache_by_its_tensors_not_its_file(shards, cache_path, teacher_ckpt,
+                                                                               tmp_path):
+    """The cache's teacher re-saved as safetensors is the same teacher (no warning); other tensors are warned of."""
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from dkd_cache import train_setup
+    from dkd_cache.checkpoint import save_checkpoint
+
+    sd = read_checkpoint(teacher_ckpt)["model"]
+    resaved = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(resaved))
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, model={k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}, arch="resnet18")
+    for path, warned in ((resaved, False), (other, True)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            train_setup.resolve(cfg(shards, tmp_path / path.stem, cache=str(cache_path), live_teacher=str(path),
+                                    teacher_arch="resnet18"))
+        assert any("weights differ" in str(w.message) for w in seen) == warned, path
