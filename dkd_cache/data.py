@@ -9,6 +9,7 @@ Members are read as raw bytes and never unpickled; only image, .cls and .json me
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 import braceexpand
 
 from . import remote_shards
+from .store import is_remote
 from .errors import BadSampleError, ConfigError, RemoteReadError, ShardError, ShardNotFoundError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -112,6 +114,31 @@ def expand_shards(spec: str | Sequence[str], *, allow_pipe: bool = False) -> lis
     if dupes:
         raise ConfigError(f"shard names must be unique (they key the cache), repeated: {dupes[:5]}")
     return urls
+
+
+def check_out_path(out: str, urls: Sequence[str], patterns: Sequence[str] = ()) -> None:
+    """Refuse an output that is an input shard, holds input shards, or that an input pattern (glob or brace
+    pattern) would match, so that a later run with the same --shards would read the cache as a shard. A cache
+    beside its shards, or in a folder below them, is fine."""
+    if is_remote(out):
+        prefix = out.rstrip("/")
+        if any(u == prefix or u.startswith(prefix + "/") for u in urls):
+            raise ConfigError(f"--out {out} is or holds input shards; choose another prefix")
+        return
+    out_p = Path(out).resolve()
+    for u in urls:
+        if u.startswith(REMOTE_PREFIXES):
+            continue
+        up = Path(u).resolve()
+        if out_p == up or out_p in up.parents:
+            raise ConfigError(f"--out {out} is or holds the input shard {u}; choose another path")
+    for spec in patterns:
+        if spec.startswith(REMOTE_PREFIXES) or not any(c in spec for c in "*?[{"):
+            continue
+        for one in braceexpand.braceexpand(spec):
+            if fnmatch.fnmatchcase(str(out_p), str(Path(one).absolute().resolve())):
+                raise ConfigError(f"--out {out} matches the input pattern {spec!r}: a later run with the same "
+                                  "--shards would read the cache as a shard; choose a path the pattern misses")
 
 
 def _expand_one(spec: str, allow_pipe: bool) -> list[str]:

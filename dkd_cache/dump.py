@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import fnmatch
 import functools
 import math
 import os
@@ -26,9 +25,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
-import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -38,10 +35,9 @@ from . import calibration
 from . import dist as dist_mod
 from . import host_threads
 from . import renderers
-from . import store as store_mod
 from .cache_meta import CacheMeta, build_manifest, library_versions
 from .cache_writer import CacheWriter, LogitRows, SampleRow, WriterSpec, open_writer
-from .data import REMOTE_PREFIXES, expand_shards, iter_raw_samples, keep_as_is, match_shards, parse_sample, scan_shards
+from .data import check_out_path, expand_shards, iter_raw_samples, keep_as_is, match_shards, parse_sample, scan_shards
 from .dist import DistInfo
 from .errors import BadSampleError, ConfigError, DKDCacheError, ShardError
 from .logit_codecs import Codec, parse_codec
@@ -127,7 +123,7 @@ def resolve_plan(s: DumpSettings) -> DumpPlan:
     dinfo = dist_mod.init(s.device)
     device = torch.device(f"cuda:{dinfo.local_rank}" if s.device == "cuda" else s.device)
     urls = expand_shards(s.shards, allow_pipe=s.allow_pipe)
-    check_out_path(s.out, urls, [s.shards] if isinstance(s.shards, str) else list(s.shards))
+    check_out_path(s.out, urls, [s.shards] if isinstance(s.shards, str) else list(s.shards))  # not an input
     model, tinfo = load_teacher(s.arch, s.weights, device=device)
     return DumpPlan(settings=s, dist=dinfo, device=device, urls=tuple(urls), model=model, teacher=tinfo,
                     compute=resolve_policy(device, s.amp), codec=parse_codec(s.codec, tinfo.num_classes))
@@ -161,31 +157,6 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                       samples=sum(writer.meta.manifest.shards[i].samples for i in shards), views_written=counts.views,
                       skipped=counts.skipped, seconds=seconds, views_per_s=counts.views / max(seconds, 1e-9),
                       complete=complete, rank=plan.dist.rank, world=plan.dist.world)
-
-
-def check_out_path(out: str, urls: Sequence[str], patterns: Sequence[str] = ()) -> None:
-    """Refuse an output that is an input shard, holds input shards, or that an input pattern (glob or brace
-    pattern) would match, so that a later run with the same --shards would read the cache as a shard. A cache
-    beside its shards, or in a folder below them, is fine."""
-    if store_mod.is_remote(out):
-        prefix = out.rstrip("/")
-        if any(u == prefix or u.startswith(prefix + "/") for u in urls):
-            raise ConfigError(f"--out {out} is or holds input shards; choose another prefix")
-        return
-    out_p = Path(out).resolve()
-    for u in urls:
-        if u.startswith(REMOTE_PREFIXES):
-            continue
-        up = Path(u).resolve()
-        if out_p == up or out_p in up.parents:
-            raise ConfigError(f"--out {out} is or holds the input shard {u}; choose another path")
-    for spec in patterns:
-        if spec.startswith(REMOTE_PREFIXES) or not any(c in spec for c in "*?[{"):
-            continue
-        for one in braceexpand.braceexpand(spec):
-            if fnmatch.fnmatchcase(str(out_p), str(Path(one).absolute().resolve())):
-                raise ConfigError(f"--out {out} matches the input pattern {spec!r}: a later run with the same "
-                                  "--shards would read the cache as a shard; choose a path the pattern misses")
 
 
 # ------------------------------------------------------------------------------------------- worker stage

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dkd_cache.cli import app
-from dkd_cache.dump import check_out_path, dump_teacher
+from dkd_cache.data import check_out_path
+from dkd_cache.dump import dump_teacher
 from dkd_cache.errors import ConfigError
 
 from .conftest import dump_settings
