@@ -16,6 +16,7 @@ import zarr
 from . import FORMAT_VERSION, __version__
 from .data import ShardIndex, keys_digest
 from .errors import CacheMetadataError, CacheMismatchError, ConfigError
+from .codec_fidelity import CodecFidelity, parse_fidelity
 from .logit_codecs import Codec, codec_from_dict
 from .renderers import RendererInfo
 from .teacher import TeacherInfo, same_teacher
@@ -180,6 +181,15 @@ def parse_compute(value: Any, *, where: str = METADATA) -> ComputePolicy | None:
         raise CacheMetadataError(where, "compute", str(e)) from None
 
 
+def parse_codec_fidelity(value: Any, *, where: str = METADATA) -> CodecFidelity | None:
+    """The held-out fidelity measured at dump time (codec_fidelity.CodecFidelity or its table), or None: not
+    recorded (caches written before it was, or written without a calibration hook)."""
+    try:
+        return parse_fidelity(value)
+    except ConfigError as e:
+        raise CacheMetadataError(where, "fidelity", str(e)) from None
+
+
 def parse_skipped(value: Any, *, where: str = METADATA) -> tuple[SkippedSample, ...]:
     """A list of skipped samples, each a SkippedSample or a table of exactly shard, key, reason (strings; an
     unknown key is refused: each entry stands for one row marked skipped, and nothing else is recorded there)."""
@@ -232,7 +242,8 @@ class CacheMeta:
     what the rows mean, and a dump rewrites zarr.json when it completes, which would silently drop it; a change of
     meaning bumps the format version. Kept as written: the libraries in `versions` and in the renderer's `versions`,
     and the statistics of a learned codec's fit record (informational). Fields added after format version 1 was first
-    written are optional: `compute` (None: not recorded), `renderer` (the cpu renderer), and `state` / `skipped`."""
+    written are optional: `compute` (None: not recorded), `renderer` (the cpu renderer), `state` / `skipped`, and
+    `fidelity` (None: not measured; written only when measured, so older readers' JSON is unchanged)."""
 
     format_version: int
     teacher: TeacherInfo
@@ -249,6 +260,7 @@ class CacheMeta:
     renderer: RendererInfo = dataclasses.field(default_factory=lambda: RendererInfo.from_dict(None))
     state: CacheState = CacheState.WRITING
     skipped: tuple[SkippedSample, ...] = ()
+    fidelity: CodecFidelity | None = None  # held-out fidelity of the codec (codec_fidelity); None: not recorded
 
     def __post_init__(self) -> None:
         parsed = {"teacher": parse_teacher(self.teacher), "codec": parse_codec_record(self.codec),
@@ -256,7 +268,8 @@ class CacheMeta:
                   "skipped": parse_skipped(self.skipped), "seed": parse_int("seed", self.seed),
                   "views": parse_int("views", self.views, minimum=1),
                   "chunk_rows": parse_int("chunk_rows", self.chunk_rows, minimum=1),
-                  "temperatures": parse_temperatures(self.temperatures), "versions": parse_versions(self.versions)}
+                  "temperatures": parse_temperatures(self.temperatures), "versions": parse_versions(self.versions),
+                  "fidelity": parse_codec_fidelity(self.fidelity)}
         for name, kind in (("recipe", Recipe), ("manifest", Manifest), ("renderer", RendererInfo)):
             if not isinstance(getattr(self, name), kind):
                 raise CacheMetadataError(METADATA, name, f"must be a {kind.__name__}, got {getattr(self, name)!r}")
@@ -276,7 +289,8 @@ class CacheMeta:
                 "manifest": self.manifest.to_dict(), "versions": self.versions,
                 "compute": {} if self.compute is None else self.compute.to_dict(),
                 "renderer": self.renderer.to_dict(), "state": self.state.value,
-                "skipped": [s.to_dict() for s in self.skipped]}
+                "skipped": [s.to_dict() for s in self.skipped]} | (
+                    {} if self.fidelity is None else {"fidelity": self.fidelity.to_dict()})
 
     @classmethod
     def from_dict(cls, d: Any, *, where: str = METADATA) -> "CacheMeta":
@@ -322,7 +336,8 @@ class CacheMeta:
                        compute=parse_compute(d.get("compute"), where=where),
                        renderer=nested("renderer", lambda v: RendererInfo.from_dict(v)),
                        state=parse_state(d.get("state", CacheState.WRITING.value), where=where),
-                       skipped=parse_skipped(d.get("skipped", []), where=where))
+                       skipped=parse_skipped(d.get("skipped", []), where=where),
+                       fidelity=parse_codec_fidelity(d.get("fidelity"), where=where))
         except CacheMetadataError as e:
             if e.cache == where:
                 raise

@@ -24,6 +24,7 @@ from .cache_meta import (STATUS_OK, STATUS_SKIPPED, CacheMeta, CacheState, Shard
 from .data import ShardIndex
 from .dist import DistInfo, barrier, broadcast_object, on_rank0
 from .errors import CacheError, CacheMismatchError, ConfigError, DKDCacheError
+from .codec_fidelity import CodecFidelity
 from .logit_codecs import Codec
 from .store import DiskLocation, Lease, ObjectLocation, location
 
@@ -215,15 +216,27 @@ class NewCache:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Calibrated:
+    """What the calibration hook gives: the codec to store (fitted, if learned; chosen, with --codec auto) and its
+    held-out fidelity (None: not measured)."""
+
+    codec: Codec
+    fidelity: CodecFidelity | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class WriterSpec:
     """How to open a writer. `meta`: this run's metadata; its manifest is built here from `scan`, which runs on
-    rank 0 only, under the writer lease (a refused second dump never pays for a scan). `fit_codec` runs only when
-    a cache is created with a learned codec: the caller passes the fit, so the writer never builds a teacher."""
+    rank 0 only, under the writer lease (a refused second dump never pays for a scan). `calibrate` runs only when
+    a cache is created: the caller passes it (calibration.calibrate), so the writer never builds a teacher; a
+    learned codec needs it. `codec_chosen`: the codec is chosen by `calibrate` (--codec auto), so a cache that
+    exists keeps the codec it was created with."""
 
     out: str
     meta: CacheMeta  # its manifest is replaced by the one built from the scan
     scan: Callable[[], Sequence[ShardIndex]]
-    fit_codec: Callable[[NewCache], Codec] | None = None
+    calibrate: Callable[[NewCache], Calibrated] | None = None
+    codec_chosen: bool = False
     dist: DistInfo = DistInfo()
     lease_seconds: float = 120.0
 
@@ -429,7 +442,7 @@ def _create_or_compare(spec: WriterSpec) -> None:
     new = NewCache(meta=meta, indexes=indexes)
     if out.exists("zarr.json"):
         existing = open_cache(spec.out, mode="r+")
-        if existing.meta.codec.name == meta.codec.name:
+        if existing.meta.codec.name == meta.codec.name or spec.codec_chosen:
             meta = dataclasses.replace(meta, codec=existing.meta.codec)
         diffs = existing.meta.differences(meta)
         if diffs:
@@ -439,10 +452,11 @@ def _create_or_compare(spec: WriterSpec) -> None:
     if not out.is_empty() and not (out.is_remote and out.keys("_dkd") == ["lease.json"]):
         raise CacheError(f"{spec.out} exists and is not a dkd-cache store; choose another --out")
     codec = meta.codec
-    if codec.learned:
-        if spec.fit_codec is None:
-            raise ConfigError(f"codec {codec.name!r} is learned and needs a fit on the teacher's logits; "
-                              "the writer was given none")
-        codec = spec.fit_codec(new)
-        meta = dataclasses.replace(meta, codec=codec)
+    if spec.calibrate is not None:
+        calibrated = spec.calibrate(new)
+        codec = calibrated.codec
+        meta = dataclasses.replace(meta, codec=codec, fidelity=calibrated.fidelity)
+    elif codec.learned or spec.codec_chosen:
+        raise ConfigError(f"codec {codec.name!r} is learned (or chosen on calibration) and needs a fit on the "
+                          "teacher's logits; the writer was given none")
     create_cache(spec.out, meta, new.indexes, codec.arrays(meta.num_classes), codec.state_arrays())

@@ -129,9 +129,15 @@ def dump_teacher_cmd(
     arch: Annotated[Optional[str], typer.Option(help="Teacher architecture (any torchvision classifier)")] = None,
     views: Annotated[Optional[int], typer.Option(help="Augmented views per sample (one per epoch)")] = None,
     topk: Annotated[Optional[str], typer.Option(help="Shorthand codec: K for topk:K, 'all' for fp32")] = None,
-    codec: Annotated[Optional[str], typer.Option(help="Logit codec: topk:K, topk:K+qB (B=2,4,8), q8, fp16, fp32, "
+    codec: Annotated[Optional[str], typer.Option(help="Logit codec: auto (default: the smallest whose held-out "
+                                                      "fidelity meets the bar at every --temperature), topk:K, "
+                                                      "topk:K+qB (B=2,4,8), q8, fp16, fp32, "
                                                       "lowrank:R+top:M+sparse:K (learned)")] = None,
-    calibration_views: Annotated[Optional[int], typer.Option(help="Learned codecs: views the basis is fitted on")] = None,
+    calibration_views: Annotated[Optional[int], typer.Option(
+        help="Views drawn before the dump: 3/4 fit a learned codec, 1/4 score the codec's fidelity")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="DKD alpha the recorded fidelity is measured with")] = None,
+    beta: Annotated[Optional[float], typer.Option(
+        help="DKD beta the recorded fidelity is measured with (train-student's --beta)")] = None,
     temperature: Annotated[Optional[list[float]], typer.Option(help="Temperature(s) whose log-partition is stored")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size of the network")] = None,
     interpolation: Annotated[Optional[str], typer.Option(help="bilinear, bicubic or nearest")] = None,
@@ -168,7 +174,7 @@ def dump_teacher_cmd(
         settings = merge(DumpSettings, file["dump"], _flags(
             arch=arch, views=views, codec=codec_spec, temperatures=tuple(temperature) if temperature else None,
             batch_size=batch_size, workers=workers, seed=seed, device=device, amp=amp, chunk_rows=chunk_rows,
-            calibration_views=calibration_views,
+            calibration_views=calibration_views, alpha=alpha, beta=beta,
             lease_seconds=lease_seconds,
             renderer=renderer, log_every=log_every,
         ), where=f"{config} [dump]", fixed={"shards": shards, "weights": str(weights), "out": str(out),
@@ -183,6 +189,7 @@ def dump_teacher_cmd(
     typer.echo(f"{share}dumped {report.views_written} views of {report.samples} samples in {report.seconds:.1f} s "
                f"({report.views_per_s:.1f} views/s); skipped {report.skipped}; "
                f"cache {'complete' if report.complete else 'incomplete'}: {report.path}")
+    typer.echo(f"codec {report.codec}; fidelity {report.fidelity}")
 
 
 @app.command("train-student")

@@ -40,6 +40,7 @@ from .cache_writer import CacheWriter, LogitRows, SampleRow, WriterSpec, open_wr
 from .data import check_out_path, expand_shards, iter_raw_samples, keep_as_is, match_shards, parse_sample, scan_shards
 from .dist import DistInfo
 from .errors import BadSampleError, ConfigError, DKDCacheError, ShardError
+from .codec_fidelity import AUTO
 from .logit_codecs import Codec, parse_codec
 from .progress import Progress
 from .teacher import TeacherInfo, load_teacher
@@ -55,9 +56,9 @@ class DumpSettings:
     out: str
     arch: str = "resnet34"
     views: int = 10
-    # the smallest codec meeting cos median >= 0.999, p5 >= 0.99 at T = 1 on every source (benchmarks/fidelity.py);
-    # learned: fitted on a calibration sample before any row. T = 4 recipes: use "q8" (README, Logit codecs)
-    codec: str = "lowrank:64+top:128+sparse:32"
+    # "auto": the smallest candidate whose held-out fidelity on the calibration sample meets the bar at every stored
+    # temperature (codec_fidelity.choose_auto); any other spec is used as given and its fidelity recorded
+    codec: str = AUTO
     temperatures: tuple[float, ...] = (1.0,)
     recipe: Recipe = dataclasses.field(default_factory=Recipe)
     batch_size: int = 128
@@ -68,7 +69,9 @@ class DumpSettings:
     chunk_rows: int = 256
     allow_pipe: bool = False
     amp: str | None = None  # None: fp32 on CPU, bf16 on CUDA; "none" forces fp32; "bf16" forces bf16
-    calibration_views: int = 4096  # learned codecs (lowrank): views the basis is fitted on, before any row is written
+    calibration_views: int = 4096  # views drawn before any row is written: 3/4 fit a learned codec, 1/4 score it
+    alpha: float = 1.0  # the recipe's DKD weights the recorded fidelity is measured with (train-student's defaults)
+    beta: float = 0.5
     lease_seconds: float = 120.0  # object-store caches: the writer lease lapses this long after its last renewal
     renderer: str = "cpu"  # renderers.RENDERERS: recorded in the cache; training and verify use it by default
     log_every: int = 20  # teacher batches between progress lines when stdout is not a terminal (Slurm, nohup)
@@ -76,6 +79,10 @@ class DumpSettings:
     def __post_init__(self) -> None:
         for name in ("views", "batch_size", "chunk_rows", "calibration_views", "log_every"):
             parse_positive_int(name, getattr(self, name))
+        for name in ("alpha", "beta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
         if isinstance(self.workers, bool) or self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if not self.temperatures or any(not (t > 0 and math.isfinite(t)) for t in self.temperatures):
@@ -102,6 +109,8 @@ class DumpReport:
     complete: bool
     rank: int = 0  # the counts are this rank's share (its shards); only rank 0 prints the summary
     world: int = 1
+    codec: str = ""  # the cache's codec
+    fidelity: str = ""  # its recorded held-out fidelity, one line, and with --codec auto why it was chosen
 
 
 # ------------------------------------------------------------------------------------------- the plan
@@ -116,7 +125,7 @@ class DumpPlan:
     model: torch.nn.Module
     teacher: TeacherInfo
     compute: ComputePolicy  # how the teacher runs (fp32 means fp32: TF32 would move logits by ~1e-3 relative)
-    codec: Codec  # as parsed; a learned one is fitted when the cache is created (CacheWriter's fit hook)
+    codec: Codec  # as parsed (fp32 standing in for auto); fitted or chosen when the cache is created (calibrate)
 
 
 def resolve_plan(s: DumpSettings) -> DumpPlan:
@@ -126,7 +135,8 @@ def resolve_plan(s: DumpSettings) -> DumpPlan:
     check_out_path(s.out, urls, [s.shards] if isinstance(s.shards, str) else list(s.shards))  # not an input
     model, tinfo = load_teacher(s.arch, s.weights, device=device)
     return DumpPlan(settings=s, dist=dinfo, device=device, urls=tuple(urls), model=model, teacher=tinfo,
-                    compute=resolve_policy(device, s.amp), codec=parse_codec(s.codec, tinfo.num_classes))
+                    compute=resolve_policy(device, s.amp),
+                    codec=parse_codec("fp32" if s.codec == AUTO else s.codec, tinfo.num_classes))
 
 
 def writer_spec(plan: DumpPlan) -> WriterSpec:
@@ -139,9 +149,11 @@ def writer_spec(plan: DumpPlan) -> WriterSpec:
                      compute=plan.compute, renderer=renderers.renderer_info(s.renderer))
     scan = functools.partial(scan_shards, list(plan.urls), plan.teacher.num_classes, s.skip_bad,
                              threads=max(2, s.workers * 2))
-    fit = functools.partial(calibration.fit_codec, model=plan.model, device=plan.device, urls=plan.urls,
-                            calibration_views=s.calibration_views, batch_size=s.batch_size, skip_bad=s.skip_bad)
-    return WriterSpec(out=s.out, meta=meta, scan=scan, fit_codec=fit, dist=plan.dist, lease_seconds=s.lease_seconds)
+    calibrate = functools.partial(calibration.calibrate, model=plan.model, device=plan.device, urls=plan.urls,
+                                  calibration_views=s.calibration_views, batch_size=s.batch_size, skip_bad=s.skip_bad,
+                                  alpha=float(s.alpha), beta=float(s.beta), auto=s.codec == AUTO)
+    return WriterSpec(out=s.out, meta=meta, scan=scan, calibrate=calibrate, codec_chosen=s.codec == AUTO,
+                      dist=plan.dist, lease_seconds=s.lease_seconds)
 
 
 def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport:
@@ -153,10 +165,14 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
         complete = writer.close()
     seconds = time.perf_counter() - t0
     counts = writer.counts
+    fid = writer.meta.fidelity
     return DumpReport(path=str(settings.out), shards_done=len(shards),
                       samples=sum(writer.meta.manifest.shards[i].samples for i in shards), views_written=counts.views,
                       skipped=counts.skipped, seconds=seconds, views_per_s=counts.views / max(seconds, 1e-9),
-                      complete=complete, rank=plan.dist.rank, world=plan.dist.world)
+                      complete=complete, rank=plan.dist.rank, world=plan.dist.world, codec=writer.meta.codec.name,
+                      fidelity="not measured" if fid is None else (
+                          f"held out ({fid.scored_views} views, beta {fid.beta:g}): {fid.summary()}"
+                          + (f"\n{fid.choice}" if fid.choice else "")))
 
 
 # ------------------------------------------------------------------------------------------- worker stage

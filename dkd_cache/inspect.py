@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cache as cache_mod
+from .codec_fidelity import BAR_MEDIAN, BAR_P5
 
 
 def describe(path: str | Path, *, deep: bool = False) -> dict[str, Any]:
@@ -26,6 +27,7 @@ def describe(path: str | Path, *, deep: bool = False) -> dict[str, Any]:
         "bytes_per_view": logit_bytes / max(total_views, 1),
         "shard_names": [s.name for s in m.manifest.shards[:3]] + (["..."] if len(m.manifest.shards) > 3 else []),
         "findings": [f.to_dict() for f in cache.check(deep=deep)],
+        "fidelity": None if m.fidelity is None else m.fidelity.to_dict(),
     }
 
 
@@ -46,7 +48,25 @@ def render_text(info: dict[str, Any]) -> str:
         f"on disk       {info['bytes_on_disk'] / 2**20:.2f} MiB, {info['bytes_per_view']:.1f} bytes per view",
         "versions      " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
     ]
+    lines.extend(fidelity_lines(info["fidelity"]))
     for f in info["findings"]:
         verdict = "ok" if f["ok"] else ("warning" if f["warning"] else "FAIL")
         lines.append(f"check         {verdict:<8}{f['check']}" + (f"  ({f['detail']})" if f["detail"] else ""))
     return "\n".join(lines)
+
+
+def fidelity_lines(fid: dict[str, Any] | None) -> list[str]:
+    """The codec's held-out fidelity as recorded at dump time (codec_fidelity), one line per cell."""
+    if fid is None:
+        return ["fidelity      not recorded (a cache written before dkd-cache measured it): run dkd-cache verify"]
+    lines = [f"fidelity      {fid['codec']} held out: fitted on {fid['fit_views']} views, scored on "
+             f"{fid['scored_views']} views of other samples; classes seen {fid['classes_seen']}/{fid['num_classes']}; "
+             f"alpha {fid['alpha']:g} beta {fid['beta']:g}"]
+    for s in fid["scores"]:
+        meets = s["cos_median"] >= BAR_MEDIAN and s["cos_p5"] >= BAR_P5
+        lines.append(f"  T={s['temperature']:<4g} {s['student']:<13} gradient cosine median {s['cos_median']:.5f} "
+                     f"p5 {s['cos_p5']:.4f}  loss error {s['rel_loss_error']:.1e}  "
+                     f"{'meets' if meets else 'BELOW'} the bar ({BAR_MEDIAN}, {BAR_P5})")
+    if fid["choice"]:
+        lines.append(f"  {fid['choice']}")
+    return lines

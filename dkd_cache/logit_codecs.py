@@ -707,10 +707,12 @@ class LowRankCodec(Codec):
                    sparse=_int_field(d, "sparse") if "sparse" in d else 0, record=None if fit is None else dict(fit))
 
     def fit(self, calibration_logits: Any) -> "LowRankCodec":
-        """This codec with a basis fitted to calibration logits (N, C); the record holds its hash and statistics."""
+        """This codec with a basis fitted to calibration logits (N, C); the record holds its hash and statistics.
+        The rank is the spec's (at most the class count), never silently lowered: fewer views than the rank is a
+        ConfigError (fit_lowrank_basis)."""
         x = _as_logits(calibration_logits)
         self._check(x.shape[1])
-        basis, stats = fit_lowrank_basis(x, min(self.sizes(x.shape[1])[0], x.shape[0]))
+        basis, stats = fit_lowrank_basis(x, self.sizes(x.shape[1])[0])
         return dataclasses.replace(self, basis=basis, record={"sha256": basis.sha256, "grid": basis.grid,
                                                               "rank": basis.rank, **stats})
 

@@ -22,7 +22,7 @@ from dkd_cache import FORMAT_VERSION
 from dkd_cache import cache as cache_mod
 from dkd_cache import store as store_mod
 from dkd_cache.cache_meta import STATUS_OK, STATUS_SKIPPED, CacheMeta, CacheState, build_manifest
-from dkd_cache.cache_writer import CacheWriter, LogitRows, NewCache, SampleRow, WriterSpec, open_writer
+from dkd_cache.cache_writer import Calibrated, CacheWriter, LogitRows, NewCache, SampleRow, WriterSpec, open_writer
 from dkd_cache.data import ShardIndex
 from dkd_cache.errors import CacheError, CacheLockedError, CacheMismatchError, ConfigError
 from dkd_cache.logit_codecs import parse_codec
@@ -63,9 +63,9 @@ def spec_for(out: str, new: NewCache, **kw) -> WriterSpec:
 
 
 def write_synthetic(out: str, *, lease_seconds: float = 120.0, batch: int = 5, plan=synthetic_cache,
-                    fit_codec=None) -> bool:
+                    calibrate=None) -> bool:
     """Every pending shard through the writer, then close: whether the cache is complete."""
-    with open_writer(spec_for(out, plan(), fit_codec=fit_codec, lease_seconds=lease_seconds)) as writer:
+    with open_writer(spec_for(out, plan(), calibrate=calibrate, lease_seconds=lease_seconds)) as writer:
         for shard in writer.my_shards():
             add_shard(writer, shard, batch)
         return writer.close()
@@ -187,13 +187,13 @@ def test_a_learned_codec_is_fitted_through_the_hook_once(tmp_path):
     def fit(new: NewCache):
         fits.append(new.meta.manifest.samples)
         z = torch.from_numpy(np.stack([synthetic_logits(9, p, 0) for p in range(64)]))
-        return new.meta.codec.fit(z)
+        return Calibrated(codec=new.meta.codec.fit(z))
 
     plan = lambda: synthetic_cache(codec="lowrank:4+top:2")  # noqa: E731
     with pytest.raises(ConfigError, match="needs a fit"):
         write_synthetic(out, plan=plan)
-    assert write_synthetic(out, plan=plan, fit_codec=fit)
-    assert write_synthetic(out, plan=plan, fit_codec=fit)  # a rerun keeps the stored basis: no second fit
+    assert write_synthetic(out, plan=plan, calibrate=fit)
+    assert write_synthetic(out, plan=plan, calibrate=fit)  # a rerun keeps the stored basis: no second fit
     assert fits == [sum(SIZES)]
     assert cache_mod.open_cache(out).codec.name == "lowrank:4+top:2"
 

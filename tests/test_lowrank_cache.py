@@ -51,7 +51,10 @@ def test_basis_is_recorded_reused_on_resume_and_checked(shards, teacher_ckpt, tm
     _cache(shards, teacher_ckpt, out)
     cache = cache_mod.open_cache(out)
     rec = cache.meta.codec.record
-    assert rec["calibration_views"] == shards["train_samples"]  # fewer samples than asked for: all of them
+    # fewer samples than asked for: all of them, every fourth held out to score the fit, never fitted on
+    fid = cache.meta.fidelity
+    assert fid.fit_views + fid.scored_views == shards["train_samples"] and fid.scored_views == shards["train_samples"] // 4
+    assert rec["calibration_views"] == fid.fit_views and fid.codec == SPEC
     codec = cache.codec
     assert codec.basis.sha256 == rec["sha256"] and codec.name == SPEC
     before = {n: np.asarray(cache.group[f"codec/{n}"][...]) for n in ("mean", "basis", "mult")}

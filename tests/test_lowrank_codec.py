@@ -166,9 +166,11 @@ def test_real_logits_held_out_views_beat_topk_of_the_same_size():
     assert float(cos.quantile(0.05)) > float(cos_top.quantile(0.05))
 
 
-def test_rank_is_capped_by_the_calibration_sample():
+def test_rank_is_never_silently_lowered_below_the_spec():
     x = structured(n=12)
-    codec = parse_codec("lowrank:20+top:8", C).fit(x)
+    with pytest.raises(ConfigError, match="rank-20 basis needs at least 20 calibration views"):
+        parse_codec("lowrank:20+top:8", C).fit(x)  # 12 views: refused, not a rank-12 basis behind the user's back
+    codec = parse_codec("lowrank:12+top:8", C).fit(x)  # the smaller rank, chosen explicitly
     assert codec.basis.rank == 12 and codec.record["rank"] == 12 and codec.sizes(C) == (12, 8, 0)
     assert codec.arrays(C)["coef"][0] == (12,)
     loaded = codec_from_dict(codec.to_dict())
