@@ -45,7 +45,7 @@ from .logit_codecs import Codec, parse_codec
 from .progress import Progress
 from .teacher import TeacherInfo, load_teacher
 from .teacher_signal import LSE, TARGET, ComputePolicy, Storage, encode_entries, resolve_policy, teacher_forward
-from .transfer import Loan, RingSlot, TransferRing
+from .transfer import Loan, RingSlot, TransferRing, start_workers
 from .views import Recipe, decode, draw_view, normalize, parse_positive_int, pixel_major, render_decoded
 
 
@@ -448,8 +448,9 @@ def run_stages(plan: DumpPlan, writer: CacheWriter, shards: Sequence[int], *, sh
     jobs = [RenderJob(shard=i, url=urls[i]) for i in shards]
     loader, ring = render_loader(jobs, meta, s)
     storage = Storage(codec=writer.codec, num_classes=meta.num_classes, temperatures=tuple(meta.temperatures))
+    rendered = start_workers(loader, ring and ring.need)  # a full /dev/shm: a SharedMemoryError here, not a SemLock
     # RenderedSample -> SampleViews -> TeacherBatch -> BatchLogits -> LogitRows
-    rows = encode(teacher_logits(teacher_batches(sample_views(iter(loader), writer, ring), meta, s.batch_size),
+    rows = encode(teacher_logits(teacher_batches(sample_views(rendered, writer, ring), meta, s.batch_size),
                                  meta, plan.model, plan.device), storage)
     total = sum(meta.manifest.shards[i].samples for i in shards) * meta.views
     with (host_threads.one_thread() if plan.device.type != "cpu" else contextlib.nullcontext()), \

@@ -113,3 +113,8 @@ def _remote_read_error(url, offset, attempts, cause, member):
 
 class LoanError(DKDCacheError, RuntimeError):
     """Borrowed memory (a transfer slot lent as a batch) was used after its release, or released twice."""
+
+
+class SharedMemoryError(DKDCacheError, OSError):
+    """/dev/shm cannot hold the shared memory the DataLoader workers' transfer slots need (names the bytes needed,
+    the bytes free and the fix: fewer --workers, a smaller batch, or Docker's --shm-size)."""

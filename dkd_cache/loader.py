@@ -34,7 +34,7 @@ from .data import keep_as_is, iter_raw_samples, parse_sample, shard_name
 from .errors import BadSampleError, CacheMismatchError, DKDCacheError, ShardError
 from . import renderers
 from .renderers import Packed
-from .transfer import Loan, RingSlot, TransferRing
+from .transfer import Loan, RingSlot, TransferRing, start_workers
 from .views import Recipe, center_crop, decode, draw_view, pixel_major, render_decoded
 
 
@@ -445,7 +445,7 @@ def _as_groups(stream: Iterable, block: int, ring: TransferRing | None = None) -
     """Pass ItemGroups through (images in a ring slot: a view of it, with the slot's release), group runs of loose
     Items, raise a worker's error where it arrives."""
     loose: list[Item] = []
-    for x in stream:
+    for x in start_workers(stream, None if ring is None else ring.need):
         if isinstance(x, tuple):
             yield from group_items(loose, block)
             raise x[1]

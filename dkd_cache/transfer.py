@@ -26,15 +26,19 @@ plausible stale pixels.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import multiprocessing
+import os
 import queue
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
-from .errors import LoanError
+from .errors import LoanError, SharedMemoryError
 
+T = TypeVar("T")
 POISON = 0xA5  # what a poisoning ring writes over a released slot (no photo is one flat 165)
 
 
@@ -84,14 +88,126 @@ class Loan:
         self._tensor = None
 
 
+# ------------------------------------------------------------------------------------- shared memory, checked
+# Linux keeps shared memory (torch's shared tensors, multiprocessing's semaphores) as files of a tmpfs at /dev/shm.
+# Its pages are taken when first touched, not when a tensor is made: a ring larger than the tmpfs is made without
+# complaint and its first touch beyond the limit kills the process with SIGBUS. Docker's default is 64 MB.
+SHM_DIR = "/dev/shm"
+# Beside the ring: the DataLoader's queues (each semaphore a page of /dev/shm) and each batch's labels and entries.
+# Measured (tests/test_shared_memory.py's set-up, 2 workers, 32 px): a dump whose slots take 168 KiB runs in a
+# 400 KiB /dev/shm and fails at 200 KiB creating the DataLoader's queues.
+SHM_RESERVE = 512 << 10
+SHM_RESERVE_PER_WORKER = 64 << 10
+
+
+def shm_free_bytes(path: str | None = None) -> int | None:
+    """Bytes free for shared memory (os.statvfs of the tmpfs at SHM_DIR); None where there is no such folder."""
+    try:
+        st = os.statvfs(path or SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def ranks_on_host() -> int:
+    """The ranks sharing this host's /dev/shm (torchrun's LOCAL_WORLD_SIZE; 1 for a plain process)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShmNeed:
+    """The shared memory one rank's transfer ring takes: every worker's slots, plus one fresh group buffer per worker
+    (what a worker stacks into when no slot is free) and SHM_RESERVE."""
+
+    workers: int
+    slots: int
+    slot_shape: tuple[int, ...]  # (rows, 3, S, S) uint8
+
+    @property
+    def slot_bytes(self) -> int:
+        return math.prod(self.slot_shape)
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.workers * self.slots * self.slot_bytes
+
+    @property
+    def rank_bytes(self) -> int:
+        return self.ring_bytes + self.workers * (self.slot_bytes + SHM_RESERVE_PER_WORKER) + SHM_RESERVE
+
+    def describe(self) -> str:
+        rows, *pixels = self.slot_shape
+        return (f"{self.workers} worker(s) x {self.slots} slots x {rows} images of {'x'.join(map(str, pixels))} "
+                f"bytes = {fmt_bytes(self.ring_bytes)} of transfer slots, {fmt_bytes(self.rank_bytes)} per rank "
+                "with the fallback buffers and queues")
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+SHM_FIX = ("use fewer --workers or a smaller --batch-size, or give the container more shared memory (docker run "
+           "--shm-size=8g; Kubernetes: an emptyDir volume with medium: Memory mounted at /dev/shm)")
+
+
+def check_shared_memory(need: ShmNeed, free: Callable[[], int | None] = lambda: shm_free_bytes()) -> None:
+    """Refuse, before any page is touched, a ring that /dev/shm cannot hold (with every rank on this host holding
+    one): a SharedMemoryError naming the bytes needed, the bytes free and the fix, instead of a SIGBUS mid-epoch."""
+    avail = free()
+    if avail is None:  # no /dev/shm to ask (not Linux): the allocation's own error is translated (ring_memory)
+        return
+    ranks = ranks_on_host()
+    needed = need.rank_bytes * ranks
+    if needed > avail:
+        raise SharedMemoryError(
+            f"{SHM_DIR} has {fmt_bytes(avail)} free, the DataLoader workers need {fmt_bytes(needed)} of shared "
+            f"memory ({need.describe()}{f', x {ranks} ranks on this host' if ranks > 1 else ''}); {SHM_FIX}")
+
+
+def shared_memory_error(need: ShmNeed | None, e: BaseException) -> SharedMemoryError:
+    """torch's raw 'unable to allocate shared memory' RuntimeError, or multiprocessing's SemLock OSError, as a
+    SharedMemoryError that says what was being made and how to fix it."""
+    what = need.describe() if need is not None else "the DataLoader workers' queues"
+    return SharedMemoryError(f"shared memory ({SHM_DIR}) could not be allocated for {what}: "
+                             f"{type(e).__name__}: {e}; {SHM_FIX}")
+
+
+def start_workers(loader: Iterable[T], need: ShmNeed | None) -> Iterator[T]:
+    """iter(loader): a DataLoader starts its workers and creates their queues here, whose semaphores live in
+    /dev/shm too; a full /dev/shm is a SharedMemoryError naming the fix, not a SemLock traceback."""
+    try:
+        return iter(loader)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise shared_memory_error(need, e) from e
+        raise
+    except RuntimeError as e:
+        if "shared memory" in str(e) or "shm" in str(e):
+            raise shared_memory_error(need, e) from e
+        raise
+
+
 class TransferRing:
-    def __init__(self, workers: int, slots: int, shape: Sequence[int], wait: float = 0.2, poison: bool | None = None):
+    def __init__(self, workers: int, slots: int, shape: Sequence[int], wait: float = 0.2, poison: bool | None = None,
+                 shm_free: Callable[[], int | None] = lambda: shm_free_bytes()):
         self.shape = tuple(int(x) for x in shape)  # one slot: (rows, 3, S, S) uint8
         self.wait = wait
         self.poison = POISON_RELEASED_SLOTS if poison is None else poison
-        self.buffers = [shared_empty((slots, *self.shape)) for _ in range(workers)]  # pages: touched on first use
-        ctx = multiprocessing.get_context()
-        self.free = [ctx.Queue() for _ in range(workers)]
+        self.need = ShmNeed(workers=workers, slots=slots, slot_shape=self.shape)
+        check_shared_memory(self.need, shm_free)  # before the first page is made, let alone touched
+        try:
+            self.buffers = [shared_empty((slots, *self.shape)) for _ in range(workers)]  # pages: touched on first use
+            ctx = multiprocessing.get_context()
+            self.free = [ctx.Queue() for _ in range(workers)]  # each holds a SemLock: a file in /dev/shm too
+        except (RuntimeError, OSError) as e:
+            raise shared_memory_error(self.need, e) from e
         for q in self.free:
             q.cancel_join_thread()  # a process exiting never waits on slot numbers nobody will read
             for s in range(slots):
