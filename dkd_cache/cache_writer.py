@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -226,8 +227,9 @@ class Calibrated:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WriterSpec:
-    """How to open a writer. `meta`: this run's metadata; its manifest is built here from `scan`, which runs on
-    rank 0 only, under the writer lease (a refused second dump never pays for a scan). `calibrate` runs only when
+    """How to open a writer. `meta`: this run's metadata; its manifest is built here from `scan`, which every rank
+    runs, under the writer lease (a refused second dump never pays for a scan): a collective whose ranks each scan a
+    share (shard_scan.scan_shards). `calibrate` runs only when
     a cache is created: the caller passes it (calibration.calibrate), so the writer never builds a teacher; a
     learned codec needs it. `codec_chosen`: the codec is chosen by `calibrate` (--codec auto), so a cache that
     exists keeps the codec it was created with."""
@@ -391,9 +393,10 @@ def open_writer(spec: WriterSpec) -> Iterator[CacheWriter]:
     the pending shards once for every rank, and yield this rank's writer; the lease is released on exit, after the
     commit thread has finished. Call `close()` on the writer to finalize.
 
-    Rank 0 takes the lease, scans the shards and creates or compares; the other ranks wait, then open the
-    cache. On disk every rank holds its own flock; on an object store rank 0 holds the lease object and the other
-    ranks check, before each commit, that it is still rank 0's."""
+    Rank 0 takes the lease; every rank then scans its share of the shards (spec.scan, a collective); rank 0 creates
+    or compares while the other ranks wait (dist.on_rank0: as long as dist.WAIT_ENV allows, not the collective
+    timeout), then they open the cache. On disk every rank holds its own flock; on an object store rank 0 holds the
+    lease object and the other ranks check, before each commit, that it is still rank 0's."""
     dist, out = spec.dist, location(spec.out)
     with contextlib.ExitStack() as held:
         error: DKDCacheError | None = None
@@ -406,9 +409,11 @@ def open_writer(spec: WriterSpec) -> Iterator[CacheWriter]:
                 error = e
         if dist.is_main and error is None:
             try:
-                _create_or_compare(spec)
+                with _store_writes(spec.out, "the cache", fix=_READ_ONLY_FIX):
+                    out.remove_stale()
             except DKDCacheError as e:
                 error = e
+        # every rank knows the lease is rank 0's before any rank scans: a refused second dump never scans
         message, owner = broadcast_object(dist, (None if error is None else f"{type(error).__name__}: {error}",
                                                  None if lease is None else lease.owner))
         if error is not None:
@@ -417,6 +422,10 @@ def open_writer(spec: WriterSpec) -> Iterator[CacheWriter]:
             raise DKDCacheError(f"rank 0 failed: {message}")
         if lease is None:  # a rank > 0 on an object store: checks rank 0's lease
             lease = held.enter_context(out.writer_lease(dist.rank, seconds=spec.lease_seconds, owner=owner))
+        indexes = tuple(spec.scan())  # every rank its share; the same result on every rank
+        on_rank0(dist, functools.partial(_create_or_compare, spec, indexes),
+                 what="rank 0 to create the cache (or compare the one there), fitting the codec if it must")
+        del indexes  # O(samples) Python objects: gone before the dump runs (the manifest keeps counts and digests)
         cache = open_cache(spec.out, mode="r+")
         # One plan for every rank: rank 0 lists the done records once, before any rank can write, and every rank
         # splits that same list. (Each rank listing on its own raced with the fastest rank's first done record: a
@@ -431,13 +440,11 @@ def open_writer(spec: WriterSpec) -> Iterator[CacheWriter]:
 _READ_ONLY_FIX = "choose a writable --out (or fix the folder's permissions), then rerun the same dump-teacher command"
 
 
-def _create_or_compare(spec: WriterSpec) -> None:
-    """Rank 0, under the lease: clear what a crash left, then create the cache, or refuse the one there when it was
-    made with other settings (the same codec keeps its stored basis: a resume never refits)."""
+def _create_or_compare(spec: WriterSpec, indexes: tuple[ShardIndex, ...]) -> None:
+    """Rank 0, under the lease, with what a crash left cleared: create the cache from the shards' scan, or refuse
+    the one there when it was made with other settings (the same codec keeps its stored basis: a resume never
+    refits)."""
     out = location(spec.out)
-    with _store_writes(spec.out, "the cache", fix=_READ_ONLY_FIX):
-        out.remove_stale()
-    indexes = tuple(spec.scan())
     meta = dataclasses.replace(spec.meta, manifest=build_manifest(indexes, spec.meta.chunk_rows))
     new = NewCache(meta=meta, indexes=indexes)
     if out.exists("zarr.json"):

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
-from .errors import DKDCacheError, NonFiniteLossError, PeerError
+from .errors import ConfigError, DKDCacheError, NonFiniteLossError, PeerError
 
 T = TypeVar("T")
 
@@ -69,11 +71,59 @@ def broadcast_object(info: DistInfo, obj):
     return box[0]
 
 
-def on_rank0(info: DistInfo, fn: Callable[[], T]) -> T:
+# ------------------------------------------------------------------------------- waits longer than a collective
+# A collective (barrier, broadcast, all_gather) fails after the process group's timeout (600 s): right for a step,
+# wrong for a long phase one rank runs while the others wait (rank 0 scanning shards on object storage, fitting a
+# codec, writing a cache's per-sample arrays). Those waits go through the process group's store instead: each rank
+# sets a key when it arrives, the waiting ranks wait for the keys with WAIT_ENV's timeout, and the collective that
+# follows finds every rank there.
+WAIT_ENV = "DKD_CACHE_WAIT_S"
+DEFAULT_WAIT_S = 4 * 3600.0
+_waits = itertools.count()  # every rank passes the same waits in the same order: the n-th wait has one name
+
+
+def wait_timeout_s() -> float:
+    """How long a rank waits for the others at a long phase (WAIT_ENV, seconds; default DEFAULT_WAIT_S)."""
+    raw = os.environ.get(WAIT_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{WAIT_ENV}={raw!r}: give the seconds a rank waits for the others (a positive number)")
+    return value
+
+
+def wait_for(info: DistInfo, what: str, arriving: Sequence[int] | None = None) -> None:
+    """A barrier through the store: this rank arrives (when it is one of `arriving`, default every rank) and waits
+    until every arriving rank has, for up to wait_timeout_s(). A timeout is a PeerError naming what was awaited,
+    the timeout and WAIT_ENV, which sets it."""
+    if info.world <= 1:
+        return
+    ranks = list(range(info.world)) if arriving is None else list(arriving)
+    timeout = wait_timeout_s()
+    name = f"dkd-cache/wait/{next(_waits)}"
+    store = distributed_c10d._get_default_store()
+    if info.rank in ranks:
+        store.set(f"{name}/{info.rank}", b"1")
+    try:
+        store.wait([f"{name}/{r}" for r in ranks], datetime.timedelta(seconds=timeout))
+    except (RuntimeError, OSError) as e:  # DistStoreError (a RuntimeError): timed out, or the store went away
+        timed_out = "timeout" in str(e).lower() or "timed out" in str(e).lower()
+        why = (f"did not arrive within {timeout:g} s ({WAIT_ENV}={os.environ.get(WAIT_ENV, f'{DEFAULT_WAIT_S:g}')}"
+               f"; set {WAIT_ENV} to wait longer)") if timed_out else f"is gone ({type(e).__name__}: {e})"
+        raise PeerError(f"rank {info.rank} waited for {what}: rank(s) {ranks} {why}. See the other ranks' logs") \
+            from e
+
+
+def on_rank0(info: DistInfo, fn: Callable[[], T], what: str = "rank 0") -> T:
     """Run fn on rank 0 only and give every rank its result, or raise its error on every rank.
 
-    The other ranks never wait out the collective timeout for a rank 0 that failed: they receive the error
-    (a DKDCacheError as it is; any other exception as a PeerError naming it) and raise it too."""
+    The other ranks wait for rank 0 through the store (wait_for: as long as WAIT_ENV allows, not the collective
+    timeout), so a long phase on rank 0 never times a collective out. They never wait out a rank 0 that failed: they
+    receive the error (a DKDCacheError as it is; any other exception as a PeerError naming it) and raise it too."""
     if info.world <= 1:
         return fn()
     result: T | None = None
@@ -83,6 +133,7 @@ def on_rank0(info: DistInfo, fn: Callable[[], T]) -> T:
             result = fn()
         except Exception as e:  # handed to every rank, then raised here as it is
             failure = e
+    wait_for(info, what, arriving=[0])
     if failure is not None:
         sent = failure if isinstance(failure, DKDCacheError) else PeerError(
             f"rank 0 failed: {type(failure).__name__}: {failure}")
@@ -115,6 +166,15 @@ def require_finite(info: DistInfo | None, loss: torch.Tensor, where: str = "") -
             f"the loss is not finite{' ' + where if where else ''} (on rank(s) {ranks}; here {mine}); no optimizer "
             "step was taken with it. Lower the learning rate, or check the cache with dkd-cache verify; --resume "
             "continues from the last checkpoint")
+
+
+def all_gather_object(info: DistInfo, value: T) -> list[T]:
+    """Every rank's value, in rank order, on every rank."""
+    if info.world <= 1:
+        return [value]
+    out: list = [None] * info.world
+    dist.all_gather_object(out, value)
+    return out
 
 
 def all_gather_int(info: DistInfo, value: int) -> list[int]:

@@ -33,11 +33,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import FORMAT_VERSION
 from . import calibration
 from . import dist as dist_mod
-from . import host_threads
+from . import host_threads, shard_scan
 from . import renderers
 from .cache_meta import CacheMeta, build_manifest, library_versions
 from .cache_writer import CacheWriter, LogitRows, SampleRow, WriterSpec, open_writer
-from .data import check_out_path, expand_shards, iter_raw_samples, keep_as_is, match_shards, parse_sample, scan_shards
+from .data import check_out_path, expand_shards, iter_raw_samples, keep_as_is, match_shards, parse_sample
 from .dist import DistInfo
 from .errors import BadSampleError, ConfigError, DKDCacheError, ShardError
 from .codec_fidelity import AUTO
@@ -147,8 +147,8 @@ def writer_spec(plan: DumpPlan) -> WriterSpec:
                      views=s.views, codec=plan.codec, temperatures=tuple(float(t) for t in s.temperatures),
                      chunk_rows=s.chunk_rows, manifest=build_manifest((), s.chunk_rows), versions=library_versions(),
                      compute=plan.compute, renderer=renderers.renderer_info(s.renderer))
-    scan = functools.partial(scan_shards, list(plan.urls), plan.teacher.num_classes, s.skip_bad,
-                             threads=max(2, s.workers * 2))
+    scan = functools.partial(shard_scan.scan_shards, list(plan.urls), plan.teacher.num_classes, s.skip_bad,
+                             dist=plan.dist, cache=s.out, threads=max(2, s.workers * 2))
     calibrate = functools.partial(calibration.calibrate, model=plan.model, device=plan.device, urls=plan.urls,
                                   calibration_views=s.calibration_views, batch_size=s.batch_size, skip_bad=s.skip_bad,
                                   alpha=float(s.alpha), beta=float(s.beta), auto=s.codec == AUTO)

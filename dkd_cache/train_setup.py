@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import cache as cache_mod
 from . import cache_meta
 from . import dist as dist_mod
-from . import renderers, tb_log
+from . import renderers, shard_scan, tb_log
 from .data import expand_shards, index_differs, match_shards, scan_shards, shard_name
 from .data_fingerprint import DataFingerprint, ShardPrint, cache_identity, of_shards, teacher_identity
 from .errors import BadSampleError, CacheMismatchError, ConfigError
@@ -191,20 +191,17 @@ def check_cache_matches(cache: cache_mod.Cache, urls: tuple[str, ...], dinfo: di
                                  f"{list(match.extra[:3])}; the cache was dumped from other shards")
     entry_of = {url: m.shards[i] for i, url in match.found.items()}
     status = cache.read_rows("samples/status", 0, m.rows)
-
-    def check_shards() -> None:
-        # Bad samples are found, not raised: the ones the dump skipped (recorded in the cache) are left out of
-        # training by the loader; any other is a shard that changed since the dump.
-        for ix in scan_shards(urls, skip_bad=True):
-            entry = entry_of[ix.url]
-            differs = index_differs(ix, entry.samples, entry.keys_sha256)
-            if differs:
-                raise CacheMismatchError(differs)
-            for pos, reason in ix.bad:
-                if status[entry.row_start + pos] != cache_meta.STATUS_SKIPPED:
-                    raise CacheMismatchError(
-                        f"{ix.name}: sample {ix.keys[pos]!r} is unusable ({reason}) but the cache holds it as "
-                        "dumped; the shard changed since the dump: train with the shards the cache was dumped from")
-
-    dist_mod.on_rank0(dinfo, check_shards)
+    # Every rank scans its share (recorded beside the cache: an unchanged shard is not read again) and checks the
+    # whole, gathered result: the same verdict on every rank. Bad samples are found, not raised: the ones the dump
+    # skipped (recorded in the cache) are left out of training by the loader; any other is a shard that changed.
+    for ix in shard_scan.scan_shards(urls, skip_bad=True, dist=dinfo, cache=cache.path):
+        entry = entry_of[ix.url]
+        differs = index_differs(ix, entry.samples, entry.keys_sha256)
+        if differs:
+            raise CacheMismatchError(differs)
+        for pos, reason in ix.bad:
+            if status[entry.row_start + pos] != cache_meta.STATUS_SKIPPED:
+                raise CacheMismatchError(
+                    f"{ix.name}: sample {ix.keys[pos]!r} is unusable ({reason}) but the cache holds it as "
+                    "dumped; the shard changed since the dump: train with the shards the cache was dumped from")
     return [int((status[entry_of[u].row_start:entry_of[u].row_stop] == cache_meta.STATUS_OK).sum()) for u in urls]

@@ -74,7 +74,6 @@ import functools
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -82,10 +81,10 @@ import torch
 
 from . import cache as cache_mod
 from . import cache_meta
-from . import renderers
+from . import renderers, shard_scan
 from .data import (IMAGE_EXTS, expand_shards, index_differs, iter_raw_samples, keys_digest, match_shards,
-                   parse_sample, scan_shard)
-from .errors import BadSampleError, CheckpointError, ConfigError, DKDCacheError, ShardError
+                   parse_sample)
+from .errors import BadSampleError, CheckpointError, ConfigError, ShardError
 from .logit_codecs import Codec
 from .teacher import load_teacher, same_weights
 from .verify_fidelity import fidelity_phase
@@ -294,14 +293,10 @@ def _check_shards(cache: cache_mod.Cache, s: VerifySettings, labels: np.ndarray 
     ck.check("shards: no shard outside the manifest", not match.extra, len(match.extra), 0,
              detail=f"not in the cache: {list(match.extra[:3])}" if match.extra else "")
 
-    def scan(url: str):
-        try:
-            return scan_shard(url, cache.meta.num_classes, skip_bad=True), None
-        except DKDCacheError as e:
-            return None, f"{type(e).__name__}: {e}"
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        scanned = list(pool.map(scan, match.found.values()))
+    # one scan shared with dump and train: shards unchanged since their record beside the cache are not read again
+    scanned = [(None, f"{type(r.error).__name__}: {r.error}") if r.error is not None
+               else (shard_scan.apply_rules(r.index, cache.meta.num_classes, skip_bad=True), None)
+               for r in shard_scan.scan_raw(list(match.found.values()), cache=cache.path)]
     unreadable, key_diff, label_diff, keys_in_order = [], [], [], []
     for i, (ix, err) in zip(match.found, scanned):
         entry = m.shards[i]
