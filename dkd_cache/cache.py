@@ -111,9 +111,20 @@ class Cache:
     def pending_shards(self) -> list[int]:
         """The shards without a readable done record: one listing finds the records, then each listed record is
         read (a torn one means its shard is not done); a shard without a record costs no read."""
-        done = set(self.location.keys("_dkd/done"))
-        return [i for i in range(len(self.meta.manifest.shards))
-                if f"{i:06d}.json" not in done or self.shard_record(i) is None]
+        records = self.done_records()
+        return [i for i in range(len(self.meta.manifest.shards)) if i not in records]
+
+    def done_records(self) -> dict[int, dict]:
+        """Every readable done record by shard: one listing, then each listed record read once (a torn one is
+        left out: its shard is not done)."""
+        listed = set(self.location.keys("_dkd/done"))
+        records = {}
+        for i in range(len(self.meta.manifest.shards)):
+            if f"{i:06d}.json" in listed:
+                rec = self.shard_record(i)
+                if rec is not None:
+                    records[i] = rec
+        return records
 
     def check(self, *, deep: bool = False) -> list["Finding"]:
         """The cache's integrity as typed findings (see `Check`): state, done records, layout of the per-sample
@@ -237,14 +248,15 @@ def layout_problems(meta: "CacheMeta", per: dict[str, np.ndarray]) -> list[str]:
 def check_cache(cache: "Cache", *, deep: bool = False) -> list[Finding]:
     m = cache.meta
     out = [Finding(check=Check.STATE, ok=m.state is CacheState.COMPLETE, detail=f"state {m.state.value!r}")]
-    pending = cache.pending_shards()
+    records = cache.done_records()  # each record read once, for both checks below
+    pending = [i for i in range(len(m.manifest.shards)) if i not in records]
     out.append(Finding(check=Check.RECORDS, ok=not pending,
                        detail=f"{len(pending)}/{len(m.manifest.shards)} missing, first "
                               f"{[m.manifest.shards[i].name for i in pending[:3]]}; rerun dump-teacher" if pending
                        else ""))
     disagree = []
     for i, e in enumerate(m.manifest.shards):
-        rec = cache.shard_record(i)
+        rec = records.get(i)
         if rec is not None and (rec.get("samples") != e.samples or rec.get("views") != m.views):
             disagree.append(f"{e.name}: record says {rec.get('samples')} samples / {rec.get('views')} views")
     out.append(Finding(check=Check.RECORDS_AGREE, ok=not disagree, detail="; ".join(disagree[:3])))
@@ -254,7 +266,7 @@ def check_cache(cache: "Cache", *, deep: bool = False) -> list[Finding]:
     except CacheError as e:
         per, layout = None, [str(e)]
     out.append(Finding(check=Check.LAYOUT, ok=not layout, detail="; ".join(layout)))
-    done = [i for i in range(len(m.manifest.shards)) if i not in set(pending)]
+    done = sorted(records)
     names = [f"{g}/{k}" for g in ("views", "logits") for k in _group_members(cache.group, g)]
     missing = []
     for name in names:

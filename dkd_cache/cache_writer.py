@@ -195,13 +195,14 @@ def finalize(cache: Cache, lease=None) -> Cache:
     whole object)."""
     if lease is not None:
         lease.check()
-    pending = cache.pending_shards()
+    records = cache.done_records()  # each read once: the pending ones and the skipped samples come from them
+    pending = [i for i in range(len(cache.meta.manifest.shards)) if i not in records]
     if pending:
         raise CacheError(f"{cache.path}: {len(pending)} shard(s) not dumped yet, first "
                          f"{[cache.meta.manifest.shards[i].name for i in pending[:3]]}; rerun dump-teacher")
     skipped: list[SkippedSample] = []
     for i, entry in enumerate(cache.meta.manifest.shards):
-        skipped.extend(parse_skipped(cache.shard_record(i).get("skipped", []),
+        skipped.extend(parse_skipped(records[i].get("skipped", []),
                                      where=f"{cache.path}: done record of tar shard {entry.name}"))
     return write_meta(cache, dataclasses.replace(cache.meta, state=CacheState.COMPLETE, skipped=tuple(skipped)))
 
