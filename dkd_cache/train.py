@@ -2,6 +2,8 @@
 
 One loop for the three modes, top to bottom, like nanoGPT's train.py. Set-up lives in train_setup.py, the
 metrics log and progress lines in metrics_log.py, the run directory and its checkpoints in run_checkpoint.py.
+The batches and the loss are the public API's (api.DistillLoader, api.LiveTeacher, api.DKDLoss): the loop any user
+writes with dkd_cache's exported names is this one's data path and loss, not a copy of them.
 Under torchrun every rank runs the same number of steps per epoch (see loader.plan_epoch); checkpoints are
 written atomically each epoch (and every `checkpoint_every` steps), and --resume continues so that the result
 equals an uninterrupted run, bit for bit: same samples in the same order, same weights, optimizer and RNG state.
@@ -9,29 +11,26 @@ equals an uninterrupted run, bit for bit: same samples in the same order, same w
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import itertools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
+from . import api
 from . import dist as dist_mod
-from . import renderers
 from . import run_checkpoint
 from . import train_setup
 from .data import expand_shards, scan_shards
-from .errors import ConfigError, DKDCacheError
-from .loader import Batch, RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader, plan_epoch, skips_for
+from .api import epoch_batches, own_generator, with_views  # noqa: F401  (epoch_batches, with_views: tests import them here)
+from .errors import DKDCacheError
+from .loader import RankPlan, StreamSpec, Task, batches, canonical_runs, make_loader
 from .metrics_log import EpochClock, MetricsLog, PendingStep, status_line
 from .progress import Progress
 from .run_checkpoint import Position, plan_workers, transfer_block  # noqa: F401  (transfer_block: its home)
-from .teacher_signal import dkd_from_entries, encode_entries, teacher_forward
 from .train_config import LOSSES, TrainConfig, kd_factor, lr_at, student_size  # noqa: F401  (re-exported)
 from .views import Recipe, normalize
 
@@ -58,25 +57,29 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
     lines = progress and dinfo.is_main  # plain progress lines in logs, where no bar is drawn
     say(lines, f"lr {lr_at(cfg, 0):.4g} (= --lr {cfg.lr:g} x batch {cfg.batch_size} / --lr-batch {cfg.lr_batch}), "
                f"{dinfo.world} process(es), {cfg.epochs} epochs")
+    # The teacher's signal, as the public API gives it to any loop: the cache's entries, or a live teacher's
+    # computed on each batch in exact storage (api.LiveTeacher), and the DKD loss of either (api.DKDLoss).
+    live = None if run.teacher is None else api.LiveTeacher(run.teacher, num_classes=run.data.num_classes,
+                                                            temperatures=(cfg.temperature,), amp=cfg.amp)
+    dkd = None if cfg.loss != "dkd" else api.DKDLoss(live or run.data.cache, alpha=cfg.alpha, beta=cfg.beta,
+                                                     temperature=cfg.temperature, rule=cfg.residual_rule)
     step, t_start = pos.step, time.perf_counter()
     run_checkpoint.restore_rng(ckpt, run.device)  # last before the steps: dropout draws what it drew unresumed
     for epoch in range(pos.epoch, cfg.epochs, m):  # one pass = M epochs of views (views_per_decode)
-        p = plan_pass(cfg, run, epoch, block)
         consumed = pos.consumed if epoch == pos.epoch else 0  # views of this pass this rank has trained on
+        loader = pass_loader(cfg, run, live, epoch, block, start_step=consumed // local_batch)
         resumed_at, t0 = consumed, time.perf_counter()
-        skips = skips_for(p.plan.counts, consumed, block)
-        stream = epoch_batches(p.spec, p.plan, skips, workers=cfg.workers, block=block, batch_size=local_batch,
-                               pin_memory=run.device.type == "cuda")
-        clock = EpochClock(steps=p.steps, first_step=step, step_in_epoch0=consumed // local_batch, t0=t0)
+        clock = EpochClock(steps=len(loader), first_step=step, step_in_epoch0=consumed // local_batch, t0=t0)
         run.model.train()
-        with Progress(total=p.steps * local_batch - consumed, label=f"epoch {epoch}", enabled=lines) as bar:
-            for batch in itertools.islice(stream, p.steps - consumed // local_batch):
-                view_epoch = epoch + min(m - 1, consumed * m // p.views)  # the epoch of views this step is in
+        with Progress(total=len(loader) * local_batch - consumed, label=f"epoch {epoch}", enabled=lines) as bar:
+            for batch in loader:  # normalised on the device, the teacher's entries beside them
+                view_epoch = epoch + min(m - 1, consumed * m // loader.samples)  # the epoch of views this step is in
                 lr = set_lr(run.optimizer, lr_at(cfg, view_epoch))
-                x, labels, kd_fn = step_inputs(cfg, run, batch, p.size)
-                batch.release()  # x holds the pixels now: the batch's transfer slot goes back to its worker
+                labels = batch.labels
+                kd_fn = None if dkd is None else functools.partial(dkd, labels=labels, entries=batch.entries)
                 # DKD's warm-up (official code): the KD term ramps as min(epoch / warmup, 1), epochs counted from 1
-                losses = train_step(run.ddp_model, run.optimizer, x, labels, kd_fn, kd_factor=kd_factor(cfg, view_epoch),
+                losses = train_step(run.ddp_model, run.optimizer, batch.images, labels, kd_fn,
+                                    kd_factor=kd_factor(cfg, view_epoch),
                                     ce_weight=cfg.ce_weight if cfg.loss == "dkd" else 1.0, amp=cfg.amp, dinfo=dinfo,
                                     where=f"at epoch {view_epoch} step {step + 1}")
                 step += 1
@@ -92,16 +95,17 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
             show(log.flush_steps(), bar, clock, cfg, lines)
-        record = epoch_record(run, p, epoch, m, consumed=consumed, resumed_at=resumed_at, t0=t0)
+        record = epoch_record(run, loader, epoch, m, consumed=consumed, resumed_at=resumed_at, t0=t0)
         # Validation costs as much as a small run's epoch of training: every eval_every epochs, and at the end.
         if cfg.val_shards and ((epoch + m) % cfg.eval_every == 0 or epoch + m >= cfg.epochs):
             record.update(evaluate(run.model, cfg, run.data.recipe, run.data.num_classes, run.device, dinfo))
             say(lines, f"epoch {epoch + 1}/{cfg.epochs}  val top-1 {100 * record['val_top1']:.2f}%  top-5 "
                        f"{100 * record['val_top5']:.2f}%  ({record['val_samples']} samples)")
-        if p.dropped:
-            say(lines, f"epoch {epoch + 1}/{cfg.epochs}: the last {p.dropped} sample(s) (a partial batch) were left out")
+        if loader.dropped:
+            say(lines, f"epoch {epoch + 1}/{cfg.epochs}: the last {loader.dropped} sample(s) (a partial batch) were "
+                       "left out")
         log.write_epoch(record)
-        finished = consumed >= p.steps * local_batch  # else stopped by max_steps: the position within the pass
+        finished = consumed >= len(loader) * local_batch  # else stopped by max_steps: the position within the pass
         save(cfg, run, Position(epoch=epoch + m, consumed=0, step=step) if finished
              else Position(epoch=epoch, consumed=consumed, step=step), block)
         if cfg.max_steps and step >= cfg.max_steps:
@@ -112,93 +116,30 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
     return result
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PassPlan:
-    """One pass over the data (M = views_per_decode epochs of views) as this rank runs it."""
-
-    plan: RankPlan  # the rank's streams and their counts, in views
-    views: int  # views this rank trains on in the pass
-    steps: int  # full batches of them (the same on every rank)
-    dropped: int  # views over all ranks left out as a partial last batch
-    padding: int  # samples repeated over all ranks so that every rank has as many (reported, not hidden)
-    size: int  # the student's input size
-    spec: StreamSpec
-
-
-def plan_pass(cfg: TrainConfig, run: train_setup.TrainSetup, epoch: int, block: int) -> PassPlan:
-    dinfo, data, m = run.dinfo, run.data, cfg.views_per_decode
-    plan = with_views(plan_epoch(data.sizes, seed=cfg.seed, epoch=epoch, world=dinfo.world, rank=dinfo.rank,
-                                 workers=plan_workers(cfg.workers)), m)
-    n_local = sum(plan.counts)
-    padding = sum(plan_epoch(data.sizes, seed=cfg.seed, epoch=epoch, world=dinfo.world, rank=r, workers=1).padding
-                  for r in range(dinfo.world))
-    # Full batches only (as the reference recipes' drop_last): a last batch of one sample would break
-    # BatchNorm, and every rank drops the same number. The dropped samples are reported in the epoch record.
-    steps = n_local // run.local_batch
-    if steps == 0:
-        raise ConfigError(f"the batch ({run.local_batch} per rank) holds more samples than an epoch gives a rank "
-                          f"({n_local}); lower --batch-size")
-    size = student_size(cfg, data.recipe, epoch)
-    spec = StreamSpec(urls=data.urls, recipe=data.recipe, seed=cfg.seed, epoch=epoch,
-                      view=epoch % data.views if data.views else epoch, rank=dinfo.rank, cache_path=cfg.cache,
-                      entry_arrays=data.entry_arrays, num_classes=data.num_classes, shuffle_buffer=cfg.shuffle_buffer,
-                      renderer=data.renderer, image_size=size, views_per_decode=m, block=block)
-    return PassPlan(plan=plan, views=n_local, steps=steps, dropped=(n_local - steps * run.local_batch) * dinfo.world,
-                    padding=padding, size=size, spec=spec)
+def pass_loader(cfg: TrainConfig, run: train_setup.TrainSetup, live: api.LiveTeacher | None, epoch: int,
+                block: int, *, start_step: int) -> api.DistillLoader:
+    """The rank's batches of the pass that starts at `epoch` (M = views_per_decode epochs of views), from batch
+    `start_step` on: the public loader over the run's data (opened and checked once, by train_setup), at the
+    student's size of that epoch, in the checkpoint's transfer block."""
+    return api.DistillLoader._of_data(
+        run.data, batch_size=run.local_batch, epoch=epoch, rank=run.dinfo.rank, world=run.dinfo.world,
+        workers=cfg.workers, views_per_decode=cfg.views_per_decode, seed=cfg.seed, teacher=live, normalize=True,
+        device=run.device, channels_last=cfg.channels_last, image_size=student_size(cfg, run.data.recipe, epoch),
+        start_step=start_step, shuffle_buffer=cfg.shuffle_buffer, block=block)
 
 
-def epoch_record(run: train_setup.TrainSetup, p: PassPlan, epoch: int, m: int, *, consumed: int, resumed_at: int,
-                 t0: float) -> dict[str, Any]:
+def epoch_record(run: train_setup.TrainSetup, loader: api.DistillLoader, epoch: int, m: int, *, consumed: int,
+                 resumed_at: int, t0: float) -> dict[str, Any]:
     """The pass's metrics record. It counts the whole pass, as an uninterrupted run does, also when this process
     resumed it part way (`resumed_at` views in); the rate is this process's. Every rank's steps, gathered: the
     record shows they ran the same number."""
     seconds = time.perf_counter() - t0
     world = run.dinfo.world
-    return {"event": "epoch", "epoch": epoch, "epochs": m, "steps": p.steps,
+    return {"event": "epoch", "epoch": epoch, "epochs": m, "steps": len(loader),
             "rank_steps": dist_mod.all_gather_int(run.dinfo, consumed // run.local_batch),
-            "samples": consumed * world, "padding": p.padding * m, "dropped": p.dropped, "image_size": p.size,
-            "renderer": run.data.renderer, "images_per_s": (consumed - resumed_at) * world / max(seconds, 1e-9),
-            "seconds": seconds}
-
-
-def with_views(plan: RankPlan, m: int) -> RankPlan:
-    """The plan in views: every sample gives M consecutive items (views_per_decode)."""
-    return dataclasses.replace(plan, counts=tuple(c * m for c in plan.counts)) if m > 1 else plan
-
-
-def epoch_batches(spec: StreamSpec, plan: RankPlan, skips: Sequence[int], *, workers: int, block: int,
-                  batch_size: int, pin_memory: bool = False) -> Iterator[Batch]:
-    """The rank's batches of one pass in the canonical order, from `skips` on (a resume): the worker streams
-    (tar read, cache join, shuffle buffer, render) -> groups in canonical order -> batches.
-
-    A batch may be a worker's transfer slot, lent: the step normalises it into new memory, then releases it."""
-    loader = own_generator(make_loader(spec, plan, skips, workers), spec.seed)
-    return batches(canonical_runs(loader, plan, skips, block), batch_size, pin_memory=pin_memory)
-
-
-def own_generator(loader: DataLoader, seed: int) -> DataLoader:
-    """Each iteration of a DataLoader draws a base seed for its workers, from the global RNG unless the loader has
-    a generator of its own. Given one, the global RNG is the steps' alone (dropout, stochastic depth), as a resumed
-    run restores it. (Our streams draw nothing from it: views come from seeded_rng.)"""
-    loader.generator = torch.Generator().manual_seed(seed)
-    return loader
-
-
-def step_inputs(cfg: TrainConfig, run: train_setup.TrainSetup, batch: Batch, size: int
-                ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
-    """A batch on the device, normalised into new memory (the batch may be released after this); the KD term as a
-    function of the student's logits (None for CE)."""
-    entries = batch.entries
-    x = normalize(renderers.to_device(batch.images, entries, run.data.recipe, run.device, size), run.data.recipe,
-                  cfg.channels_last)
-    labels = batch.labels.to(run.device)
-    if run.teacher is not None:  # live: the teacher's signal in exact storage, the same loss as cached
-        entries = encode_entries(teacher_forward(run.teacher, x, run.teacher_policy), labels, run.storage)
-    if cfg.loss != "dkd":
-        return x, labels, None
-    return x, labels, functools.partial(dkd_from_entries, labels=labels, entries=entries, storage=run.storage,
-                                        alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature,
-                                        rule=cfg.residual_rule)
+            "samples": consumed * world, "padding": loader.padding * m, "dropped": loader.dropped,
+            "image_size": loader.image_size, "renderer": run.data.renderer,
+            "images_per_s": (consumed - resumed_at) * world / max(seconds, 1e-9), "seconds": seconds}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:

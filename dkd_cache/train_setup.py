@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -21,7 +21,6 @@ from .data import expand_shards, index_differs, match_shards, scan_shards, shard
 from .data_fingerprint import DataFingerprint, ShardPrint, cache_identity, of_shards, teacher_identity
 from .errors import BadSampleError, CacheMismatchError, ConfigError
 from .teacher import build_model, load_teacher, same_weights
-from .teacher_signal import Storage, resolve_policy
 from .train_config import TrainConfig, lr_at, student_size
 from .views import Recipe
 
@@ -52,9 +51,7 @@ class TrainSetup:
     model: torch.nn.Module  # the student (its state is what checkpoints hold)
     ddp_model: torch.nn.Module  # the student wrapped for DDP under torchrun (the model itself otherwise)
     optimizer: torch.optim.Optimizer
-    teacher: torch.nn.Module | None  # live mode only
-    teacher_policy: Any  # how the live teacher computes (teacher_signal.resolve_policy); None otherwise
-    storage: Storage | None  # the teacher signal's storage: the cache's, or exact (live); None for CE
+    teacher: torch.nn.Module | None  # live mode only (train.py computes its entries with api.LiveTeacher)
     fingerprint: DataFingerprint
 
 
@@ -79,13 +76,6 @@ def resolve(cfg: TrainConfig) -> TrainSetup:
             raise ConfigError(f"live teacher has {teacher_info.num_classes} classes, the data {data.num_classes}")
         if data.cache is not None and not same_weights(teacher_info, data.cache.meta.teacher) and dinfo.is_main:
             warnings.warn("the live teacher's weights differ from the cache's teacher", stacklevel=2)
-    # the teacher's signal: the cache's storage, or (live) exact storage of the teacher computed per batch
-    storage = policy = None
-    if teacher is not None:
-        storage = Storage.exact(data.num_classes, (cfg.temperature,))
-        policy = resolve_policy(device, cfg.amp)
-    elif cfg.loss == "dkd":
-        storage = Storage.of_cache(data.cache)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     if teacher_info is None and data.cache is not None:
@@ -95,7 +85,7 @@ def resolve(cfg: TrainConfig) -> TrainSetup:
                                   teacher=None if teacher_info is None else teacher_identity(teacher_info))
     return TrainSetup(dinfo=dinfo, device=device, local_batch=cfg.batch_size // dinfo.world, data=data, model=model,
                       ddp_model=DistributedDataParallel(model) if dinfo.world > 1 else model, optimizer=optimizer,
-                      teacher=teacher, teacher_policy=policy, storage=storage, fingerprint=fingerprint)
+                      teacher=teacher, fingerprint=fingerprint)
 
 
 def check_inputs(cfg: TrainConfig) -> None:
@@ -122,46 +112,67 @@ def check_live_teacher_size(cfg: TrainConfig, recipe: Recipe) -> None:
 
 
 def resolve_data(cfg: TrainConfig, dinfo: dist_mod.DistInfo) -> TrainData:
-    urls = tuple(expand_shards(cfg.shards, allow_pipe=cfg.allow_pipe))
-    if cfg.cache:
-        return _cache_data(cfg, urls, dinfo)
-    return _shard_data(cfg, urls)
+    """train-student's data: open_data with the config's settings, then what only training checks."""
+    cached_dkd = cfg.loss == "dkd" and not cfg.live_teacher
+    data = open_data(cfg.shards, cfg.cache, dinfo, allow_pipe=cfg.allow_pipe, num_classes=cfg.num_classes,
+                     recipe=None if cfg.recipe is None else Recipe.from_dict(cfg.recipe), renderer=cfg.renderer,
+                     allow_other_renderer=cfg.allow_other_renderer, teacher_entries=cached_dkd)
+    if data.cache is not None:
+        meta = data.cache.meta
+        # a learned codec comes with its basis, checked against the recorded hash (cache.codec)
+        if cached_dkd and not data.cache.codec.decodes_full and cfg.temperature not in meta.temperatures:
+            raise ConfigError(f"temperature {cfg.temperature} was not dumped (cache has {list(meta.temperatures)}); "
+                              "the top-k codec needs the exact log-partition at that temperature")
+        if cfg.epochs > meta.views and dinfo.is_main:
+            warnings.warn(f"{cfg.epochs} epochs over {meta.views} cached views: view e mod {meta.views} is reused, "
+                          "so views repeat", stacklevel=3)
+    return data
 
 
-def _cache_data(cfg: TrainConfig, urls: tuple[str, ...], dinfo: dist_mod.DistInfo) -> TrainData:
-    cache = cache_mod.open_cache(cfg.cache)
+def open_data(shards: str | Sequence[str], cache: str | cache_mod.Cache | None, dinfo: dist_mod.DistInfo, *,
+              allow_pipe: bool = False, num_classes: int | None = None, recipe: Recipe | None = None,
+              renderer: str | None = None, allow_other_renderer: bool = False, teacher_entries: bool = True
+              ) -> TrainData:
+    """Shards (and the cache they were dumped into, a path or an open Cache) -> what a rank's batches are read
+    from, checked against each other. teacher_entries: each sample's entries carry the cache's logits, not only
+    its views (the stream of a live teacher, or CE, reads the views alone). The public loader
+    (api.DistillLoader) and train-student both start here."""
+    urls = tuple(expand_shards(shards, allow_pipe=allow_pipe))
+    if cache is not None:
+        return _cache_data(cache, urls, dinfo, num_classes=num_classes, recipe=recipe, renderer=renderer,
+                           allow_other_renderer=allow_other_renderer, teacher_entries=teacher_entries)
+    return _shard_data(urls, num_classes=num_classes, recipe=recipe, renderer=renderer)
+
+
+def _cache_data(cache: str | cache_mod.Cache, urls: tuple[str, ...], dinfo: dist_mod.DistInfo, *,
+                num_classes: int | None, recipe: Recipe | None, renderer: str | None, allow_other_renderer: bool,
+                teacher_entries: bool) -> TrainData:
+    cache = cache if isinstance(cache, cache_mod.Cache) else cache_mod.open_cache(cache)
     meta = cache.meta
     sizes = check_cache_matches(cache, urls, dinfo)
-    if cfg.num_classes is not None and cfg.num_classes != meta.num_classes:
-        raise ConfigError(f"num_classes {cfg.num_classes} contradicts the cache's {meta.num_classes}")
-    if cfg.recipe is not None and Recipe.from_dict(cfg.recipe) != meta.recipe:
+    if num_classes is not None and num_classes != meta.num_classes:
+        raise ConfigError(f"num_classes {num_classes} contradicts the cache's {meta.num_classes}")
+    if recipe is not None and recipe != meta.recipe:
         raise ConfigError("the config's [recipe] contradicts the cache's recipe; the cache's recipe is used "
                           "for training: remove [recipe] or re-dump with it")
-    cached_dkd = cfg.loss == "dkd" and not cfg.live_teacher
-    # a learned codec comes with its basis, checked against the recorded hash (cache.codec)
-    if cached_dkd and not cache.codec.decodes_full and cfg.temperature not in meta.temperatures:
-        raise ConfigError(f"temperature {cfg.temperature} was not dumped (cache has {list(meta.temperatures)}); "
-                          "the top-k codec needs the exact log-partition at that temperature")
-    if cfg.epochs > meta.views and dinfo.is_main:
-        warnings.warn(f"{cfg.epochs} epochs over {meta.views} cached views: view e mod {meta.views} is reused, "
-                      "so views repeat", stacklevel=3)
     entry_arrays = ("views/box", "views/flip")
-    if cached_dkd:
+    if teacher_entries:
         entry_arrays += ("logits/target", "logits/lse", *(f"logits/{n}" for n in cache.codec_arrays))
     by_name = {s.name: s for s in meta.manifest.shards}  # the shards as dumped: check_cache_matches scanned them
     shards = tuple(ShardPrint(name=by_name[n].name, samples=by_name[n].samples, keys_sha256=by_name[n].keys_sha256)
                    for n in map(shard_name, urls))
     return TrainData(urls=urls, sizes=tuple(sizes), shards=shards, recipe=meta.recipe, num_classes=meta.num_classes,
                      views=meta.views, entry_arrays=entry_arrays,
-                     renderer=renderers.choose_renderer(meta.renderer, cfg.renderer, cfg.allow_other_renderer),
+                     renderer=renderers.choose_renderer(meta.renderer, renderer, allow_other_renderer),
                      cache=cache)
 
 
-def _shard_data(cfg: TrainConfig, urls: tuple[str, ...]) -> TrainData:
-    if cfg.num_classes is None:
+def _shard_data(urls: tuple[str, ...], *, num_classes: int | None, recipe: Recipe | None, renderer: str | None
+                ) -> TrainData:
+    if num_classes is None:
         raise ConfigError("without a cache, give num_classes (in the config or --num-classes)")
     indexes = scan_shards(urls, skip_bad=True)  # labels read as they are, checked against num_classes here
-    n = cfg.num_classes
+    n = num_classes
     for ix in indexes:
         for pos, reason in ix.bad:
             raise BadSampleError(ix.name, ix.keys[pos], reason, advice=NO_SKIP_BAD)
@@ -171,8 +182,8 @@ def _shard_data(cfg: TrainConfig, urls: tuple[str, ...]) -> TrainData:
                                      f"(0..{n - 1})", advice="Give the --num-classes that covers every label, or "
                                      "fix or remove the sample. " + NO_SKIP_BAD)
     return TrainData(urls=urls, sizes=tuple(len(ix.keys) for ix in indexes), shards=of_shards(indexes),
-                     recipe=Recipe.from_dict(cfg.recipe or {}), num_classes=cfg.num_classes, views=None,
-                     entry_arrays=(), renderer=cfg.renderer or "cpu", cache=None)
+                     recipe=recipe or Recipe.from_dict({}), num_classes=num_classes, views=None,
+                     entry_arrays=(), renderer=renderer or "cpu", cache=None)
 
 
 # train-student reads every sample it is given: a sample to leave out is left out once, by the dump, and recorded.
