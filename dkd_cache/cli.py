@@ -280,6 +280,37 @@ def inspect_cmd(
         raise typer.Exit(code=1)
 
 
+@app.command("plan")
+def plan_cmd(
+    samples: Annotated[int, typer.Option(help="Samples in the training set")],
+    views: Annotated[int, typer.Option(help="Views per sample to dump")],
+    classes: Annotated[int, typer.Option(help="The teacher's classes")],
+    codec: Annotated[str, typer.Option(help="Logit codec (as dump-teacher's --codec)")] = "topk:10+q4",
+    temperatures: Annotated[int, typer.Option(help="How many --temperature values are dumped")] = 1,
+    epochs: Annotated[int, typer.Option(help="Training epochs")] = 100,
+    device: Annotated[str, typer.Option(help="Device whose measured rates to use: h200, h100 or cpu")] = "h200",
+    rate: Annotated[Optional[float], typer.Option(help="Views/s one rank dumps (instead of the measured rate)")] = None,
+    train_rate: Annotated[Optional[float], typer.Option(help="Images/s one rank trains (instead of measured)")] = None,
+    ranks: Annotated[int, typer.Option(help="Ranks (GPUs) dumping and training")] = 8,
+    workers: Annotated[int, typer.Option(help="DataLoader workers per rank")] = 12,
+    batch_size: Annotated[int, typer.Option(help="Batch per rank")] = 256,
+    image_size: Annotated[int, typer.Option(help="Image size (px)")] = 224,
+    shard_size: Annotated[int, typer.Option(help="Samples per tar shard")] = 1252,
+    jpeg_bytes: Annotated[Optional[float], typer.Option(help="Mean JPEG bytes (instead of the measured)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text")] = False,
+) -> None:
+    """Before a run: the cache's size on disk, the dump's and training's time, the shared memory per rank and the
+    storage read rate training needs, each figure with the measurement it comes from."""
+    from .plan import PlanInputs, as_dict, format_plan, make_plan
+
+    inputs = PlanInputs(samples=samples, views=views, classes=classes, codec=codec, temperatures=temperatures,
+                        epochs=epochs, device=None if device == "none" else device, rate=rate, train_rate=train_rate,
+                        ranks=ranks, workers=workers, batch_size=batch_size, image_size=image_size,
+                        shard_size=shard_size, jpeg_bytes=jpeg_bytes)
+    plan = _run(make_plan, inputs)
+    typer.echo(json.dumps(as_dict(inputs, plan), indent=2) if as_json else format_plan(inputs, plan))
+
+
 @app.command("verify")
 def verify_cmd(
     cache: Annotated[str, typer.Option(help="The cache to check (a folder or s3:// prefix)")],

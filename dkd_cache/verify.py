@@ -82,6 +82,7 @@ import torch
 from . import cache as cache_mod
 from . import cache_meta
 from . import renderers, shard_scan
+from .api import open_cache
 from .data import (IMAGE_EXTS, expand_shards, index_differs, iter_raw_samples, keys_digest, match_shards,
                    parse_sample)
 from .errors import BadSampleError, CheckpointError, ConfigError, ShardError
@@ -153,7 +154,7 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
     t_start = time.perf_counter()
     s = settings
     device = _device(s.device)
-    cache = cache_mod.open_cache(s.cache)
+    cache = open_cache(s.cache)  # the public API's open (api.open_cache), as a user's own loop opens it
     codec = cache.codec  # a learned codec comes with its basis, checked against the recorded hash
 
     # 1. integrity: the reader's findings, stored-value consistency, the shards given, the teacher's weights

@@ -365,3 +365,11 @@ def test_train_student_builds_its_batches_and_loss_with_the_api(monkeypatch, sha
     train_student(TrainConfig(out=str(tmp_path / "live"), live_teacher=str(teacher_ckpt), teacher_arch="resnet18",
                               **base), progress=False)
     assert calls == {"batches": 6, "loss": 6, "live": 3}
+
+
+def test_verify_opens_caches_and_computes_the_loss_with_the_api():
+    """verify stands on the same pieces: the public open_cache, and the loss function DKDLoss calls."""
+    from dkd_cache import verify, verify_fidelity
+
+    assert verify.open_cache is api.open_cache
+    assert verify_fidelity.dkd_from_entries is api.dkd_from_entries
