@@ -225,6 +225,9 @@ def train_student_cmd(
         help="Renderer (default: the cache's); another than the cache's needs --allow-other-renderer")] = None,
     allow_other_renderer: Annotated[Optional[bool], typer.Option(
         "--allow-other-renderer", help="Train with another renderer than the cache's (see verify --renderer)")] = None,
+    strict: Annotated[Optional[bool], typer.Option(
+        "--strict", help="Refuse a cache whose recorded fidelity does not vouch for --temperature and --beta "
+                         "(without it: a warning)")] = None,
     views_per_decode: Annotated[Optional[int], typer.Option(
         help="M stored views per decoded image in one pass; a pass counts as M epochs")] = None,
     image_size: Annotated[Optional[int], typer.Option(
@@ -252,7 +255,7 @@ def train_student_cmd(
             residual_rule=residual_rule, val_shards=val_shards, workers=workers, amp=amp, device=device,
             num_classes=num_classes, seed=seed, checkpoint_every=checkpoint_every, max_steps=max_steps,
             cache=str(cache) if cache else None, renderer=renderer, allow_other_renderer=allow_other_renderer,
-            views_per_decode=views_per_decode, image_size=image_size, image_size_schedule=image_size_schedule,
+            strict=strict, views_per_decode=views_per_decode, image_size=image_size, image_size_schedule=image_size_schedule,
             checkpoint_url=checkpoint_url,
             log_every=log_every, eval_every=eval_every, tensorboard=tensorboard,
         ), where=f"{config} [train]", fixed={"shards": shards, "out": str(out),
@@ -324,6 +327,16 @@ def verify_cmd(
     logit_tol: Annotated[Optional[float], typer.Option(help="Max |stored - live| logit error allowed")] = None,
     loss_tol: Annotated[Optional[float], typer.Option(help="Max relative DKD loss error allowed")] = None,
     cosine_tol: Annotated[Optional[float], typer.Option(help="Min median gradient cosine allowed")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="The recipe's DKD alpha")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="The recipe's DKD beta")] = None,
+    temperature: Annotated[Optional[list[float]], typer.Option(
+        help="The recipe's temperature(s): lossy codecs must follow exact DKD there (default: every stored one)")] = None,
+    live_cosine_tol: Annotated[Optional[float], typer.Option(
+        help="Lossy codecs: min median gradient cosine against live exact DKD")] = None,
+    live_p5_tol: Annotated[Optional[float], typer.Option(
+        help="Lossy codecs: min 5th-percentile gradient cosine against live exact DKD")] = None,
+    live_loss_tol: Annotated[Optional[float], typer.Option(
+        help="Lossy codecs: max relative DKD loss error against live exact DKD")] = None,
     device: Annotated[Device, typer.Option()] = Device.cpu,
     renderer: Annotated[Optional[RendererName], typer.Option(
         help="Also render the entries with this renderer and report the logit and gradient drift against the "
@@ -333,8 +346,10 @@ def verify_cmd(
     from .verify import VerifySettings, render_report, verify
 
     try:
-        kw = {k: v for k, v in dict(logit_tol=logit_tol, loss_tol=loss_tol, cosine_tol=cosine_tol).items()
-              if v is not None}
+        kw = {k: v for k, v in dict(logit_tol=logit_tol, loss_tol=loss_tol, cosine_tol=cosine_tol, alpha=alpha,
+                                    beta=beta, temperatures=tuple(temperature) if temperature else None,
+                                    live_cosine_tol=live_cosine_tol, live_p5_tol=live_p5_tol,
+                                    live_loss_tol=live_loss_tol).items() if v is not None}
         settings = VerifySettings(cache=str(cache), shards=shards, weights=str(weights), samples=samples, seed=seed,
                                   student=str(student) if student else None, train_steps=train_steps,
                                   device=device.value, renderer=renderer.value if renderer else None, **kw)

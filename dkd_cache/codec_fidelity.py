@@ -154,6 +154,28 @@ def _bad(key: str, value: Any):
     raise ConfigError(f"{key}: invalid value {value!r}")
 
 
+def recipe_problem(fidelity: CodecFidelity | None, codec: Codec, temperature: float, beta: float) -> str | None:
+    """Why a training recipe (temperature, beta) is not vouched for by a cache's recorded fidelity, or None: the
+    fidelity was measured at that temperature and beta and meets the bar there (fp32 is exact: always None)."""
+    if isinstance(codec, FloatCodec) and codec.dtype == "fp32":
+        return None
+    check = (f"dkd-cache verify --temperature {temperature:g} --beta {beta:g} measures it on this cache; or re-dump "
+             f"with --codec auto --temperature {temperature:g} --beta {beta:g}")
+    if fidelity is None:
+        return f"the cache's codec {codec.name} has no recorded fidelity (a cache written before it was measured): {check}"
+    if not fidelity.covers(temperature, beta):
+        cells = sorted({(s.temperature, s.beta) for s in fidelity.scores})
+        return (f"the cache's codec {codec.name} was measured at (T, beta) {[(f'{t:g}', f'{b:g}') for t, b in cells]}, "
+                f"not at T={temperature:g}, beta {beta:g}, this run's: {check}")
+    cells = [s for s in fidelity.scores if math.isclose(s.temperature, temperature, rel_tol=1e-6)]
+    worst = min(cells, key=lambda s: (s.cos_p5, s.cos_median))
+    if not worst.meets():
+        return (f"the cache's codec {codec.name} measured gradient cosine median {worst.cos_median:.5f} / p5 "
+                f"{worst.cos_p5:.4f} at T={temperature:g} ({worst.student} student), below the bar "
+                f"{BAR_MEDIAN} / {BAR_P5}: re-dump with --codec auto --temperature {temperature:g} --beta {beta:g}")
+    return None
+
+
 # --------------------------------------------------------------------------------------------- the measure
 def students(z: torch.Tensor) -> dict[str, torch.Tensor]:
     """The two students' logits for teacher logits z (N, C), deterministic (their own seeded generators)."""

@@ -56,6 +56,7 @@ class TrainConfig:
     tensorboard: bool = False  # mirror metrics.jsonl as TensorBoard scalars in RUN_DIR/tensorboard (rank 0)
     renderer: str | None = None  # renderers.RENDERERS; None: the cache's (without a cache: cpu)
     allow_other_renderer: bool = False  # train with another renderer than the cache's (other pixels than the teacher's)
+    strict: bool = False  # refuse a cache whose recorded fidelity does not vouch for this temperature and beta
     views_per_decode: int = 1  # M: each decoded image gives M of its stored views to one pass (= M epochs)
     image_size: int | None = None  # the student's input size; None: the recipe's (the teacher's)
     image_size_schedule: tuple[tuple[int, int], ...] = ()  # ((first epoch, size), ...): progressive resizing

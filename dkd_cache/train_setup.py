@@ -17,6 +17,7 @@ from . import cache as cache_mod
 from . import cache_meta
 from . import dist as dist_mod
 from . import renderers, shard_scan, tb_log
+from .codec_fidelity import recipe_problem
 from .data import expand_shards, index_differs, match_shards, scan_shards, shard_name
 from .data_fingerprint import DataFingerprint, ShardPrint, cache_identity, of_shards, teacher_identity
 from .errors import BadSampleError, CacheMismatchError, ConfigError
@@ -123,6 +124,11 @@ def resolve_data(cfg: TrainConfig, dinfo: dist_mod.DistInfo) -> TrainData:
         if cached_dkd and not data.cache.codec.decodes_full and cfg.temperature not in meta.temperatures:
             raise ConfigError(f"temperature {cfg.temperature} was not dumped (cache has {list(meta.temperatures)}); "
                               "the top-k codec needs the exact log-partition at that temperature")
+        problem = recipe_problem(meta.fidelity, meta.codec, cfg.temperature, cfg.beta) if cached_dkd else None
+        if problem and cfg.strict:
+            raise ConfigError(f"--strict: {problem}")
+        if problem and dinfo.is_main:
+            warnings.warn(problem + " (--strict refuses)", stacklevel=3)
         if cfg.epochs > meta.views and dinfo.is_main:
             warnings.warn(f"{cfg.epochs} epochs over {meta.views} cached views: view e mod {meta.views} is reused, "
                           "so views repeat", stacklevel=3)

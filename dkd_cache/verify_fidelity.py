@@ -230,10 +230,12 @@ def _rules(codec: Codec) -> tuple[str, ...]:
 
 
 def loss_fidelity(codec: Codec, meta, s: torch.Tensor, losses: Losses, settings, ck: Checks) -> dict:
-    """At every cached temperature and residual rule: stored against ideal cache (judged), and against live exact
-    DKD (the codec's approximation, reported)."""
+    """At every cached temperature (and the recipe's) and residual rule: stored against ideal cache (judged), and
+    against live exact DKD (the codec's approximation; judged for lossy codecs at the recipe's temperatures)."""
     out: dict[str, Any] = {}
-    for temp in meta.temperatures:
+    gated = tuple(settings.temperatures) if settings.temperatures is not None else tuple(meta.temperatures)
+    lossy = not (isinstance(codec, FloatCodec) and codec.dtype == "fp32")
+    for temp in dict.fromkeys((*meta.temperatures, *gated)):
         live = lambda x, temp=temp: losses.live(x, temp, "uniform")  # noqa: E731
         for rule in _rules(codec):
             r = rule if rule != "exact" else "uniform"
@@ -246,7 +248,23 @@ def loss_fidelity(codec: Codec, meta, s: torch.Tensor, losses: Losses, settings,
                      vs_ideal["rel_err"], settings.loss_tol)
             ck.check(f"loss: DKD T={temp:g} {rule} median gradient cosine vs ideal cache",
                      vs_ideal["cos_median"] >= settings.cosine_tol, vs_ideal["cos_median"], settings.cosine_tol)
+            if lossy and rule != "bucket" and temp in gated:
+                live_checks(codec, temp, rule, vs_live, settings, ck)
     return out
+
+
+def live_checks(codec: Codec, temp: float, rule: str, vs_live: dict[str, float], settings, ck: Checks) -> None:
+    """The codec's approximation of exact DKD at a temperature the recipe trains at, gated (lossy codecs)."""
+    fix = (f"the codec {codec.name} does not serve T={temp:g} (beta {settings.beta:g}): re-dump with --codec auto "
+           f"--temperature {temp:g} (or a larger codec), or train at a temperature it serves")
+    for what, figure, tol, ok in (
+            ("median gradient cosine", vs_live["cos_median"], settings.live_cosine_tol,
+             vs_live["cos_median"] >= settings.live_cosine_tol),
+            ("5th-percentile gradient cosine", vs_live["cos_p5"], settings.live_p5_tol,
+             vs_live["cos_p5"] >= settings.live_p5_tol),
+            ("relative error", vs_live["rel_err"], settings.live_loss_tol, vs_live["rel_err"] <= settings.live_loss_tol)):
+        ck.check(f"loss: DKD T={temp:g} {rule} {what} vs live exact", bool(ok), figure, tol,
+                 detail="" if ok else fix)
 
 
 # --------------------------------------------------------------------------------------------- renderer drift

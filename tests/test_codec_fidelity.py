@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from dkd_cache.cli import app
 from dkd_cache.data import ShardIndex
 from dkd_cache.dump import dump_teacher
 from dkd_cache.errors import CacheMetadataError, ConfigError
-from dkd_cache.inspect import describe, render_text
+from dkd_cache.inspect import describe, fidelity_lines, render_text
 from dkd_cache.logit_codecs import parse_codec
 
 from .conftest import CLASSES, dump_settings
@@ -121,6 +122,36 @@ def test_a_cache_without_recorded_fidelity_still_opens(cache_path):
     old.pop("fidelity", None)
     back = CacheMeta.from_dict(old, where="old")
     assert back.fidelity is None and "fidelity" not in back.to_dict()
-    assert "not recorded" in "\n".join(__import__("dkd_cache.inspect", fromlist=["x"]).fidelity_lines(None))
+    assert "not recorded" in "\n".join(fidelity_lines(None))
     with pytest.raises(CacheMetadataError, match="fidelity"):
         CacheMeta.from_dict({**old, "fidelity": {"codec": "q8"}}, where="bad")
+
+
+def test_recipe_problem_names_what_the_recorded_fidelity_does_not_vouch_for():
+    z, y = structured(400)
+    codec, good = cf.fit_and_score(parse_codec("lowrank:8+top:4+sparse:2", 40), sample_of(z, y, (1.0, 4.0)))
+    assert cf.recipe_problem(good, codec, 4.0, 0.5) is None
+    assert "not at T=4, beta 8" in cf.recipe_problem(good, codec, 4.0, 8.0)
+    assert "not at T=2, beta 0.5" in cf.recipe_problem(good, codec, 2.0, 0.5)
+    assert "no recorded fidelity" in cf.recipe_problem(None, codec, 1.0, 0.5)
+    assert cf.recipe_problem(None, parse_codec("fp32", 40), 3.0, 8.0) is None  # exact: nothing to vouch for
+    topk, poor = cf.fit_and_score(parse_codec("topk:2", 40), sample_of(z, y))
+    assert "below the bar" in cf.recipe_problem(poor, topk, 1.0, 0.5)
+
+
+def test_train_student_warns_and_with_strict_refuses_an_unvouched_recipe(cache_path, shards, tmp_path):
+    from dkd_cache import train_setup
+    from dkd_cache.dist import DistInfo
+    from dkd_cache.train_config import TrainConfig
+
+    def config(**kw):
+        return TrainConfig(out=str(tmp_path / "run"), cache=str(cache_path), epochs=1, batch_size=16, workers=0, **kw)
+
+    shard_dir = str(Path(shards["train"][0]).parent)
+    fid = cache_mod.open_cache(cache_path).meta.fidelity
+    assert fid.covers(4.0, 0.5) and not fid.covers(4.0, 8.0)  # the fixture dump measured T = 1, 4 at beta 0.5
+    cfg = dict(shards=shard_dir, temperature=4.0, beta=8.0)
+    with pytest.warns(UserWarning, match=r"not at T=4, beta 8.*--strict refuses"):
+        train_setup.resolve_data(config(**cfg), DistInfo())
+    with pytest.raises(ConfigError, match=r"--strict: .*not at T=4, beta 8"):
+        train_setup.resolve_data(config(**cfg, strict=True), DistInfo())
