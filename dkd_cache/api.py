@@ -39,7 +39,6 @@ from .errors import (BadSampleError, CacheError, CacheLockedError, CacheMetadata
                      LoanError, NonFiniteLossError, PeerError, RemoteReadError, ResumeMismatchError, ShardError,
                      ShardNotFoundError)
 from .loader import Batch, RankPlan, StreamSpec, batches, canonical_runs, make_loader, plan_epoch, skips_for
-from .logit_codecs import Codec
 from .loss import RULES, dkd_loss
 from .renderers import RendererInfo
 from .run_checkpoint import plan_workers

@@ -4,7 +4,6 @@ and train-student standing on the same pieces."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import subprocess
 import sys
