@@ -354,6 +354,9 @@ class CacheMeta:
                 out.append(f"{field}: cache has {a[field]}, this run has {b[field]}")
         if self.renderer.name != other.renderer.name:
             out.append(f"renderer: cache rendered with {self.renderer.name!r}, this run with {other.renderer.name!r}")
+        elif self.renderer.decoder != other.renderer.decoder:  # gpu renderer: nvImageCodec's pixels are not libjpeg's
+            out.append(f"decoder: cache decoded with {self.renderer.decoder!r}, this run with "
+                       f"{other.renderer.decoder!r}; finish the dump on the same kind of device")
         interp = self.recipe.interpolation
         mine, theirs = self.renderer.resize.get(interp), other.renderer.resize.get(interp)
         if mine is not None and theirs is not None and mine != theirs:  # another host's kernel: pixels differ by a level

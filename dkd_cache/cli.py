@@ -69,6 +69,7 @@ class Rule(str, enum.Enum):
 class RendererName(str, enum.Enum):
     cpu = "cpu"
     device = "device"
+    gpu = "gpu"
 
 
 class Writer(str, enum.Enum):
@@ -149,8 +150,9 @@ def dump_teacher_cmd(
     amp: Annotated[Optional[Amp], typer.Option(help="bf16 autocast (default: on for cuda, off for cpu)")] = None,
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per Zarr chunk")] = None,
     renderer: Annotated[Optional[RendererName], typer.Option(
-        help="How views become pixels: cpu (per view in workers) or device (decode in workers, crop/resize/flip "
-             "batched on --device); recorded in the cache")] = None,
+        help="How views become pixels: cpu (per view in workers), device (decode in workers, crop/resize/flip "
+             "batched on --device) or gpu (workers send compressed bytes; decode on --device with nvImageCodec, "
+             "pip install \"dkd-cache[gpu]\", then as device); recorded in the cache")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad samples, recording each and why in the cache")] = False,
     allow_pipe: Annotated[bool, typer.Option(help="Allow 'pipe:' shard urls (they run shell commands)")] = False,
     lease_seconds: Annotated[Optional[float], typer.Option(

@@ -4,6 +4,8 @@
 stages into the writer. Stream shapes:
     this rank's pending shards (CacheWriter.my_shards)
       --render (DataLoader workers): iter_raw_samples, parse_sample, draw_view, render -->  RenderedSample
+      --decode_samples (gpu renderer only): a few samples' bytes decoded at once on the device
+        (gpu_decode), an undecodable one skipped or raised as the worker would -------->  RenderedSample
       --sample_views: recorded in the writer (boxes, flips, size, skip reason) ---------->  SampleViews (V views)
       --teacher_batches: one shard's views in (sample, view) order, cut every batch_size ->  TeacherBatch (B views)
       --teacher_logits: pixels to the device, normalise, forward ----------------------->  BatchLogits (B, classes)
@@ -34,7 +36,7 @@ from . import FORMAT_VERSION
 from . import calibration
 from . import dist as dist_mod
 from . import host_threads, shard_scan
-from . import renderers
+from . import gpu_decode, renderers
 from .cache_meta import CacheMeta, build_manifest, library_versions
 from .cache_writer import CacheWriter, LogitRows, SampleRow, WriterSpec, open_writer
 from .data import check_out_path, expand_shards, iter_raw_samples, keep_as_is, match_shards, parse_sample
@@ -46,7 +48,8 @@ from .progress import Progress
 from .teacher import TeacherInfo, load_teacher
 from .teacher_signal import LSE, TARGET, ComputePolicy, Storage, encode_entries, resolve_policy, teacher_forward
 from .transfer import Loan, RingSlot, TransferRing, start_workers
-from .views import Recipe, decode, draw_view, normalize, parse_positive_int, pixel_major, render_decoded
+from .views import Recipe, decode, draw_view, image_size_of, normalize, parse_positive_int, pixel_major, \
+    render_decoded
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -146,7 +149,7 @@ def writer_spec(plan: DumpPlan) -> WriterSpec:
     meta = CacheMeta(format_version=FORMAT_VERSION, teacher=plan.teacher, recipe=s.recipe, seed=s.seed,
                      views=s.views, codec=plan.codec, temperatures=tuple(float(t) for t in s.temperatures),
                      chunk_rows=s.chunk_rows, manifest=build_manifest((), s.chunk_rows), versions=library_versions(),
-                     compute=plan.compute, renderer=renderers.renderer_info(s.renderer))
+                     compute=plan.compute, renderer=renderers.renderer_info(s.renderer, plan.device))
     scan = functools.partial(shard_scan.scan_shards, list(plan.urls), plan.teacher.num_classes, s.skip_bad,
                              dist=plan.dist, cache=s.out, threads=max(2, s.workers * 2))
     calibrate = functools.partial(calibration.calibrate, model=plan.model, device=plan.device, urls=plan.urls,
@@ -187,8 +190,9 @@ class RenderJob:
 class RenderedSample:
     shard: int
     pos: int  # position in the shard (row = shard's row_start + pos)
-    images: torch.Tensor | RingSlot | None  # uint8 (V, 3, S, S), or the ring slot holding them; device renderer:
-    #                                         the decoded (3, H, W); None when skipped
+    images: torch.Tensor | RingSlot | renderers.Compressed | None  # uint8 (V, 3, S, S), or the ring slot holding
+    #     them; device renderer: the decoded (3, H, W); gpu renderer: the compressed image in the workers, then its
+    #     decoded image on the device (decode_samples, in gpu_decode's layout); None when skipped
     boxes: np.ndarray  # (V, 4)
     flips: np.ndarray  # (V,)
     height: int
@@ -256,7 +260,8 @@ def render_shard(shard: int, url: str, meta: CacheMeta, skip_bad: bool, ring: Tr
     is free, else in a fresh transfer buffer."""
     entry = meta.manifest.shards[shard]
     recipe, v = meta.recipe, meta.views
-    on_device = meta.renderer.name == "device"
+    on_device = meta.renderer.name in renderers.BATCHED
+    compressed = meta.renderer.name == "gpu"  # the header read and the views drawn here; decoded in the main process
     pos = 0
     for raw in iter_raw_samples(url):
         if pos >= entry.samples:
@@ -266,10 +271,14 @@ def render_shard(shard: int, url: str, meta: CacheMeta, skip_bad: bool, ring: Tr
         try:
             sample = parse_sample(raw, meta.num_classes)
             try:
-                img = (renderers.decode_for_device if on_device else decode)(sample.image)
+                if compressed:
+                    h, w = image_size_of(sample.image)  # the bomb guard; decode_samples decodes
+                    img = renderers.Compressed(sample.image, h, w, entry.name, sample.key)
+                else:
+                    img = (renderers.decode_for_device if on_device else decode)(sample.image)
+                    h, w = int(img.shape[1]), int(img.shape[2])
             except Exception as e:
                 raise BadSampleError(entry.name, sample.key, f"image cannot be decoded ({e})") from None
-            h, w = int(img.shape[1]), int(img.shape[2])
             if max(h, w) > 65535:
                 raise BadSampleError(entry.name, sample.key, f"image side {max(h, w)} exceeds 65535 pixels")
             boxes = np.zeros((v, 4), np.uint16)
@@ -307,10 +316,12 @@ class SampleViews:
     pos: int
     label: int
     views: int
-    pixels: torch.Tensor | None  # uint8 (V, 3, S, S); device renderer: the decoded image (3, H, W)
+    pixels: torch.Tensor | None  # uint8 (V, 3, S, S); device renderer: the decoded image (3, H, W); gpu: decoded
+    #                               image on the device in gpu_decode's layout (`layout`)
     boxes: np.ndarray  # (V, 4)
     flips: np.ndarray  # (V,)
     loan: Loan | None  # the worker's ring slot holding `pixels`: released once its last view is in a teacher batch
+    layout: str = "chw"  # of a decoded image (device and gpu renderers)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -349,11 +360,47 @@ class BatchLogits:
     logits: torch.Tensor  # (B, classes) on the device
 
 
-def sample_views(items: Iterator[RenderedSample | RenderFailed], writer: CacheWriter,
-                 ring: TransferRing | None) -> Iterator[SampleViews]:
+def decode_samples(items: Iterator[RenderedSample | RenderFailed], device: torch.device, skip_bad: bool,
+                   per_call: int) -> Iterator[tuple[RenderedSample | RenderFailed, str]]:
+    """gpu renderer: runs of `per_call` samples' compressed images decoded in one call on the device (gpu_decode;
+    a sample's pixels do not depend on which others share the call). A sample that cannot be decoded is skipped
+    with --skip-bad (recorded like a worker's skip), else a BadSampleError naming it. Yields (sample, layout)."""
+    decoder = gpu_decode.decoder_for(device)
+    run: list[RenderedSample | RenderFailed] = []
+    for item in items:
+        run.append(item)
+        if len(run) == per_call or isinstance(item, RenderFailed):
+            yield from _decode_run(run, decoder, skip_bad)
+            run = []
+    yield from _decode_run(run, decoder, skip_bad)
+
+
+def _decode_run(run: list, decoder, skip_bad: bool) -> Iterator[tuple[RenderedSample | RenderFailed, str]]:
+    todo = [i for i, x in enumerate(run) if isinstance(x, RenderedSample) and x.images is not None]
+    dec = decoder.decode([run[i].images.data for i in todo])
+    for i, img, err in zip(todo, dec.images, dec.errors):
+        x = run[i]
+        got = None if img is None else tuple(img.shape[1:] if dec.layout == "chw" else img.shape[:2])
+        if err is None and got != (x.height, x.width):
+            err = f"decoded size {got} differs from the header's {(x.height, x.width)}"
+        if err is None:
+            run[i] = dataclasses.replace(x, images=img)
+            continue
+        bad = BadSampleError(x.images.shard, x.images.key, f"image cannot be decoded ({err})")
+        if not skip_bad:
+            raise bad
+        run[i] = dataclasses.replace(x, images=None, skipped=bad.reason, label=-1, height=0, width=0,
+                                     boxes=np.zeros_like(x.boxes), flips=np.zeros_like(x.flips))
+    for x in run:
+        yield x, dec.layout
+
+
+def sample_views(items: Iterator[RenderedSample | RenderFailed | tuple[RenderedSample | RenderFailed, str]],
+                 writer: CacheWriter, ring: TransferRing | None) -> Iterator[SampleViews]:
     """Each sample recorded in the writer (its boxes, flips, size, skip reason), its views out of the worker's slot."""
     v = writer.meta.views
     for item in items:
+        item, layout = item if isinstance(item, tuple) else (item, "chw")  # decode_samples says its layout
         if isinstance(item, RenderFailed):
             raise item.error
         writer.add_sample(SampleRow(shard=item.shard, pos=item.pos, boxes=item.boxes, flips=item.flips,
@@ -363,7 +410,7 @@ def sample_views(items: Iterator[RenderedSample | RenderFailed], writer: CacheWr
             loan = ring.lend(pixels)
             pixels = loan.tensor
         yield SampleViews(shard=item.shard, pos=item.pos, label=item.label, views=0 if pixels is None else v,
-                          pixels=pixels, boxes=item.boxes, flips=item.flips, loan=loan)
+                          pixels=pixels, boxes=item.boxes, flips=item.flips, loan=loan, layout=layout)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -412,11 +459,13 @@ def teacher_logits(batches: Iterator[TeacherBatch], meta: CacheMeta, model: torc
                    device: torch.device) -> Iterator[BatchLogits]:
     policy = meta.compute or ComputePolicy()  # None: a cache written before the policy was recorded (fp32)
     for batch in batches:
-        if meta.renderer.name == "device":  # the decoded image once per view, rendered on the device
+        if meta.renderer.name in renderers.BATCHED:  # each decoded image once, its views rendered on the device
             pixels = renderers.render_batch(
-                [sp.sample.pixels for sp in batch.spans for _ in range(sp.first, sp.stop)],
+                [sp.sample.pixels for sp in batch.spans],
                 np.concatenate([sp.sample.boxes[sp.first:sp.stop] for sp in batch.spans]),
-                np.concatenate([sp.sample.flips[sp.first:sp.stop] for sp in batch.spans]), meta.recipe, device)
+                np.concatenate([sp.sample.flips[sp.first:sp.stop] for sp in batch.spans]), meta.recipe, device,
+                index=np.repeat(np.arange(len(batch.spans)), [sp.stop - sp.first for sp in batch.spans]),
+                layout=batch.spans[0].sample.layout)
         else:
             pixels = renderers.stack([sp.sample.pixels[v] for sp in batch.spans for v in range(sp.first, sp.stop)],
                                      device.type == "cuda").to(device, non_blocking=True)
@@ -449,6 +498,8 @@ def run_stages(plan: DumpPlan, writer: CacheWriter, shards: Sequence[int], *, sh
     loader, ring = render_loader(jobs, meta, s)
     storage = Storage(codec=writer.codec, num_classes=meta.num_classes, temperatures=tuple(meta.temperatures))
     rendered = start_workers(loader, ring and ring.need)  # a full /dev/shm: a SharedMemoryError here, not a SemLock
+    if meta.renderer.name == "gpu":  # RenderedSample's compressed image -> decoded on the device
+        rendered = decode_samples(rendered, plan.device, s.skip_bad, per_call=-(-s.batch_size // meta.views))
     # RenderedSample -> SampleViews -> TeacherBatch -> BatchLogits -> LogitRows
     rows = encode(teacher_logits(teacher_batches(sample_views(rendered, writer, ring), meta, s.batch_size),
                                  meta, plan.model, plan.device), storage)

@@ -6,7 +6,8 @@ Stream shapes:
             join_cache         -> (raw, row, cache entry)   key and label checked against the cache row
             shuffle_buffer     -> same, shuffled by rng(seed, epoch, rank, worker)
             skip(n)            -> resume: drop the first n without decoding
-            render             -> Item(worker, seq, image uint8 (3,S,S), label, entry)
+            render             -> Item(worker, seq, image uint8 (3,S,S), label, entry)  (gpu renderer: image is
+                                  the sample's Compressed bytes, header read and views drawn, nothing decoded)
             group_items        -> ItemGroup: a worker's Items in one block of `spec.block` seqs (one tensor per
                                   transfer; training's block is the rank's batch)
     main:   canonical_runs     -> groups in round-robin order of (block, worker): independent of scheduling
@@ -33,9 +34,9 @@ from . import cache_meta
 from .data import keep_as_is, iter_raw_samples, parse_sample, shard_name
 from .errors import BadSampleError, CacheMismatchError, DKDCacheError, ShardError
 from . import renderers
-from .renderers import Packed
+from .renderers import Compressed, Encoded, Packed
 from .transfer import Loan, RingSlot, TransferRing, start_workers
-from .views import Recipe, center_crop, decode, draw_view, pixel_major, render_decoded
+from .views import Recipe, center_crop, decode, draw_view, image_size_of, pixel_major, render_decoded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +177,7 @@ class StreamSpec:
 class Item:
     worker: int
     seq: int
-    image: torch.Tensor | None  # uint8 (3, S, S); None for a sample dropped at decode (placeholder)
+    image: torch.Tensor | Compressed | None  # uint8 (3, S, S); gpu renderer: the compressed image; None: no pixels
     label: int
     entry: dict[str, np.ndarray]
 
@@ -187,7 +188,8 @@ class Item:
 class ItemGroup:
     worker: int
     seq0: int  # the group holds seqs seq0, seq0 + 1, ...
-    images: torch.Tensor | Packed | RingSlot | None  # uint8 (m, 3, S, S); Packed decoded images (device renderer);
+    images: torch.Tensor | Packed | Encoded | RingSlot | None  # uint8 (m, 3, S, S); Packed decoded images (device
+    #                                                        renderer); Encoded compressed ones (gpu renderer);
     labels: np.ndarray  # int64 (m,)                 # a worker's TransferRing slot (main: resolved to its rows); None
     entries: dict[str, np.ndarray]  # name -> (m, …)
     loan: Loan | None = None  # images in a ring slot: lent to whoever takes the group's rows, who releases it
@@ -197,6 +199,7 @@ class ItemGroup:
 
     def item(self, i: int) -> Item:
         image = self.images.slice(i, i + 1).unpack()[0] if isinstance(self.images, Packed) else \
+            self.images.slice(i, i + 1) if isinstance(self.images, Encoded) else \
             None if self.images is None else self.images[i]
         return Item(self.worker, self.seq0 + i, image, int(self.labels[i]), {k: v[i] for k, v in self.entries.items()})
 
@@ -229,8 +232,10 @@ def group_items(items: Iterable[Item], size: int = ITEMS_PER_TRANSFER, *, packed
 
 
 def _group(buf: list[Item], packed: bool = False, ring: TransferRing | None = None) -> ItemGroup:
-    images: torch.Tensor | Packed | RingSlot | None = None
-    if buf[0].image is not None:
+    images: torch.Tensor | Packed | Encoded | RingSlot | None = None
+    if isinstance(buf[0].image, Compressed):
+        images = renderers.encode([i.image for i in buf])
+    elif buf[0].image is not None:
         pixels = [i.image for i in buf]
         lent = None if packed or ring is None else ring.acquire(buf[0].worker, len(pixels), pixels[0].shape,
                                                                  pixels[0].dtype)
@@ -360,15 +365,21 @@ def render_items(spec: StreamSpec, raw: dict, cache_label: int | None, entries: 
         except Exception as e:
             raise BadSampleError(sample.shard, sample.key, f"image cannot be decoded ({e})") from None
         return [Item(worker, seq0, image, sample.label, entries[0])]
-    on_device = spec.renderer == "device"
+    on_device = spec.renderer in renderers.BATCHED
+    compressed = spec.renderer == "gpu"  # no decode here: the header's size, the views, the bytes
     try:
-        img = (renderers.decode_for_device if on_device else decode)(sample.image)
+        if compressed:
+            h, w = image_size_of(sample.image)  # the bomb guard; the main process decodes
+            img = Compressed(sample.image, h, w, sample.shard, sample.key)
+        else:
+            img = (renderers.decode_for_device if on_device else decode)(sample.image)
+            h, w = int(img.shape[1]), int(img.shape[2])
     except Exception as e:
         raise BadSampleError(sample.shard, sample.key, f"image cannot be decoded ({e})") from None
     if SIZE_ENTRIES[0] in entries[0]:
         dumped = tuple(int(entries[0][name]) for name in SIZE_ENTRIES)
         entries = [{k: v for k, v in en.items() if k not in SIZE_ENTRIES} for en in entries]
-        now = (int(img.shape[1]), int(img.shape[2]))  # decode checked it against the header
+        now = (h, w)  # decode checked it against the header (the gpu renderer's decode checks it again)
         if dumped != now:
             raise CacheMismatchError(
                 f"{sample.shard}: sample {sample.key!r} is a {now[0]}x{now[1]} image, but it was "
@@ -385,8 +396,8 @@ def render_items(spec: StreamSpec, raw: dict, cache_label: int | None, entries: 
         if "views/box" in entry:
             box, flip = tuple(int(v) for v in entry["views/box"]), bool(entry["views/flip"])
         else:  # no cache: the view is drawn from (seed, view, key)
-            top, left, h, w, flip = draw_view(spec.seed, views[j], sample.key, img.shape[1], img.shape[2], recipe)
-            box = (top, left, h, w)
+            top, left, bh, bw, flip = draw_view(spec.seed, views[j], sample.key, h, w, recipe)
+            box = (top, left, bh, bw)
             if on_device:
                 entry = {**entry, "views/box": np.array(box, np.uint16), "views/flip": np.uint8(flip)}
         image = img if on_device else render_decoded(img, box, flip, recipe, contiguous=False)  # _group copies it
@@ -560,7 +571,8 @@ def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False)
     g, a, b = run[0]
     if len(run) == 1 and not pin_memory and (g.loan is None or (a == 0 and b == len(g))):
         # views, nothing copied or touched: a slice of memory the group owns, or a whole lent slot, lent on
-        images = g.images.slice(a, b) if isinstance(g.images, Packed) else None if g.images is None else g.images[a:b]
+        images = g.images.slice(a, b) if isinstance(g.images, (Packed, Encoded)) else None if g.images is None \
+            else g.images[a:b]
         entries = {k: torch.from_numpy(v[a:b]) for k, v in g.entries.items()}
         return Batch(g.loan or Loan(images), torch.from_numpy(g.labels[a:b]), entries)
     n = sum(stop - start for _, start, stop in run)
@@ -568,6 +580,8 @@ def collate(run: Sequence[tuple[ItemGroup, int, int]], pin_memory: bool = False)
     images = None
     if isinstance(first.images, Packed):
         images = renderers.concat([g.images.slice(a, b) for g, a, b in run], pin_memory)
+    elif isinstance(first.images, Encoded):  # compressed bytes: decoded on the device, nothing to pin
+        images = renderers.concat_encoded([g.images.slice(a, b) for g, a, b in run])
     elif first.images is not None:
         images = torch.empty((n, *first.images.shape[1:]), dtype=torch.uint8, pin_memory=pin_memory)
         dst, at = images.numpy(), 0

@@ -9,6 +9,12 @@ recorded in the cache, because two renderers give slightly different pixels for 
             float bilinear samples, `sampling_ratio` adaptive (each output pixel averages ceil(box/size)^2 samples
             spread over its footprint, an area filter when shrinking; one sample, plain bilinear, when enlarging),
             rounded to uint8. Bilinear only.
+    gpu     workers decode nothing: they read the tar, parse, check the image header (views.image_size_of) and draw
+            the views, then send each sample's compressed bytes with its boxes and flips (tens of us per image).
+            The main process decodes whole batches on the compute device (gpu_decode: nvImageCodec's hardware
+            JPEG decoder on CUDA, the CPU decoder views.decode elsewhere) and renders them as the device renderer
+            does (render_batch): given the same decoded images, its pixels are the device renderer's, bit for bit.
+            The decoder is part of the record (RendererInfo.decoder). Bilinear only.
 
 The resize kernel is part of the record (RendererInfo.cpu_capability, .resize): torch's native uint8 kernels run
 bilinear only on hosts with AVX2 (or AVX512) or on ARM; elsewhere torchvision resizes bilinear views through float32
@@ -24,6 +30,13 @@ Stream shapes (device renderer):
     worker:  bytes -> decoded uint8 (3, h, w) + box + flip            (loader / dump workers)
     main:    [decoded] -> Packed(flat uint8, shapes)                   (one transfer per group, one per batch)
     device:  Packed + boxes (B, 4) + flips (B,) -> uint8 (B, 3, S, S)  (render_batch: one roi_align call)
+Stream shapes (gpu renderer):
+    worker:  bytes -> Compressed(bytes, name) + box + flip           (header read, views drawn; no decode)
+    main:    [Compressed] -> Encoded(flat bytes, lengths, index)       (one transfer per group, one per batch)
+    device:  Encoded -> decoder -> [decoded] -> render_batch -> uint8 (B, 3, S, S)      (to_device / dump)
+render_batch builds its float canvas with one gather of rows from the images' flat memory (no per-image loop), at most
+CANVAS_ELEMENTS per roi_align call: a batch with a very large image is cut into several calls, which cannot move
+a pixel (each view reads only its own image, at most one pixel past its box).
 """
 
 from __future__ import annotations
@@ -37,15 +50,20 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from .errors import CacheMismatchError, ConfigError
+from . import gpu_decode
+from .errors import BadSampleError, CacheMismatchError, ConfigError
 from .transfer import shared_empty
 from .views import Recipe, decode, render_decoded
 
-RENDERERS = ("cpu", "device")
+RENDERERS = ("cpu", "device", "gpu")
+BATCHED = ("device", "gpu")  # the renderers that crop, resize and flip whole batches with render_batch
 BACKENDS = {
     "cpu": "decode torchvision.io.decode_image (CPU); crop+resize+flip torchvision.transforms.v2 uint8, per view",
     "device": "decode torchvision.io.decode_image (CPU); crop+resize+flip torchvision.ops.roi_align float32 "
               "(adaptive sampling, aligned) per batch on the compute device, rounded to uint8",
+    "gpu": "workers send compressed bytes; decode per batch in the main process (gpu_decode: nvImageCodec's "
+           "hardware JPEG decoder on CUDA, other members on the CPU; torchvision.io.decode_image on a CPU device); "
+           "crop+resize+flip torchvision.ops.roi_align float32 per batch on the compute device, rounded to uint8",
 }
 
 
@@ -59,6 +77,7 @@ class RendererInfo:
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     cpu_capability: str | None = None  # torch.backends.cpu.get_cpu_capability() of the host that rendered
     resize: dict[str, str] = dataclasses.field(default_factory=dict)  # interpolation -> kernel (resize_kernels)
+    decoder: str | None = None  # gpu renderer: the decoder (gpu_decode.decoder_name); None for the others
 
     def kernel(self, interpolation: str) -> str:
         """The resize kernel that rendered this interpolation's views, with the host's CPU capability."""
@@ -70,6 +89,8 @@ class RendererInfo:
         d: dict[str, Any] = {"name": self.name, "backend": self.backend, "versions": dict(self.versions)}
         if self.cpu_capability is not None:  # an older record is written back as it was
             d.update(cpu_capability=self.cpu_capability, resize=dict(self.resize))
+        if self.decoder is not None:
+            d["decoder"] = self.decoder
         return d
 
     @classmethod
@@ -78,7 +99,7 @@ class RendererInfo:
         kernel may be absent (caches written before it was recorded)."""
         if d is None:
             return cls(name="cpu", backend=BACKENDS["cpu"] + " (not recorded: written before renderers were)")
-        unknown = sorted(set(d) - {"name", "backend", "versions", "cpu_capability", "resize"})
+        unknown = sorted(set(d) - {"name", "backend", "versions", "cpu_capability", "resize", "decoder"})
         if unknown:
             raise ConfigError(f"renderer record has unknown keys {unknown}")
         parse_renderer(d.get("name"))
@@ -87,8 +108,11 @@ class RendererInfo:
             raise ConfigError(f"renderer cpu_capability must be a string, got {cap!r}")
         if not isinstance(resize, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in resize.items()):
             raise ConfigError(f"renderer resize must be a table of interpolation -> kernel, got {resize!r}")
+        decoder = d.get("decoder")
+        if decoder is not None and not isinstance(decoder, str):
+            raise ConfigError(f"renderer decoder must be a string, got {decoder!r}")
         return cls(name=d["name"], backend=str(d.get("backend", "")), versions=dict(d.get("versions", {})),
-                   cpu_capability=cap, resize=dict(resize))
+                   cpu_capability=cap, resize=dict(resize), decoder=decoder)
 
 
 UINT8_KERNEL = "uint8: torch's native uint8 kernel"
@@ -104,7 +128,7 @@ def native_uint8_bilinear(capability: str, machine: str) -> bool:
 def resize_kernels(name: str, capability: str | None = None, machine: str | None = None) -> dict[str, str]:
     """The resize kernel of each interpolation for renderer `name` on a host (default: this one)."""
     parse_renderer(name)
-    if name == "device":
+    if name in BATCHED:
         return {"bilinear": "float32: torchvision.ops.roi_align on the compute device, rounded to uint8"}
     capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
     machine = platform.machine() if machine is None else machine
@@ -119,19 +143,27 @@ def parse_renderer(name: Any) -> str:
     return name
 
 
-def renderer_info(name: str) -> RendererInfo:
+def renderer_info(name: str, device: torch.device | str = "cpu") -> RendererInfo:
+    """What renderer `name` runs with on `device` (the gpu renderer's decoder depends on it: a CUDA device without
+    nvImageCodec is a ConfigError saying what to install)."""
     import torchvision
 
     parse_renderer(name)
-    return RendererInfo(name=name, backend=BACKENDS[name],
-                        versions={"torch": torch.__version__, "torchvision": torchvision.__version__},
-                        cpu_capability=torch.backends.cpu.get_cpu_capability(), resize=resize_kernels(name))
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__}
+    decoder = None
+    if name == "gpu":
+        decoder = gpu_decode.decoder_name(device)
+        if decoder == gpu_decode.NVIMGCODEC_DECODER:
+            versions["nvimgcodec"] = gpu_decode.nvimgcodec_version()  # raises ConfigError when not installed
+    return RendererInfo(name=name, backend=BACKENDS[name], versions=versions,
+                        cpu_capability=torch.backends.cpu.get_cpu_capability(), resize=resize_kernels(name),
+                        decoder=decoder)
 
 
 def check_recipe(name: str, recipe: Recipe) -> None:
-    """The device renderer is bilinear only."""
-    if name == "device" and recipe.interpolation != "bilinear":
-        raise ConfigError(f"the device renderer resizes bilinearly; the recipe asks for {recipe.interpolation!r}: "
+    """The device and gpu renderers are bilinear only."""
+    if name in BATCHED and recipe.interpolation != "bilinear":
+        raise ConfigError(f"the {name} renderer resizes bilinearly; the recipe asks for {recipe.interpolation!r}: "
                           "use --renderer cpu")
 
 
@@ -147,6 +179,25 @@ def choose_renderer(cache_renderer: RendererInfo, requested: str | None, allow_o
                                  f"--allow-other-renderer to train so anyway (measure the drift first with "
                                  f"dkd-cache verify --renderer {requested})")
     return requested
+
+
+def check_decoder(name: str, cache_renderer: RendererInfo | None, device: torch.device | str,
+                  allow_other: bool) -> None:
+    """Before the first batch: the gpu renderer's decoder on `device` can be made (nvImageCodec on CUDA: a
+    ConfigError saying what to install), and it is the one the cache records, or another is allowed explicitly:
+    the same renderer decoding with another decoder (nvImageCodec against the CPU's libjpeg-turbo) gives slightly
+    other pixels than the teacher saw."""
+    if name != "gpu":
+        return
+    gpu_decode.decoder_for(torch.device(device))
+    here = gpu_decode.decoder_name(device)
+    if cache_renderer is None or cache_renderer.name != "gpu" or cache_renderer.decoder in (None, here):
+        return
+    if not allow_other:
+        raise CacheMismatchError(f"the cache was rendered by the gpu renderer decoding with "
+                                 f"{cache_renderer.decoder!r}; on {device} it decodes with {here!r}, whose pixels "
+                                 "differ slightly. Train on the kind of device the cache was dumped on, or pass "
+                                 "--allow-other-renderer to train so anyway (dkd-cache verify measures the drift)")
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -188,6 +239,79 @@ def concat(parts: Sequence[Packed], pin_memory: bool = False) -> Packed:
     return Packed(flat, np.concatenate([p.shapes for p in parts]).reshape(-1, 2))
 
 
+@dataclasses.dataclass(frozen=True)
+class Compressed:
+    """One sample's compressed image as a gpu-renderer worker hands it on (with the header's size, read there)."""
+
+    data: bytes
+    height: int
+    width: int
+    shard: str
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """The compressed images of a group or batch (gpu renderer): one shared-memory transfer, decoded in the main
+    process. Several rows may share an image (the views of one decode: `index`, non-decreasing)."""
+
+    data: torch.Tensor  # uint8 (sum of lengths,): the images' bytes, one after another
+    lengths: np.ndarray  # int64 (u,)
+    shapes: np.ndarray  # int64 (u, 2): height, width from the header
+    names: tuple[tuple[str, str], ...]  # (u,) (shard, key) of each image, for errors
+    index: np.ndarray  # int64 (m,): row -> image
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+
+    def members(self) -> list[bytes]:
+        """Each image's bytes."""
+        buf, off = self.data.numpy(), self.offsets()
+        return [buf[int(off[i]):int(off[i + 1])].tobytes() for i in range(len(self.lengths))]
+
+    def slice(self, start: int, stop: int) -> "Encoded":
+        """Rows start..stop-1 with the images they use (a view: nothing copied)."""
+        index = self.index[start:stop]
+        if not len(index):
+            return Encoded(self.data[:0], self.lengths[:0], self.shapes[:0], (), index)
+        lo, hi = int(index[0]), int(index[-1]) + 1
+        off = self.offsets()
+        return Encoded(self.data[int(off[lo]):int(off[hi])], self.lengths[lo:hi], self.shapes[lo:hi],
+                       self.names[lo:hi], index - lo)
+
+
+def encode(samples: Sequence[Compressed]) -> Encoded:
+    """A group's rows -> Encoded; consecutive rows holding the same Compressed (views of one decode) share it."""
+    index = np.zeros(len(samples), np.int64)
+    unique: list[Compressed] = []
+    for i, c in enumerate(samples):
+        if not unique or c is not unique[-1]:
+            unique.append(c)
+        index[i] = len(unique) - 1
+    lengths = np.array([len(c.data) for c in unique], np.int64)
+    data = transfer_buffer((int(lengths.sum()),))
+    out, at = data.numpy(), 0
+    for c in unique:
+        out[at:at + len(c.data)] = np.frombuffer(c.data, np.uint8)
+        at += len(c.data)
+    return Encoded(data, lengths, np.array([[c.height, c.width] for c in unique], np.int64).reshape(-1, 2),
+                   tuple((c.shard, c.key) for c in unique), index)
+
+
+def concat_encoded(parts: Sequence[Encoded]) -> Encoded:
+    """One Encoded from several (a batch from group slices)."""
+    data = torch.empty(sum(int(p.data.numel()) for p in parts), dtype=torch.uint8)
+    _copy_into(data, [p.data for p in parts])
+    base = np.cumsum([0] + [len(p.lengths) for p in parts])
+    return Encoded(data, np.concatenate([p.lengths for p in parts]).astype(np.int64),
+                   np.concatenate([p.shapes for p in parts]).reshape(-1, 2),
+                   tuple(n for p in parts for n in p.names),
+                   np.concatenate([p.index + b for p, b in zip(parts, base)]).astype(np.int64))
+
+
 def transfer_buffer(shape: Sequence[int], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     """An empty tensor to fill in a DataLoader worker and hand to the main process: in shared memory from the
     start (as torch's default_collate does), so that handing it over does not copy it there; elsewhere plain."""
@@ -218,42 +342,125 @@ def decode_for_device(data: bytes) -> torch.Tensor:
     return decode(data)
 
 
+# One roi_align call's float32 canvas holds at most this many elements (512 MiB).
+CANVAS_ELEMENTS = 1 << 27
+
+
 def render_batch(images: Packed | Sequence[torch.Tensor], boxes: torch.Tensor | np.ndarray,
                  flips: torch.Tensor | np.ndarray, recipe: Recipe, device: torch.device | str,
-                 size: int | None = None) -> torch.Tensor:
-    """The device renderer: decoded images + boxes (B, 4: top, left, h, w) + flips (B,) -> uint8 (B, 3, S, S) on
-    `device`, with one roi_align call for the batch."""
-    from torchvision.ops import roi_align
-
+                 size: int | None = None, *, index: np.ndarray | None = None, layout: str = "chw") -> torch.Tensor:
+    """The device and gpu renderers: decoded images + boxes (B, 4: top, left, h, w) + flips (B,) -> uint8
+    (B, 3, S, S) on `device`. `images`: Packed, or uint8 images in `layout` ("chw": (3, H, W); "hwc": (H, W, 3)),
+    on any device; `index` (B,) maps rows to images (default: row i is image i). No per-image loop: the images'
+    memory is one flat tensor, whose rows are gathered into one canvas per roi_align call (render_rows)."""
     check_recipe("device", recipe)
     device = torch.device(device)
     size = size or recipe.image_size
-    if isinstance(images, Packed):
-        flat = images.flat.to(device, non_blocking=True)
-        imgs = images.unpack(flat)
-    else:
-        imgs = [i.to(device, non_blocking=True) for i in images]
-    n = len(imgs)
-    boxes = torch.as_tensor(np.ascontiguousarray(boxes, dtype=np.float32) if not torch.is_tensor(boxes) else boxes,
-                            dtype=torch.float32).reshape(n, 4)
-    flips = torch.as_tensor(np.ascontiguousarray(flips) if not torch.is_tensor(flips) else flips
-                            ).reshape(n).to(torch.bool)
+    boxes = (boxes.to(torch.int64).cpu().numpy() if torch.is_tensor(boxes) else np.asarray(boxes)
+             ).astype(np.int64).reshape(-1, 4)
+    flips = (flips.cpu().numpy() if torch.is_tensor(flips) else np.asarray(flips)).astype(bool).reshape(-1)
+    n = len(boxes)
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8, device=device)
     if n == 0:
-        return torch.empty((0, 3, size, size), dtype=torch.uint8, device=device)
-    hmax = max(int(i.shape[1]) for i in imgs) + 1
-    wmax = max(int(i.shape[2]) for i in imgs) + 1
-    canvas = torch.zeros((n, 3, hmax, wmax), dtype=torch.float32, device=device)
-    for k, img in enumerate(imgs):  # the image, then one replicated row and column
-        h, w = int(img.shape[1]), int(img.shape[2])
-        canvas[k, :, :h, :w] = img
-        canvas[k, :, h, :w] = canvas[k, :, h - 1, :w]
-        canvas[k, :, :h + 1, w] = canvas[k, :, :h + 1, w - 1]
-    top, left, bh, bw = boxes.unbind(1)
-    rois = torch.stack([torch.arange(n, dtype=torch.float32), left, top, left + bw, top + bh], 1).to(device)
+        return out
+    bottom, right = boxes[:, 0] + boxes[:, 2], boxes[:, 1] + boxes[:, 3]
+    tail = torch.zeros(3 * (int(right.max()) + 1), dtype=torch.uint8, device=device)  # the last row's window
+    if isinstance(images, Packed):
+        parts, shapes, layout = [images.flat], images.shapes, "chw"
+    else:
+        parts = [i.reshape(-1) for i in images]
+        shapes = np.array([tuple(i.shape[1:]) if layout == "chw" else tuple(i.shape[:2]) for i in images],
+                          np.int64).reshape(-1, 2)
+    if device.type == "cpu":  # numpy's memcpy: torch.cat of uint8 on the CPU is several times slower
+        flat = torch.empty(sum(int(p.numel()) for p in parts) + int(tail.numel()), dtype=torch.uint8)
+        _copy_into(flat, [p.cpu() for p in parts] + [tail])
+    else:
+        flat = torch.cat([p.to(device, non_blocking=True) for p in parts] + [tail])
+    starts = np.concatenate([[0], np.cumsum(3 * shapes[:, 0] * shapes[:, 1])])[:-1].astype(np.int64)
+    index = np.arange(n, dtype=np.int64) if index is None else np.asarray(index, np.int64).reshape(n)
+    for a, b in _row_chunks(bottom, right, 0, n):
+        rows = index[a:b]
+        out[a:b] = render_rows(flat, starts[rows], shapes[rows], boxes[a:b], flips[a:b], recipe, size, layout)
+    return out
+
+
+def _row_chunks(bottom: np.ndarray, right: np.ndarray, start: int, stop: int):
+    """(start, stop) runs of rows whose canvas fits CANVAS_ELEMENTS: the whole batch, or halves until it fits."""
+    if stop - start <= 1 or (stop - start) * 3 * (int(bottom[start:stop].max()) + 1) * \
+            (int(right[start:stop].max()) + 1) <= CANVAS_ELEMENTS:
+        if stop > start:
+            yield start, stop
+        return
+    mid = (start + stop) // 2
+    yield from _row_chunks(bottom, right, start, mid)
+    yield from _row_chunks(bottom, right, mid, stop)
+
+
+def render_rows(flat: torch.Tensor, starts: np.ndarray, shapes: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
+                recipe: Recipe, size: int, layout: str = "chw") -> torch.Tensor:
+    """Rows (image at `starts` in `flat`, of `shapes` (m, 2), in `layout`) -> uint8 (m, 3, S, S), one roi_align.
+    `flat` ends with at least 3 Wc bytes past its last image (a row's window may run past its image).
+
+    The canvas (m, 3, Hc, Wc) float32 is one gather of image rows from `flat` (each canvas row a window of Wc
+    pixels starting at an image row; rows past the image repeat its last row), then its column w set to column
+    w - 1. The samples of a view reach at most one pixel past its box, so they read the image and that repeated
+    row or column, never what lies beyond (the next row's pixels, a neighbour's). Hc and Wc reach one pixel past
+    the lowest and rightmost box of the rows, never beyond: roi_align's edge clamps never fire, so a view's pixels
+    do not depend on the canvas's size, that is on which rows share the call."""
+    from torchvision.ops import roi_align
+
+    dev, m = flat.device, len(boxes)
+    top, left, bh, bw = (boxes[:, j] for j in range(4))
+    hc, wc = int((top + bh).max()) + 1, int((left + bw).max()) + 1
+
+    def col(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, np.int64)).to(dev)
+
+    st, hs, ws = col(starts), col(shapes[:, 0]), col(shapes[:, 1])
+    ys = torch.minimum(torch.arange(hc, device=dev)[None], hs[:, None] - 1)  # (m, Hc): image rows, the last repeated
+    if layout == "chw":
+        first = (st[:, None] + torch.arange(3, device=dev)[None] * (hs * ws)[:, None])[:, :, None] \
+            + (ys * ws[:, None])[:, None, :]  # (m, 3, Hc): where each canvas row starts in flat
+        canvas = flat.unfold(0, wc, 1).index_select(0, first.reshape(-1)).view(m, 3, hc, wc).to(torch.float32)
+    elif layout == "hwc":
+        first = st[:, None] + ys * (3 * ws)[:, None]  # (m, Hc)
+        canvas = flat.unfold(0, 3 * wc, 1).index_select(0, first.reshape(-1)).view(m, hc, wc, 3) \
+            .permute(0, 3, 1, 2).to(torch.float32).contiguous()
+    else:
+        raise ConfigError(f"layout must be 'chw' or 'hwc', got {layout!r}")
+    last = (ws - 1).clamp(max=wc - 1).view(m, 1, 1, 1).expand(m, 3, hc, 1)  # column w = column w - 1
+    canvas.scatter_(3, ws.clamp(max=wc - 1).view(m, 1, 1, 1).expand(m, 3, hc, 1), canvas.gather(3, last))
+    b = torch.from_numpy(np.ascontiguousarray(boxes, np.float32)).to(dev)
+    rois = torch.stack([torch.arange(m, dtype=torch.float32, device=dev), b[:, 1], b[:, 0], b[:, 1] + b[:, 3],
+                        b[:, 0] + b[:, 2]], 1)
     out = roi_align(canvas, rois, output_size=(size, size), spatial_scale=1.0,
                     sampling_ratio=-1 if recipe.antialias else 1, aligned=True)
-    out = torch.where(flips.to(device)[:, None, None, None], out.flip(-1), out)
+    flip = torch.from_numpy(np.ascontiguousarray(flips, bool)).to(dev)
+    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def decode_encoded(images: Encoded, device: torch.device | str) -> gpu_decode.Decoded:
+    """The gpu renderer's decode of a batch's images on `device`; an image that cannot be decoded, or whose pixels
+    do not have its header's size, is a BadSampleError naming its shard and key."""
+    dec = gpu_decode.decoder_for(torch.device(device)).decode(images.members())
+    for (shard, key), img, err, (h, w) in zip(images.names, dec.images, dec.errors, images.shapes):
+        got = None if img is None else tuple(img.shape[1:] if dec.layout == "chw" else img.shape[:2])
+        if err is None and got != (int(h), int(w)):
+            err = f"decoded size {got} differs from the header's {(int(h), int(w))}"
+        if err is not None:
+            raise BadSampleError(shard, key, f"image cannot be decoded ({err})",
+                                 advice="Fix or remove the sample (dump-teacher --skip-bad leaves such samples out "
+                                        "of a cache, recording each).")
+    return dec
+
+
+def render_encoded(images: Encoded, boxes: torch.Tensor | np.ndarray, flips: torch.Tensor | np.ndarray,
+                   recipe: Recipe, device: torch.device | str, size: int | None = None) -> torch.Tensor:
+    """The gpu renderer: a batch's compressed images decoded on `device`, then rendered as render_batch does."""
+    check_recipe("gpu", recipe)
+    dec = decode_encoded(images, device)
+    return render_batch(dec.images, boxes, flips, recipe, device, size, index=images.index, layout=dec.layout)
 
 
 def render_views(name: str, data: Sequence[bytes], boxes: np.ndarray, flips: np.ndarray, recipe: Recipe,
@@ -263,17 +470,26 @@ def render_views(name: str, data: Sequence[bytes], boxes: np.ndarray, flips: np.
     size = size or recipe.image_size
     if name == "device":
         return render_batch([decode_for_device(d) for d in data], boxes, flips, recipe, device, size)
+    if name == "gpu":
+        check_recipe("gpu", recipe)
+        dec = gpu_decode.decoder_for(torch.device(device)).decode(data)
+        bad = next((e for e in dec.errors if e is not None), None)
+        if bad is not None:
+            raise ValueError(f"an image cannot be decoded ({bad})")
+        return render_batch(dec.images, boxes, flips, recipe, device, size, layout=dec.layout)
     at_size = dataclasses.replace(recipe, image_size=size)
     out = [render_decoded(decode(d), tuple(int(x) for x in b), bool(f), at_size) for d, b, f in zip(data, boxes, flips)]
     stacked = torch.stack(out) if out else torch.empty((0, 3, size, size), dtype=torch.uint8)
     return stacked.to(device)
 
 
-def to_device(images: torch.Tensor | Packed, entries: dict[str, torch.Tensor], recipe: Recipe,
+def to_device(images: torch.Tensor | Packed | Encoded, entries: dict[str, torch.Tensor], recipe: Recipe,
               device: torch.device | str, size: int | None = None) -> torch.Tensor:
     """A loader batch's pixels on the compute device, uint8 (B, 3, S, S): rendered views are copied
     (non-blocking from pinned memory); decoded images (device renderer) are rendered there from the batch's
-    stored boxes and flips."""
+    stored boxes and flips; compressed images (gpu renderer) are decoded there first."""
+    if isinstance(images, Encoded):
+        return render_encoded(images, entries["views/box"], entries["views/flip"], recipe, device, size)
     if isinstance(images, Packed):
         return render_batch(images, entries["views/box"], entries["views/flip"], recipe, device, size)
     return images.to(device, non_blocking=True)

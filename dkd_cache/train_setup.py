@@ -64,6 +64,8 @@ def resolve(cfg: TrainConfig) -> TrainSetup:
     check_inputs(cfg)
     data = resolve_data(cfg, dinfo)
     renderers.check_recipe(data.renderer, data.recipe)
+    renderers.check_decoder(data.renderer, data.cache.meta.renderer if data.cache is not None else None, device,
+                            cfg.allow_other_renderer)
     check_live_teacher_size(cfg, data.recipe)
 
     torch.manual_seed(cfg.seed)  # the student's initial weights: same seed, same start, on every rank
