@@ -22,7 +22,8 @@ of C and are padded to one, so two writers never touch the same chunk or Zarr sh
                                        written after the shard's chunks, as one create-only object
 The store is a local folder or an s3:// prefix (store.py); the commit protocol is the same on both: whole
 chunks, then per-shard records, then the completeness marker, each one object.
-Fill values are sentinels real data never holds (NaN, -1, 65535 for boxes, 255 for flips); padding rows hold 0.
+Fill values are sentinels real data never holds (NaN, -1, 65535 for boxes, 255 for flips, and for the codecs'
+unsigned code arrays 0, of which no codec writes a whole row: logit_codecs); padding rows hold 0.
 Arrays of shape (V, N, …) are Zarr-sharded: one Zarr shard holds (V, C) rows, inner chunks are (1, C),
 so training reads one view of C rows at a time. Codecs: zstd then crc32c, so a damaged chunk fails to decode.
 """
@@ -176,6 +177,8 @@ def unfilled_rows(name: str, values: np.ndarray) -> np.ndarray:
         return ~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
     if values.dtype.kind == "i":
         return (values.reshape(values.shape[0], -1) == -1).any(axis=1)
+    if values.dtype.kind == "u" and name.startswith("logits/"):  # codes: no codec writes an all-zero row
+        return (values.reshape(values.shape[0], -1) == 0).all(axis=1)
     return np.zeros(values.shape[0], bool)
 
 

@@ -35,7 +35,8 @@ COMPRESSORS = (ZstdCodec(level=3), Crc32cCodec())
 
 def sentinel(dtype) -> float | int:
     """Fill value of per-view arrays: a value real data never holds, so a chunk is never 'empty' (Zarr would
-    not write it) and a missing inner chunk reads back as something detectable, never as zeros."""
+    not write it) and a missing inner chunk reads back as something detectable: NaN, -1, and for the codecs'
+    unsigned code arrays 0, of which no codec writes a whole row (cache.unfilled_rows)."""
     kind = np.dtype(dtype).kind
     return float("nan") if kind == "f" else (-1 if kind == "i" else 0)
 

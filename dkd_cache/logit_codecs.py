@@ -17,7 +17,9 @@ exact lse(z/T) per temperature are stored by the cache beside the codec's arrays
 
 Quantisation (B bits, per row over the quantised values x): lo = min x, scale = (max x - lo) / (2^B - 1),
 code = round((x - lo) / scale) (nearest level), decoded value lo + code * scale. A row with max = min stores
-scale 0 and decodes exactly. m = max(abs(lo), abs(max x)); the 8 eps32 m term (eps32 = 2^-23) covers float32 rounding.
+scale 0 and code 1 everywhere, and decodes exactly. No codec writes a row of unsigned codes that is all zero (the
+cache's fill value for unsigned arrays): quantised rows hold code 2^B - 1 at their maximum (or 1 when constant),
+the learned codec's codes are offset (code + 128, code + 8) so that 0 never occurs. m = max(abs(lo), abs(max x)); the 8 eps32 m term (eps32 = 2^-23) covers float32 rounding.
 The tail of `topk:K+qB` is the C-K classes outside the top-k in increasing class order; codes are packed
 little-endian, 8/B per byte (the first value in the lowest bits), each row padded with zero bits to a whole byte.
 `lowrank` is learned: `fit` on calibration logits gives it a basis (LowRankBasis, stored once per cache as
@@ -138,8 +140,11 @@ def _quantise(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     if not np.isfinite(scale).all():
         raise ConfigError("logit range overflows float32; use the fp32 codec")
     safe = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-    codes = np.rint((x - lo[:, None]) / safe[:, None])
-    return lo.astype(np.float32), scale, np.clip(codes, 0, levels).astype(np.uint8)
+    codes = np.clip(np.rint((x - lo[:, None]) / safe[:, None]), 0, levels).astype(np.uint8)
+    # A constant row (scale 0) decodes to lo whatever its codes: it stores code 1, so that no row of codes is all
+    # zero, the cache's fill value for unsigned arrays (a lost inner chunk reads back as detectable, cache.py).
+    codes[scale == 0] = 1
+    return lo.astype(np.float32), scale, codes
 
 
 def _dequantise(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ def test_quantised_levels_and_constant_rows():
     codec = parse_codec("q8", C)
     x = logits()
     arr = codec.encode(x)
-    assert arr["scale"][0] == 0 and (arr["codes"][0] == 0).all()
+    assert arr["scale"][0] == 0 and (arr["codes"][0] == 1).all()  # code 1: a row of 0s is the cache's fill value
     dec = codec.decode(as_torch(arr), C).full
     assert torch.equal(dec[0], x[0])                               # zero range decodes exactly
     assert torch.equal(dec.min(1).values, x.min(1).values)         # the minimum is a level
@@ -242,3 +242,39 @@ def test_real_logits_topk_q4_dkd_close_to_exact():
                 assert abs(loss - exact) <= 0.05 * exact, (spec, temp, loss, exact)
                 assert float(c.quantile(0.05)) > 0.95, (spec, temp)
         assert cos["topk:10+q2"] <= cos["topk:10+q4"] <= cos["q8"] + 1e-6, (temp, cos)
+
+
+@pytest.mark.parametrize("spec", ["q8", "topk:3+q4", "topk:3+q2", "lowrank:4+top:3+sparse:2"])
+def test_a_lost_inner_chunk_of_any_codes_array_reads_back_as_detectable(spec, tmp_path):
+    """Every unsigned codes array: no codec writes an all-zero row (their fill value), constant rows included."""
+    import zarr
+
+    from dkd_cache import cache as cache_mod
+    from dkd_cache.cache import Check
+    from dkd_cache.cache_writer import Calibrated
+
+    from .test_cache_writer import CHUNK, synthetic_cache, synthetic_logits, write_synthetic
+
+    codec = parse_codec(spec, 10)
+    constant = torch.full((2, 10), 3.5)  # scale 0: decodes exactly, and stores code 1, not the fill 0
+    if not codec.learned:
+        enc = codec.encode(constant)
+        assert all((v.reshape(2, -1) != 0).any(axis=1).all() for k, v in enc.items() if v.dtype == np.uint8)
+        assert torch.equal(roundtrip(codec, constant).full, constant)
+
+    def fit(new):
+        z = torch.from_numpy(np.stack([synthetic_logits(9, p, 0) for p in range(64)]))
+        return Calibrated(codec=new.meta.codec.fit(z))
+
+    out = tmp_path / "c.zarr"
+    assert write_synthetic(str(out), plan=lambda: synthetic_cache(codec=spec), calibrate=fit if codec.learned else None)
+    names = [f"logits/{n}" for n, (_, dt) in codec.arrays(10).items() if np.dtype(dt).kind == "u"]
+    intact = {f.check: f for f in cache_mod.open_cache(out).check(deep=True)}
+    assert names and intact[Check.CHUNKS_FILLED].ok
+    group = zarr.open_group(str(out), mode="r+")
+    for name in names:  # the fill value written over one inner chunk (view 1, rows CHUNK..2 CHUNK): a lost chunk
+        group[name][1, CHUNK:2 * CHUNK] = 0
+    findings = {f.check: f for f in cache_mod.open_cache(out).check(deep=True)}
+    assert not findings[Check.CHUNKS_FILLED].ok
+    for name in names[:3]:  # the finding lists the first three
+        assert f"{name} view 1" in findings[Check.CHUNKS_FILLED].detail, findings[Check.CHUNKS_FILLED].detail
