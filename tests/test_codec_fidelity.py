@@ -155,3 +155,21 @@ def test_train_student_warns_and_with_strict_refuses_an_unvouched_recipe(cache_p
         train_setup.resolve_data(config(**cfg), DistInfo())
     with pytest.raises(ConfigError, match=r"--strict: .*not at T=4, beta 8"):
         train_setup.resolve_data(config(**cfg, strict=True), DistInfo())
+
+
+def test_dump_defaults_to_auto_says_what_it_chose_and_a_rerun_keeps_it(tmp_path, teacher_ckpt):
+    folder = sorted_shards(tmp_path, shards=2)
+    out = tmp_path / "auto.zarr"
+    args = ["dump-teacher", "--shards", folder, "--weights", str(teacher_ckpt), "--out", str(out), "--arch",
+            "resnet18", "--views", "1", "--image-size", "32", "--workers", "0", "--temperature", "1",
+            "--temperature", "4", "--no-progress"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    meta = cache_mod.open_cache(out).meta
+    assert meta.fidelity.choice.startswith(f"auto: {meta.codec.name}") and meta.fidelity.codec == meta.codec.name
+    assert f"codec {meta.codec.name}; fidelity held out" in res.output and "auto: " in res.output
+    assert meta.fidelity.meets() or meta.codec.name == "fp32"  # the bar at T = 1 and 4, or the exact fallback
+    assert meta.fidelity.temperatures() == (1.0, 4.0)
+    again = runner.invoke(app, args)  # a complete cache: the rerun adopts its codec, never re-chooses
+    assert again.exit_code == 0, again.output
+    assert cache_mod.open_cache(out).meta.codec == meta.codec
