@@ -16,7 +16,7 @@ __all__ = [
     "DKDCacheError", "ConfigError", "ShardError", "ShardNotFoundError", "BadSampleError", "RemoteReadError",
     "CacheError", "CacheMetadataError", "CacheMismatchError", "CacheLockedError", "CheckpointError",
     "CheckpointNotFoundError", "CheckpointWriteError", "ResumeMismatchError", "NonFiniteLossError", "PeerError",
-    "LoanError",
+    "LoanError", "SharedMemoryError",
 ]
 
 

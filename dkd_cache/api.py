@@ -37,7 +37,7 @@ from .codec_fidelity import CodecFidelity
 from .errors import (BadSampleError, CacheError, CacheLockedError, CacheMetadataError, CacheMismatchError,
                      CheckpointError, CheckpointNotFoundError, CheckpointWriteError, ConfigError, DKDCacheError,
                      LoanError, NonFiniteLossError, PeerError, RemoteReadError, ResumeMismatchError, ShardError,
-                     ShardNotFoundError)
+                     ShardNotFoundError, SharedMemoryError)
 from .loader import Batch, RankPlan, StreamSpec, batches, canonical_runs, make_loader, plan_epoch, skips_for
 from .loss import RULES, dkd_loss
 from .renderers import RendererInfo
@@ -57,7 +57,7 @@ __all__ = [
     "DKDCacheError", "ConfigError", "ShardError", "ShardNotFoundError", "BadSampleError", "RemoteReadError",
     "CacheError", "CacheMetadataError", "CacheMismatchError", "CacheLockedError", "CheckpointError",
     "CheckpointNotFoundError", "CheckpointWriteError", "ResumeMismatchError", "NonFiniteLossError", "PeerError",
-    "LoanError",
+    "LoanError", "SharedMemoryError",
 ]
 
 
@@ -266,7 +266,9 @@ class DistillLoader:
                                      _checking_dist(rank, world), num_classes=num_classes, recipe=recipe,
                                      renderer=renderer,
                                      allow_other_renderer=allow_other_renderer, teacher_entries=teacher is None)
-        renderers.check_recipe(data.renderer, data.recipe)
+        renderers.check_recipe(data.renderer, data.recipe)  # the same checks as train-student's set-up
+        renderers.check_decoder(data.renderer, None if data.cache is None else data.cache.meta.renderer, device,
+                                allow_other_renderer)
         self._setup(data, batch_size=batch_size, epoch=epoch, rank=rank, world=world, workers=workers,
                     views_per_decode=views_per_decode, seed=seed, teacher=teacher, normalize=normalize, device=device,
                     channels_last=channels_last, image_size=image_size, start_step=start_step,

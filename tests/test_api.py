@@ -143,6 +143,7 @@ SURFACE = {
     'NonFiniteLossError': 'error(DKDCacheError, FloatingPointError)',
     'PeerError': 'error(DKDCacheError, RuntimeError)',
     'LoanError': 'error(DKDCacheError, RuntimeError)',
+    'SharedMemoryError': 'error(DKDCacheError, OSError)',
 }
 
 
