@@ -129,7 +129,7 @@ MALFORMED = [
     ("manifest", _set("manifest.shards", [{"name": "a.tar"}]), "TypeError"),
     ("recipe", _set("recipe.blur", 1), "unknown recipe keys ['blur']"),
     ("renderer", _set("renderer", "cpu"), "must be a table"),
-    ("renderer", _set("renderer.name", "gpu"), "renderer must be one of"),
+    ("renderer", _set("renderer.name", "vulkan"), "renderer must be one of"),
     ("renderer", _set("renderer.lut", "srgb"), "unknown keys ['lut']"),
     ("future_field", _set("future_field", 1), "is not a field of format version 1"),
     ("teacher", _drop("teacher"), "is missing"),
