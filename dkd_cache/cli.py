@@ -192,6 +192,8 @@ def dump_teacher_cmd(
                f"({report.views_per_s:.1f} views/s); skipped {report.skipped}; "
                f"cache {'complete' if report.complete else 'incomplete'}: {report.path}")
     typer.echo(f"codec {report.codec}; fidelity {report.fidelity}")
+    if report.decoded:  # the gpu renderer: how the images were decoded (hardware, CPU fallbacks by reason)
+        typer.echo("decoded: " + ", ".join(f"{n} {how}" for how, n in sorted(report.decoded.items())))
 
 
 @app.command("train-student")

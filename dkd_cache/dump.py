@@ -17,6 +17,7 @@ Decoding and cropping run in DataLoader workers, overlapped with teacher compute
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -114,6 +115,8 @@ class DumpReport:
     world: int = 1
     codec: str = ""  # the cache's codec
     fidelity: str = ""  # its recorded held-out fidelity, one line, and with --codec auto why it was chosen
+    decoded: dict[str, int] = dataclasses.field(default_factory=dict)  # gpu renderer: images by decoder path
+    #                                          ("hardware", "cpu", "cpu fallback: <why>"); empty for the others
 
 
 # ------------------------------------------------------------------------------------------- the plan
@@ -162,6 +165,8 @@ def writer_spec(plan: DumpPlan) -> WriterSpec:
 def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport:
     t0 = time.perf_counter()
     plan = resolve_plan(settings)
+    decoder = gpu_decode.decoder_for(plan.device) if settings.renderer == "gpu" else None
+    decoded_before = collections.Counter(decoder.counts) if decoder is not None else collections.Counter()
     with open_writer(writer_spec(plan)) as writer:
         shards = writer.my_shards()
         run_stages(plan, writer, shards, show=progress and plan.dist.is_main)
@@ -175,7 +180,8 @@ def dump_teacher(settings: DumpSettings, *, progress: bool = True) -> DumpReport
                       complete=complete, rank=plan.dist.rank, world=plan.dist.world, codec=writer.meta.codec.name,
                       fidelity="not measured" if fid is None else (
                           f"held out ({fid.scored_views} views, beta {fid.beta:g}): {fid.summary()}"
-                          + (f"\n{fid.choice}" if fid.choice else "")))
+                          + (f"\n{fid.choice}" if fid.choice else "")),
+                      decoded=dict(decoder.counts - decoded_before) if decoder is not None else {})
 
 
 # ------------------------------------------------------------------------------------------- worker stage

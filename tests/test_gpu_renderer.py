@@ -304,6 +304,7 @@ def test_a_sample_whose_body_cannot_be_decoded_is_skipped_or_named(tmp_path, tea
         dump_teacher(settings, progress=False)
     report = dump_teacher(dataclasses.replace(settings, out=str(tmp_path / "s.zarr"), skip_bad=True), progress=False)
     assert report.complete and report.skipped == 1
+    assert report.decoded == {"cpu": 2}  # the decoder's counts, this dump's only (a hardware one: "cpu fallback: ...")
     meta = cache_mod.open_cache(tmp_path / "s.zarr").meta
     assert [(s.key, s.shard) for s in meta.skipped] == [("b", "x.tar")]
     assert zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["samples/status"][:3].tolist() == [1, 2, 1]
@@ -311,3 +312,17 @@ def test_a_sample_whose_body_cannot_be_decoded_is_skipped_or_named(tmp_path, tea
     cpu = dump_teacher(dataclasses.replace(settings, out=str(tmp_path / "cpu.zarr"), skip_bad=True,
                                            renderer="cpu"), progress=False)
     assert cpu.skipped == 1
+
+
+def test_the_cli_dumps_with_the_gpu_renderer_and_says_how_it_decoded(shards, teacher_ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from dkd_cache.cli import app
+
+    r = CliRunner().invoke(app, ["dump-teacher", "--shards", shards["train"][0], "--weights", str(teacher_ckpt),
+                                 "--out", str(tmp_path / "c.zarr"), "--arch", "resnet18", "--views", "1",
+                                 "--image-size", "32", "--codec", "fp16", "--workers", "0", "--renderer", "gpu",
+                                 "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "decoded: 25 cpu" in r.output  # the first shard's 25 samples, each decoded once
+    assert cache_mod.open_cache(tmp_path / "c.zarr").meta.renderer.name == "gpu"
