@@ -413,10 +413,12 @@ def render_rows(flat: torch.Tensor, starts: np.ndarray, shapes: np.ndarray, boxe
     top, left, bh, bw = (boxes[:, j] for j in range(4))
     hc, wc = int((top + bh).max()) + 1, int((left + bw).max()) + 1
 
-    def col(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, np.int64)).to(dev)
-
-    st, hs, ws = col(starts), col(shapes[:, 0]), col(shapes[:, 1])
+    # the rows' numbers in one copy, from pinned memory on CUDA: a copy from pageable memory would wait for the
+    # device's queued work (a host synchronisation per batch)
+    rows = torch.from_numpy(np.concatenate([np.reshape(starts, (m, 1)), shapes, boxes, np.reshape(flips, (m, 1))],
+                                           1).astype(np.int64))
+    rows = (rows.pin_memory() if dev.type == "cuda" else rows).to(dev, non_blocking=True)
+    st, hs, ws = rows[:, 0], rows[:, 1], rows[:, 2]
     ys = torch.minimum(torch.arange(hc, device=dev)[None], hs[:, None] - 1)  # (m, Hc): image rows, the last repeated
     if layout == "chw":
         first = (st[:, None] + torch.arange(3, device=dev)[None] * (hs * ws)[:, None])[:, :, None] \
@@ -430,13 +432,12 @@ def render_rows(flat: torch.Tensor, starts: np.ndarray, shapes: np.ndarray, boxe
         raise ConfigError(f"layout must be 'chw' or 'hwc', got {layout!r}")
     last = (ws - 1).clamp(max=wc - 1).view(m, 1, 1, 1).expand(m, 3, hc, 1)  # column w = column w - 1
     canvas.scatter_(3, ws.clamp(max=wc - 1).view(m, 1, 1, 1).expand(m, 3, hc, 1), canvas.gather(3, last))
-    b = torch.from_numpy(np.ascontiguousarray(boxes, np.float32)).to(dev)
+    b = rows[:, 3:7].to(torch.float32)  # top, left, h, w: integers, exact in float32
     rois = torch.stack([torch.arange(m, dtype=torch.float32, device=dev), b[:, 1], b[:, 0], b[:, 1] + b[:, 3],
                         b[:, 0] + b[:, 2]], 1)
     out = roi_align(canvas, rois, output_size=(size, size), spatial_scale=1.0,
                     sampling_ratio=-1 if recipe.antialias else 1, aligned=True)
-    flip = torch.from_numpy(np.ascontiguousarray(flips, bool)).to(dev)
-    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    out = torch.where(rows[:, 7].bool()[:, None, None, None], out.flip(-1), out)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
