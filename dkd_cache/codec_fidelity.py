@@ -186,14 +186,17 @@ def students(z: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"near-uniform": uniform, "trained-like": trained}
 
 
-def _loss_and_grad(fn, s: torch.Tensor) -> tuple[float, torch.Tensor]:
+def loss_and_grad(fn, s: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """fn(s) and its gradient with respect to the student logits s (float64), for the fidelity measures here and in
+    verify."""
     s = s.detach().clone().requires_grad_(True)
     loss = fn(s)
     (g,) = torch.autograd.grad(loss, s)
     return float(loss.detach()), g.double()
 
 
-def _cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+def row_cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Cosine of each row of a with the same row of b (two zero rows agree: 1)."""
     na, nb = a.norm(dim=1), b.norm(dim=1)
     cos = (a * b).sum(dim=1) / (na * nb).clamp(min=1e-300)
     return torch.where((na == 0) & (nb == 0), torch.ones_like(cos), cos).numpy()
@@ -209,10 +212,10 @@ def score_codec(codec: Codec, z: torch.Tensor, y: torch.Tensor, temperatures: Se
     out = []
     for t in temperatures:
         for name, s in students(z).items():
-            l0, g0 = _loss_and_grad(lambda x: dkd_loss(x, z, y, alpha, beta, t), s)
-            l1, g1 = _loss_and_grad(lambda x: dkd_from_entries(x, y, entries, storage, alpha=alpha, beta=beta,
+            l0, g0 = loss_and_grad(lambda x: dkd_loss(x, z, y, alpha, beta, t), s)
+            l1, g1 = loss_and_grad(lambda x: dkd_from_entries(x, y, entries, storage, alpha=alpha, beta=beta,
                                                                temperature=t, rule=rule), s)
-            cos = _cosines(g1, g0)
+            cos = row_cosines(g1, g0)
             out.append(FidelityScore(temperature=float(t), beta=float(beta), student=name,
                                      cos_median=float(np.median(cos)), cos_p5=float(np.percentile(cos, 5)),
                                      rel_loss_error=abs(l1 - l0) / max(abs(l0), 1e-12)))

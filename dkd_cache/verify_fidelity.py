@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .checkpoint import read_checkpoint
+from .codec_fidelity import loss_and_grad, row_cosines
 from .errors import ConfigError
 from .logit_codecs import Codec, FloatCodec
 from .loss import dkd_loss
@@ -202,25 +203,11 @@ def loss_of(entries: dict[str, torch.Tensor], storage: Storage, y: torch.Tensor,
     return fn
 
 
-def _loss_and_grad(fn, s: torch.Tensor) -> tuple[float, torch.Tensor]:
-    s = s.detach().clone().requires_grad_(True)
-    loss = fn(s)
-    (g,) = torch.autograd.grad(loss, s)
-    return float(loss.detach()), g.double()
-
-
-def _cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    na, nb = a.norm(dim=1), b.norm(dim=1)
-    cos = (a * b).sum(dim=1) / (na * nb).clamp(min=1e-300)
-    cos = torch.where((na == 0) & (nb == 0), torch.ones_like(cos), cos)
-    return cos.numpy()
-
-
 def compare(fn_a, fn_b, s: torch.Tensor) -> dict[str, float]:
     """Loss and per-sample gradient (w.r.t. the student logits s) of fn_a against the reference fn_b."""
-    la, ga = _loss_and_grad(fn_a, s)
-    lb, gb = _loss_and_grad(fn_b, s)
-    cos = _cosines(ga, gb)
+    la, ga = loss_and_grad(fn_a, s)
+    lb, gb = loss_and_grad(fn_b, s)
+    cos = row_cosines(ga, gb)
     return {"loss": la, "reference_loss": lb, "rel_err": abs(la - lb) / max(abs(lb), 1e-12),
             "cos_median": float(np.median(cos)), "cos_p5": float(np.percentile(cos, 5)), "cos_min": float(cos.min())}
 
