@@ -46,7 +46,8 @@ def test_dump_prints_progress_lines_and_one_summary_when_stdout_is_a_file(shards
     lines = r.output.splitlines()
     pattern = (r"dump-teacher  (\d+)/80 views \((\d+)%\)  [\d.]+ views/s  ETA \d+:\d\d:\d\d  "
                r"shard (train-\d+\.tar), (\d)/4 shards written")
-    progress = [re.fullmatch(pattern, line) for line in lines[:-1]]
+    summary = next(i for i, line in enumerate(lines) if line.startswith("dumped "))
+    progress = [re.fullmatch(pattern, line) for line in lines[:summary]]
     assert all(progress), r.output  # nothing else is printed before the summary
     # 80 samples x 1 view in batches of 16 cut within a shard (25 -> 16 + 9, 5 -> 5): 7 batches, a line every 2
     # and one at the end
@@ -54,7 +55,9 @@ def test_dump_prints_progress_lines_and_one_summary_when_stdout_is_a_file(shards
     assert [m[3] for m in progress] == [f"train-00000{i}.tar" for i in range(4)]
     assert [int(m[4]) for m in progress] == [1, 2, 3, 4]
     assert progress[-1][2] == "100"
-    assert lines[-1].startswith("dumped 80 views of 80 samples in ") and "cache complete" in lines[-1]
+    assert lines[summary].startswith("dumped 80 views of 80 samples in ") and "cache complete" in lines[summary]
+    # then the codec and its held-out fidelity, and nothing else
+    assert [line.split(";")[0] for line in lines[summary + 1:]] == ["codec topk:4"], r.output
 
 
 def test_no_lock_folder_is_left_after_a_dump_ends_or_fails(shards, teacher_ckpt, tmp_path):
@@ -64,4 +67,4 @@ def test_no_lock_folder_is_left_after_a_dump_ends_or_fails(shards, teacher_ckpt,
     with pytest.raises(Exception):
         dump_teacher(dump_settings(shards, teacher_ckpt, out, views=2), progress=False)  # other settings: refused
     assert not (tmp_path / ".c.zarr.locks").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr", "c.zarr.scan"]  # the cache, its scan records
