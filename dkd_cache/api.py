@@ -240,7 +240,9 @@ class DistillLoader:
     num_classes; with a cache its recipe is the one, another is refused);
     batch_size: per rank; workers: DataLoader processes (0: in this process); renderer: the cache's by default
     (another needs allow_other_renderer: other pixels than the teacher's); image_size: the student's (default the
-    recipe's); device: where batches are put (pinned, non-blocking copies to CUDA)."""
+    recipe's); device: where batches are put (pinned, non-blocking copies to CUDA); wait_seconds: inside a process
+    group, how long the other ranks wait for rank 0's check of the shards against the cache (train-student's
+    --wait-seconds)."""
 
     def __init__(self, shards: str | Sequence[str], cache: str | Path | TeacherCache | None = None, *,
                  batch_size: int, epoch: int = 0, rank: int = 0, world: int = 1, workers: int = 2,
@@ -249,7 +251,7 @@ class DistillLoader:
                  device: str | torch.device = "cpu", channels_last: bool = False, image_size: int | None = None,
                  start_step: int = 0,
                  shuffle_buffer: int = 256, num_classes: int | None = None, recipe: Recipe | None = None,
-                 allow_other_renderer: bool = False):
+                 allow_other_renderer: bool = False, wait_seconds: float = dist_mod.DEFAULT_WAIT_S):
         if isinstance(teacher, cache_mod.Cache):  # the cache's own entries
             if cache is not None and cache is not teacher:
                 raise ConfigError("teacher= is another cache than cache=: give the cache once (teacher=None reads "
@@ -262,8 +264,9 @@ class DistillLoader:
                               f"recipe's ({_meta_of(cache).recipe.image_size} px), got {image_size}")
         for name, value in (("world", world), ("batch_size", batch_size), ("views_per_decode", views_per_decode)):
             parse_positive_int(name, value)
+        wait_seconds = dist_mod.parse_wait_seconds(wait_seconds)
         data = train_setup.open_data(shards, cache if not isinstance(cache, Path) else str(cache),
-                                     _checking_dist(rank, world), num_classes=num_classes, recipe=recipe,
+                                     _checking_dist(rank, world, wait_seconds), num_classes=num_classes, recipe=recipe,
                                      renderer=renderer,
                                      allow_other_renderer=allow_other_renderer, teacher_entries=teacher is None)
         renderers.check_recipe(data.renderer, data.recipe)  # the same checks as train-student's set-up
@@ -426,10 +429,10 @@ def _meta_of(cache: str | Path | cache_mod.Cache):
     return (cache if isinstance(cache, cache_mod.Cache) else cache_mod.open_cache(cache)).meta
 
 
-def _checking_dist(rank: int, world: int) -> dist_mod.DistInfo:
+def _checking_dist(rank: int, world: int, wait_seconds: float = dist_mod.DEFAULT_WAIT_S) -> dist_mod.DistInfo:
     """Who checks the shards against the cache: rank 0 for every rank inside a process group of this size (the
-    others receive its result), else each process for itself."""
+    others receive its result, waiting up to wait_seconds for it), else each process for itself."""
     d = torch.distributed
     if world > 1 and d.is_available() and d.is_initialized() and d.get_world_size() == world and d.get_rank() == rank:
-        return dist_mod.DistInfo(rank=rank, world=world)
-    return dist_mod.DistInfo()
+        return dist_mod.DistInfo(rank=rank, world=world, wait_s=wait_seconds)
+    return dist_mod.DistInfo(wait_s=wait_seconds)

@@ -396,7 +396,7 @@ def open_writer(spec: WriterSpec) -> Iterator[CacheWriter]:
     commit thread has finished. Call `close()` on the writer to finalize.
 
     Rank 0 takes the lease; every rank then scans its share of the shards (spec.scan, a collective); rank 0 creates
-    or compares while the other ranks wait (dist.on_rank0: as long as dist.WAIT_ENV allows, not the collective
+    or compares while the other ranks wait (dist.on_rank0: as long as DistInfo.wait_s allows, not the collective
     timeout), then they open the cache. On disk every rank holds its own flock; on an object store rank 0 holds the
     lease object and the other ranks check, before each commit, that it is still rank 0's."""
     dist, out = spec.dist, location(spec.out)

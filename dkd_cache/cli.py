@@ -157,6 +157,9 @@ def dump_teacher_cmd(
     allow_pipe: Annotated[bool, typer.Option(help="Allow 'pipe:' shard urls (they run shell commands)")] = False,
     lease_seconds: Annotated[Optional[float], typer.Option(
         help="s3:// caches: a killed dump's writer lease lapses after this many seconds")] = None,
+    wait_seconds: Annotated[Optional[float], typer.Option(
+        help="Under torchrun: how long ranks wait for rank 0's long phases, e.g. scanning shards on object storage "
+             "(seconds; default 14400)")] = None,
     log_every: Annotated[Optional[int], typer.Option(
         help="Teacher batches between progress lines when stdout is not a terminal (Slurm, nohup)")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress: a bar on a terminal, lines in a log")] = True,
@@ -177,7 +180,7 @@ def dump_teacher_cmd(
             arch=arch, views=views, codec=codec_spec, temperatures=tuple(temperature) if temperature else None,
             batch_size=batch_size, workers=workers, seed=seed, device=device, amp=amp, chunk_rows=chunk_rows,
             calibration_views=calibration_views, alpha=alpha, beta=beta,
-            lease_seconds=lease_seconds,
+            lease_seconds=lease_seconds, wait_seconds=wait_seconds,
             renderer=renderer, log_every=log_every,
         ), where=f"{config} [dump]", fixed={"shards": shards, "weights": str(weights), "out": str(out),
                                             "recipe": recipe, "skip_bad": skip_bad or file["dump"].get("skip_bad", False),
@@ -243,6 +246,9 @@ def train_student_cmd(
         help="Epochs between validations on --val-shards (the last epoch is always validated)")] = None,
     tensorboard: Annotated[Optional[bool], typer.Option(
         "--tensorboard", help="Also write TensorBoard scalars to OUT/tensorboard (needs: pip install tensorboard)")] = None,
+    wait_seconds: Annotated[Optional[float], typer.Option(
+        help="Under torchrun: how long ranks wait for rank 0's long phases, e.g. scanning shards on object storage "
+             "(seconds; default 14400)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
@@ -261,7 +267,7 @@ def train_student_cmd(
             cache=str(cache) if cache else None, renderer=renderer, allow_other_renderer=allow_other_renderer,
             strict=strict, views_per_decode=views_per_decode, image_size=image_size, image_size_schedule=image_size_schedule,
             checkpoint_url=checkpoint_url,
-            log_every=log_every, eval_every=eval_every, tensorboard=tensorboard,
+            log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, wait_seconds=wait_seconds,
         ), where=f"{config} [train]", fixed={"shards": shards, "out": str(out),
                                              **({"recipe": file["recipe"]} if file["recipe"] else {})})
         result = train_student(cfg, resume=resume, progress=progress)

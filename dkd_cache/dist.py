@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import itertools
+import math
 import os
 import pickle
 from collections.abc import Callable, Sequence
@@ -18,26 +19,44 @@ from .errors import ConfigError, DKDCacheError, NonFiniteLossError, PeerError
 
 T = TypeVar("T")
 
+# How long a rank waits for the others at a long phase (see wait_for): the --wait-seconds of dump-teacher and
+# train-student, carried on the DistInfo; a collective keeps the process group's own, shorter timeout.
+DEFAULT_WAIT_S = 4 * 3600.0
+
+
+def parse_wait_seconds(value, name: str = "wait_seconds") -> float:
+    """The seconds a rank waits for rank 0's long phases: a positive finite number, else a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be a positive, finite number of seconds (how long ranks wait for rank 0's "
+                          f"long phases, --wait-seconds; default {DEFAULT_WAIT_S:g}), got {value!r}")
+    return float(value)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    wait_s: float = DEFAULT_WAIT_S  # how long wait_for / on_rank0 wait for the other ranks (--wait-seconds)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "wait_s", parse_wait_seconds(self.wait_s, "wait_s"))
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init(device: str, timeout_s: float = 600.0) -> DistInfo:
+def init(device: str, timeout_s: float = 600.0, *, wait_s: float = DEFAULT_WAIT_S) -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); a plain process is rank 0 of 1.
 
-    The timeout bounds every collective: when a peer dies the others fail within it instead of hanging.
+    The timeout bounds every collective: when a peer dies the others fail within it instead of hanging. wait_s
+    bounds the waits for rank 0's long phases (wait_for, on_rank0), and is carried on the DistInfo returned.
     """
+    wait_s = parse_wait_seconds(wait_s, "wait_s")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo()
+        return DistInfo(wait_s=wait_s)
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -51,7 +70,8 @@ def init(device: str, timeout_s: float = 600.0) -> DistInfo:
             store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
             dist.init_process_group(backend=backend, store=dist.PrefixStore(f"dkd-cache/attempt_{attempt}", store),
                                     rank=rank, world_size=world, timeout=timeout)
-    info = DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    info = DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                    wait_s=wait_s)
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)
     return info
@@ -75,35 +95,19 @@ def broadcast_object(info: DistInfo, obj):
 # A collective (barrier, broadcast, all_gather) fails after the process group's timeout (600 s): right for a step,
 # wrong for a long phase one rank runs while the others wait (rank 0 scanning shards on object storage, fitting a
 # codec, writing a cache's per-sample arrays). Those waits go through the process group's store instead: each rank
-# sets a key when it arrives, the waiting ranks wait for the keys with WAIT_ENV's timeout, and the collective that
-# follows finds every rank there.
-WAIT_ENV = "DKD_CACHE_WAIT_S"
-DEFAULT_WAIT_S = 4 * 3600.0
+# sets a key when it arrives, the waiting ranks wait for the keys for up to DistInfo.wait_s (--wait-seconds), and the
+# collective that follows finds every rank there.
 _waits = itertools.count()  # every rank passes the same waits in the same order: the n-th wait has one name
-
-
-def wait_timeout_s() -> float:
-    """How long a rank waits for the others at a long phase (WAIT_ENV, seconds; default DEFAULT_WAIT_S)."""
-    raw = os.environ.get(WAIT_ENV)
-    if raw is None or raw.strip() == "":
-        return DEFAULT_WAIT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ConfigError(f"{WAIT_ENV}={raw!r}: give the seconds a rank waits for the others (a positive number)")
-    return value
 
 
 def wait_for(info: DistInfo, what: str, arriving: Sequence[int] | None = None) -> None:
     """A barrier through the store: this rank arrives (when it is one of `arriving`, default every rank) and waits
-    until every arriving rank has, for up to wait_timeout_s(). A timeout is a PeerError naming what was awaited,
-    the timeout and WAIT_ENV, which sets it."""
+    until every arriving rank has, for up to info.wait_s. A timeout is a PeerError naming what was awaited, the
+    timeout and --wait-seconds, which sets it."""
     if info.world <= 1:
         return
     ranks = list(range(info.world)) if arriving is None else list(arriving)
-    timeout = wait_timeout_s()
+    timeout = info.wait_s
     name = f"dkd-cache/wait/{next(_waits)}"
     store = distributed_c10d._get_default_store()
     if info.rank in ranks:
@@ -112,8 +116,9 @@ def wait_for(info: DistInfo, what: str, arriving: Sequence[int] | None = None) -
         store.wait([f"{name}/{r}" for r in ranks], datetime.timedelta(seconds=timeout))
     except (RuntimeError, OSError) as e:  # DistStoreError (a RuntimeError): timed out, or the store went away
         timed_out = "timeout" in str(e).lower() or "timed out" in str(e).lower()
-        why = (f"did not arrive within {timeout:g} s ({WAIT_ENV}={os.environ.get(WAIT_ENV, f'{DEFAULT_WAIT_S:g}')}"
-               f"; set {WAIT_ENV} to wait longer)") if timed_out else f"is gone ({type(e).__name__}: {e})"
+        why = (f"did not arrive within {timeout:g} s (--wait-seconds {timeout:g}; pass a larger --wait-seconds, "
+               "or wait_seconds in the config, to wait longer)") if timed_out \
+            else f"is gone ({type(e).__name__}: {e})"
         raise PeerError(f"rank {info.rank} waited for {what}: rank(s) {ranks} {why}. See the other ranks' logs") \
             from e
 
@@ -121,7 +126,7 @@ def wait_for(info: DistInfo, what: str, arriving: Sequence[int] | None = None) -
 def on_rank0(info: DistInfo, fn: Callable[[], T], what: str = "rank 0") -> T:
     """Run fn on rank 0 only and give every rank its result, or raise its error on every rank.
 
-    The other ranks wait for rank 0 through the store (wait_for: as long as WAIT_ENV allows, not the collective
+    The other ranks wait for rank 0 through the store (wait_for: as long as info.wait_s allows, not the collective
     timeout), so a long phase on rank 0 never times a collective out. They never wait out a rank 0 that failed: they
     receive the error (a DKDCacheError as it is; any other exception as a PeerError naming it) and raise it too."""
     if info.world <= 1:

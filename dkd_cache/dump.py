@@ -79,8 +79,12 @@ class DumpSettings:
     lease_seconds: float = 120.0  # object-store caches: the writer lease lapses this long after its last renewal
     renderer: str = "cpu"  # renderers.RENDERERS: recorded in the cache; training and verify use it by default
     log_every: int = 20  # teacher batches between progress lines when stdout is not a terminal (Slurm, nohup)
+    # under torchrun: how long the other ranks wait for rank 0's long phases (scanning shards on object storage,
+    # fitting the codec, creating the cache) before a PeerError; a collective keeps its own 600 s timeout
+    wait_seconds: float = dist_mod.DEFAULT_WAIT_S
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "wait_seconds", dist_mod.parse_wait_seconds(self.wait_seconds))
         for name in ("views", "batch_size", "chunk_rows", "calibration_views", "log_every"):
             parse_positive_int(name, getattr(self, name))
         for name in ("alpha", "beta"):
@@ -135,7 +139,7 @@ class DumpPlan:
 
 
 def resolve_plan(s: DumpSettings) -> DumpPlan:
-    dinfo = dist_mod.init(s.device)
+    dinfo = dist_mod.init(s.device, wait_s=s.wait_seconds)
     device = torch.device(f"cuda:{dinfo.local_rank}" if s.device == "cuda" else s.device)
     urls = expand_shards(s.shards, allow_pipe=s.allow_pipe)
     check_out_path(s.out, urls, [s.shards] if isinstance(s.shards, str) else list(s.shards))  # not an input

@@ -24,8 +24,9 @@ from .loader import ITEMS_PER_TRANSFER
 from .train_config import TrainConfig
 
 # Settings a resume may change: they decide when to stop, what is evaluated and how often metrics are written,
-# never which sample a step sees or what it computes.
-RESUMABLE = ("epochs", "workers", "max_steps", "log_every", "val_shards", "eval_every", "tensorboard")
+# how long ranks wait for rank 0 (wait_seconds), never which sample a step sees or what it computes.
+RESUMABLE = ("epochs", "workers", "max_steps", "log_every", "val_shards", "eval_every", "tensorboard",
+             "wait_seconds")
 # Paths, compared by the data behind them (the checkpoint's data fingerprint), not as strings: the same data may
 # be spelled another way (./c.zarr, an absolute --out, a glob for a brace pattern), and other data may stand behind
 # the same spelling (a shard added to a globbed folder, a cache re-dumped in place).

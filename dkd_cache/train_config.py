@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from . import renderers
+from .dist import DEFAULT_WAIT_S, parse_wait_seconds
 from .errors import ConfigError
 from .loss import total_loss
 from .views import Recipe, parse_positive_int
@@ -60,6 +61,9 @@ class TrainConfig:
     views_per_decode: int = 1  # M: each decoded image gives M of its stored views to one pass (= M epochs)
     image_size: int | None = None  # the student's input size; None: the recipe's (the teacher's)
     image_size_schedule: tuple[tuple[int, int], ...] = ()  # ((first epoch, size), ...): progressive resizing
+    # under torchrun: how long the other ranks wait for rank 0's long phases (scanning shards, writing a checkpoint)
+    # before a PeerError; a config or checkpoint saved without it reads as the default, and --resume may change it
+    wait_seconds: float = DEFAULT_WAIT_S
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr_batch", "shuffle_buffer", "log_every", "views_per_decode",
@@ -73,6 +77,7 @@ class TrainConfig:
         if self.image_size is not None:
             parse_positive_int("image_size", self.image_size)
         object.__setattr__(self, "image_size_schedule", parse_size_schedule(self.image_size_schedule))
+        object.__setattr__(self, "wait_seconds", parse_wait_seconds(self.wait_seconds))
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.loss == "dkd" and not self.cache and not self.live_teacher:

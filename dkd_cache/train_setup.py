@@ -57,7 +57,7 @@ class TrainSetup:
 
 
 def resolve(cfg: TrainConfig) -> TrainSetup:
-    dinfo = dist_mod.init(cfg.device)
+    dinfo = dist_mod.init(cfg.device, wait_s=cfg.wait_seconds)
     device = torch.device(f"cuda:{dinfo.local_rank}" if cfg.device == "cuda" else cfg.device)
     if cfg.batch_size % dinfo.world:
         raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {dinfo.world} ranks")

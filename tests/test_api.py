@@ -90,7 +90,7 @@ SURFACE = {
                                   "'bool' = True, device: 'str | torch.device' = 'cpu', channels_last: 'bool' = "
                                   "False, image_size: 'int | None' = None, start_step: 'int' = 0, shuffle_buffer: "
                                   "'int' = 256, num_classes: 'int | None' = None, recipe: 'Recipe | None' = None, "
-                                  "allow_other_renderer: 'bool' = False)",
+                                  "allow_other_renderer: 'bool' = False, wait_seconds: 'float' = 14400.0)",
                       '__iter__': "(self) -> 'Iterator[DistillBatch]'",
                       '__len__': "(self) -> 'int'",
                       'dropped': 'property',
@@ -287,6 +287,9 @@ def test_loader_errors_are_typed(shards, cache_path, tmp_path):
         _loader(shards, cache_path, rank=2, world=2)
     with pytest.raises(dkd_cache.ConfigError, match="start_step"):
         _loader(shards, cache_path, start_step=6)
+    for bad in (0, -1.0, float("inf"), "soon"):  # how long ranks wait for rank 0's check: a positive number
+        with pytest.raises(dkd_cache.ConfigError, match="wait_seconds"):
+            _loader(shards, cache_path, wait_seconds=bad)
     with pytest.raises(dkd_cache.ShardNotFoundError):
         dkd_cache.DistillLoader(str(tmp_path / "none-*.tar"), str(cache_path), batch_size=16)
     with pytest.raises(dkd_cache.ConfigError, match="num_classes"):  # no cache: the classes must be given

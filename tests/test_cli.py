@@ -87,3 +87,40 @@ def test_ctrl_c_says_how_to_continue_and_rerunning_continues(tmp_path, shards, c
     r = runner.invoke(app, ["dump-teacher", "--shards", str(Path(shards["train"][0]).parent), "--weights",
                             str(cache_path), "--out", str(tmp_path / "c.zarr"), "--no-progress"])
     assert r.exit_code == 130 and "rerun the same command: the dump continues" in r.output, r.output
+
+
+def test_wait_seconds_flag_and_config_key_reach_dist_init_and_bad_values_exit_2(tmp_path, shards, teacher_ckpt,
+                                                                                cache_path, monkeypatch):
+    from dkd_cache import dist as dist_mod
+    from dkd_cache.errors import ConfigError
+
+    given: list[float] = []
+
+    def init(device, timeout_s=600.0, *, wait_s=dist_mod.DEFAULT_WAIT_S):  # stands in for torchrun's join
+        given.append(wait_s)
+        raise ConfigError("stopped after dist.init")
+
+    monkeypatch.setattr(dist_mod, "init", init)
+    dump = ["dump-teacher", "--shards", shards["train"][0], "--weights", str(teacher_ckpt),
+            "--out", str(tmp_path / "c.zarr"), "--arch", "resnet18", "--no-progress"]
+    train = ["train-student", "--shards", shards["train"][0], "--out", str(tmp_path / "run"),
+             "--cache", str(cache_path), "--no-progress"]
+    for base in (dump, train):
+        assert "--wait-seconds" in runner.invoke(app, [base[0], "--help"]).output
+        for extra in ([], ["--wait-seconds", "90"]):
+            r = runner.invoke(app, base + extra)
+            assert r.exit_code == 2 and "stopped after dist.init" in r.output, r.output
+        for bad in ("0", "-5", "inf", "nan"):
+            r = runner.invoke(app, base + ["--wait-seconds", bad])
+            assert r.exit_code == 2 and "wait_seconds" in r.output, (bad, r.output)
+    assert given == [14400.0, 90.0] * 2  # the default, then the flag; no bad value got as far as init
+    for table, base in (("dump", dump), ("train", train)):
+        toml = tmp_path / f"{table}.toml"
+        toml.write_text(f"[{table}]\nwait_seconds = 30\n")
+        r = runner.invoke(app, base + ["--config", str(toml)])
+        assert r.exit_code == 2 and "stopped after dist.init" in r.output, r.output
+        toml.write_text(f"[{table}]\nwait_seconds = \"soon\"\n")
+        r = runner.invoke(app, base + ["--config", str(toml)])
+        assert r.exit_code == 2 and "wait_seconds" in r.output and "'soon'" in r.output, r.output
+    assert given[-2:] == [30.0, 30.0]
+    assert not (tmp_path / "c.zarr").exists() and not (tmp_path / "run").exists()

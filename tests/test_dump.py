@@ -251,3 +251,12 @@ def test_plain_tar_shards_work_like_shardwriter_shards(tmp_path, teacher_ckpt):
     dump_teacher(dump_settings(a, teacher_ckpt, ca), progress=False)
     dump_teacher(dump_settings(b, teacher_ckpt, cb), progress=False)
     assert_caches_equal(ca, cb)
+
+
+def test_wait_seconds_config_is_validated_before_any_work(shards, teacher_ckpt, tmp_path):
+    assert dump_settings(shards, teacher_ckpt, tmp_path / "c.zarr").wait_seconds == 14400.0
+    assert dump_settings(shards, teacher_ckpt, tmp_path / "c.zarr", wait_seconds=30).wait_seconds == 30.0
+    for bad in (0, -1, float("inf"), float("nan"), "soon", None):
+        with pytest.raises(ConfigError, match="wait_seconds"):
+            dump_settings(shards, teacher_ckpt, tmp_path / "c.zarr", wait_seconds=bad)
+    assert not (tmp_path / "c.zarr").exists()

@@ -3,6 +3,7 @@ unchanged shard is not read again and a changed one is; long rank-0 phases wait 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import pickle
@@ -79,23 +80,27 @@ def test_without_a_cache_nothing_is_recorded(bad_shards, tmp_path):
     assert not list(tmp_path.glob("*.scan"))
 
 
-def test_the_wait_timeout_is_read_from_its_variable(monkeypatch):
-    monkeypatch.delenv(dist_mod.WAIT_ENV, raising=False)
-    assert dist_mod.wait_timeout_s() == dist_mod.DEFAULT_WAIT_S
-    monkeypatch.setenv(dist_mod.WAIT_ENV, "90")
-    assert dist_mod.wait_timeout_s() == 90.0
-    monkeypatch.setenv(dist_mod.WAIT_ENV, "soon")
-    with pytest.raises(dist_mod.ConfigError, match=dist_mod.WAIT_ENV):
-        dist_mod.wait_timeout_s()
+def test_the_wait_timeout_is_an_explicit_setting_carried_by_init(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("DKD_CACHE_WAIT_S", "5")  # the old variable is read no more
+    assert dist_mod.init("cpu").wait_s == dist_mod.DEFAULT_WAIT_S == 14400
+    assert dist_mod.init("cpu", wait_s=90).wait_s == 90.0
+    assert not hasattr(dist_mod, "WAIT_ENV")
+    for bad in ("soon", 0, -1.0, float("inf"), float("nan"), True, None):
+        with pytest.raises(dist_mod.ConfigError, match="wait_s"):
+            dist_mod.init("cpu", wait_s=bad)
+        with pytest.raises(dist_mod.ConfigError, match="wait_s"):
+            dist_mod.DistInfo(wait_s=bad)
 
 
 # ------------------------------------------------------------------------------- two gloo processes
 def _two_ranks(rank: int, init: str, urls: list[str], cache: str, out: str) -> None:
-    os.environ[dist_mod.WAIT_ENV] = "60"
     # a process-group timeout of 3 s: any collective left waiting longer than that would fail the test
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
     tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
                              timeout=datetime.timedelta(seconds=3))
-    info = dist_mod.DistInfo(rank=rank, world=2)
+    info = dist_mod.init("cpu", wait_s=60)  # joins the group above; the long waits get the setting given here
+    assert (info.rank, info.world, info.wait_s) == (rank, 2, 60.0)
     read: list[str] = []
     real = shard_scan.scan_shard
 
@@ -107,9 +112,9 @@ def _two_ranks(rank: int, init: str, urls: list[str], cache: str, out: str) -> N
     indexes = shard_scan.scan_shards(urls, skip_bad=True, dist=info, cache=cache)
     # rank 0 alone, for longer than the collective timeout: the other rank waits on the store, not a collective
     slow = dist_mod.on_rank0(info, lambda: time.sleep(5) or "done", what="a slow rank 0")
-    os.environ[dist_mod.WAIT_ENV] = "1"
+    info = dataclasses.replace(info, wait_s=1)
     late = "no error"
-    try:  # rank 0 now takes 3 s, longer than the 1 s rank 1 may wait: rank 1 stops, naming the variable
+    try:  # rank 0 now takes 3 s, longer than the 1 s rank 1 may wait: rank 1 stops, naming the flag
         dist_mod.on_rank0(info, lambda: time.sleep(3), what="a slower rank 0")
     except PeerError as e:
         late = str(e)
@@ -131,6 +136,6 @@ def test_two_ranks_scan_their_shares_and_agree_with_the_serial_scan(shards, tmp_
         assert read == sorted(names[rank::2])  # each rank read its share only
         assert slow == "done"
     assert results[0][3] == "no error"
-    assert "DKD_CACHE_WAIT_S" in results[1][3] and "within 1 s" in results[1][3]
+    assert "--wait-seconds 1;" in results[1][3] and "within 1 s" in results[1][3]
     assert sorted(p.name for p in Path(shard_scan.records_at(str(tmp_path / "c.zarr"))).iterdir()) == \
         sorted(f"{n}.json" for n in names)

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -165,3 +166,20 @@ def test_tensorboard_scalars_mirror_the_metrics_and_a_resume_purges_what_it_repl
     assert all(abs(logged[s] - steps[s]["loss"]) < 1e-6 * max(1.0, abs(steps[s]["loss"])) for s in steps)
     final = [r for r in _records(run) if r["event"] == "epoch"][-1]
     assert abs(acc.Scalars("val/top1")[-1].value - final["val_top1"]) < 1e-6
+
+
+def test_wait_seconds_config_is_validated_and_a_resume_may_change_it_or_lack_it(shards, cache_path, tmp_path):
+    for bad in (0, -1.0, float("inf"), float("nan"), "soon", True):
+        with pytest.raises(ConfigError, match="wait_seconds"):
+            _cfg(shards, tmp_path / "x", cache=str(cache_path), wait_seconds=bad)
+    assert _cfg(shards, tmp_path / "x", cache=str(cache_path)).wait_seconds == 14400.0
+    run = tmp_path / "run"
+    train_student(_cfg(shards, run, cache=str(cache_path), max_steps=2, wait_seconds=60), progress=False)
+    assert json.loads((run / "config.json").read_text())["wait_seconds"] == 60.0
+    # a checkpoint saved before the setting existed has no such key: it resumes, with any value
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    del ckpt["config"]["wait_seconds"]
+    torch.save(ckpt, run / "checkpoint.pt")
+    train_student(_cfg(shards, run, cache=str(cache_path), max_steps=3, wait_seconds=30), resume=True,
+                  progress=False)
+    assert json.loads((run / "config.json").read_text())["wait_seconds"] == 30.0
