@@ -73,23 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def rate(fn, items: int, device: torch.device, min_seconds: float) -> dict[str, float]:
-    """fn() once to warm up, then until min_seconds: items/s."""
-    fn()
-    _sync(device)
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        _sync(device)
-        dt = time.perf_counter() - t0
-        if dt >= min_seconds and n >= 2:
-            return {"calls": n, "seconds": dt, "images_per_s": n * items / dt}
+    """fn() once to warm up, then until min_seconds (at least 2 calls): items/s (throughput.time_calls)."""
+    n, dt = throughput.time_calls(fn, device.type, min_seconds, warmup=1, min_calls=2)
+    return {"calls": n, "seconds": dt, "images_per_s": n * items / dt}
 
 
 # ------------------------------------------------------------------------------------------------ decode

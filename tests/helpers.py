@@ -66,3 +66,20 @@ def real_logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if os.environ.get("DKD_REAL_LOGITS"):  # CI points here: a wrong path must fail, never skip
         pytest.fail(f"DKD_REAL_LOGITS={os.environ['DKD_REAL_LOGITS']} is not a file")
     pytest.skip("real ImageNet logits (shared/data/imagenet-real-logits/logits.npz) are not available")
+
+
+def sample_views(shards, n=12, size=32):
+    """(bytes, box, flip) of n real samples, boxes drawn by the recipe, plus one whole-image box."""
+    from dkd_cache.data import iter_raw_samples
+    from dkd_cache.views import Recipe, draw_view, image_size_of
+
+    raws = [r for _, r in zip(range(n), iter_raw_samples(shards["train"][0]))]
+    recipe = Recipe(image_size=size)
+    data, boxes, flips = [], [], []
+    for k, r in enumerate(raws):
+        h, w = image_size_of(r["jpg"])
+        top, left, bh, bw, flip = draw_view(0, k, r["__key__"], h, w, recipe)
+        data.append(r["jpg"])
+        boxes.append((0, 0, h, w) if k == 0 else (top, left, bh, bw))
+        flips.append(flip)
+    return data, np.array(boxes), np.array(flips), recipe

@@ -18,7 +18,7 @@ from PIL import Image
 
 from dkd_cache import cache as cache_mod
 from dkd_cache import gpu_decode, loader, renderers
-from dkd_cache.data import expand_shards, iter_raw_samples
+from dkd_cache.data import expand_shards
 from dkd_cache.dump import dump_teacher
 from dkd_cache.errors import BadSampleError, CacheMismatchError, ConfigError
 from dkd_cache.loader import StreamSpec, batches, canonical_runs, make_loader, plan_epoch
@@ -27,21 +27,7 @@ from dkd_cache.verify import VerifySettings, verify
 from dkd_cache.views import Recipe, draw_view, image_size_of
 
 from .conftest import CLASSES, dump_settings
-from .helpers import jpeg, sample_members, write_tar
-
-
-def _views(shards, n=12, size=32):
-    """(bytes, box, flip) of n real samples, boxes drawn by the recipe, plus one whole-image box."""
-    raws = [r for _, r in zip(range(n), iter_raw_samples(shards["train"][0]))]
-    recipe = Recipe(image_size=size)
-    data, boxes, flips = [], [], []
-    for k, r in enumerate(raws):
-        h, w = image_size_of(r["jpg"])
-        top, left, bh, bw, flip = draw_view(0, k, r["__key__"], h, w, recipe)
-        data.append(r["jpg"])
-        boxes.append((0, 0, h, w) if k == 0 else (top, left, bh, bw))
-        flips.append(flip)
-    return data, np.array(boxes), np.array(flips), recipe
+from .helpers import jpeg, sample_members, sample_views, write_tar
 
 
 # ------------------------------------------------------------------------------------------ batched crop + resize
@@ -102,7 +88,7 @@ def test_render_batch_is_the_per_image_canvas_in_every_layout_and_chunking(monke
 
 
 def test_gpu_views_do_not_depend_on_neighbours_batch_size_or_reruns_and_equal_the_device_renderer(shards):
-    data, boxes, flips, recipe = _views(shards)
+    data, boxes, flips, recipe = sample_views(shards)
     together = renderers.render_views("gpu", data, boxes, flips, recipe)
     assert together.shape == (len(data), 3, 32, 32) and together.dtype == torch.uint8
     assert torch.equal(renderers.render_views("gpu", data, boxes, flips, recipe), together)  # a rerun

@@ -13,16 +13,16 @@ import zarr
 
 from dkd_cache import cache as cache_mod
 from dkd_cache import renderers
-from dkd_cache.data import expand_shards, iter_raw_samples
+from dkd_cache.data import expand_shards
 from dkd_cache.dump import dump_teacher
 from dkd_cache.errors import CacheMismatchError, ConfigError
 from dkd_cache.loader import StreamSpec, batches, canonical_runs, make_loader, plan_epoch, skips_for
 from dkd_cache.checkpoint import read_checkpoint
 from dkd_cache.train import TrainConfig, train_student, with_views
 from dkd_cache.verify import VerifySettings, verify
-from dkd_cache.views import Recipe, draw_view, image_size_of
 
 from .conftest import CLASSES, dump_settings
+from .helpers import sample_views
 
 
 def _cfg(shards, out, **kw) -> TrainConfig:
@@ -32,23 +32,9 @@ def _cfg(shards, out, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _views(shards, n=12, size=32):
-    """(bytes, box, flip) of n real samples, boxes drawn by the recipe, plus one whole-image box."""
-    raws = [r for _, r in zip(range(n), iter_raw_samples(shards["train"][0]))]
-    recipe = Recipe(image_size=size)
-    data, boxes, flips = [], [], []
-    for k, r in enumerate(raws):
-        h, w = image_size_of(r["jpg"])
-        top, left, bh, bw, flip = draw_view(0, k, r["__key__"], h, w, recipe)
-        data.append(r["jpg"])
-        boxes.append((0, 0, h, w) if k == 0 else (top, left, bh, bw))
-        flips.append(flip)
-    return data, np.array(boxes), np.array(flips), recipe
-
-
 @pytest.mark.parametrize("name", renderers.RENDERERS)
 def test_a_views_pixels_do_not_depend_on_its_batch(shards, name):
-    data, boxes, flips, recipe = _views(shards)
+    data, boxes, flips, recipe = sample_views(shards)
     together = renderers.render_views(name, data, boxes, flips, recipe)
     assert together.shape == (len(data), 3, 32, 32) and together.dtype == torch.uint8
     for i in range(len(data)):  # alone, and beside other neighbours in reverse order
@@ -62,7 +48,7 @@ def test_a_views_pixels_do_not_depend_on_its_batch(shards, name):
 
 
 def test_the_two_renderers_differ_only_slightly(shards):
-    data, boxes, flips, recipe = _views(shards)
+    data, boxes, flips, recipe = sample_views(shards)
     a = renderers.render_views("cpu", data, boxes, flips, recipe).int()
     b = renderers.render_views("device", data, boxes, flips, recipe).int()
     diff = (a - b).abs().float()
@@ -324,7 +310,7 @@ def test_resize_kernels_follow_the_path_torchvision_takes(shards, monkeypatch):
     assert renderers.resize_kernels("cpu", "AVX512", "x86_64")["bilinear"] == renderers.UINT8_KERNEL
     assert renderers.resize_kernels("cpu", "DEFAULT", "aarch64")["bilinear"] == renderers.UINT8_KERNEL
     assert "roi_align" in renderers.resize_kernels("device")["bilinear"]
-    data, boxes, _, _ = _views(shards, n=4)
+    data, boxes, _, _ = sample_views(shards, n=4)
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     differed = False
     for d, (top, left, h, w) in zip(data, boxes):
