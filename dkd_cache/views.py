@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import io
 import math
+import re
 import warnings
 from typing import Any
 
@@ -45,6 +46,17 @@ class Recipe:
     antialias: bool = True
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Augmentations beyond the crop (dkd_cache/augment.py draws, stores and renders them); every default is "off",
+    # so a recipe stored before these fields existed reads back equal to a default Recipe.
+    randaugment: str = ""         # "" off; "rand-m9-mstd0.5" (timm: -m magnitude 0..10, -n ops 1..3, -mstd, -p),
+                                  # or "trivial" (TrivialAugmentWide)
+    color_jitter: float = 0.0     # brightness, contrast, saturation factors uniform in [1-x, 1+x], random order
+    random_erasing: float = 0.0   # probability of one erased box filled with uint8 noise
+    mixup: float = 0.0            # Beta(alpha, alpha) alpha; 0 off
+    cutmix: float = 0.0           # Beta(alpha, alpha) alpha; 0 off
+    mix_prob: float = 1.0         # probability that a pair is mixed at all
+    mix_switch_prob: float = 0.5  # with mixup and cutmix on: probability that a pair uses cutmix
+    mix_window: int = 8           # pairs are drawn among this many consecutive shard positions (2..64, even)
 
     def __post_init__(self) -> None:
         parse_positive_int("image_size", self.image_size)
@@ -59,9 +71,20 @@ class Recipe:
             raise ConfigError(f"recipe.interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError(f"recipe.mean and recipe.std need 3 values, std > 0; got {self.mean}, {self.std}")
+        parse_randaugment(self.randaugment)
+        for name, lo, hi in (("color_jitter", 0.0, 1.0), ("random_erasing", 0.0, 1.0), ("mixup", 0.0, 1e3),
+                             ("cutmix", 0.0, 1e3), ("mix_prob", 0.0, 1.0), ("mix_switch_prob", 0.0, 1.0)):
+            object.__setattr__(self, name, _parse_float_in(f"recipe.{name}", getattr(self, name), lo, hi))
+        w = self.mix_window
+        if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or not (2 <= w <= 64) or w % 2:
+            raise ConfigError(f"recipe.mix_window must be an even integer in 2..64, got {w!r}")
+        object.__setattr__(self, "mix_window", int(w))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The recipe as stored; the augmentation fields only where they differ from their "off" defaults, so a
+        recipe without augmentations is stored (and fingerprinted) exactly as before those fields existed."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+                if k not in _AUGMENT_DEFAULTS or v != _AUGMENT_DEFAULTS[k]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
@@ -71,6 +94,64 @@ class Recipe:
             raise ConfigError(f"unknown recipe keys {sorted(unknown)}; known keys: {sorted(known)}")
         kw = {k: tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else v for k, v in d.items()}
         return cls(**kw)
+
+
+_AUGMENT_DEFAULTS = {"randaugment": "", "color_jitter": 0.0, "random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0,
+                     "mix_prob": 1.0, "mix_switch_prob": 0.5, "mix_window": 8}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RandAugmentSpec:
+    """A parsed recipe.randaugment: `trivial` (TrivialAugmentWide, one op) or timm's RandAugment."""
+
+    trivial: bool = False
+    ops: int = 2                   # op slots per view (trivial: 1)
+    magnitude: int = 0             # 0..10 (timm's level)
+    magnitude_std: float = 0.0     # N(magnitude, std) per op, clipped to [0, 10]; inf: uniform in [0, magnitude]
+    prob: float = 0.5              # per-slot apply probability
+
+
+_RAND_KEYS = {"m": "magnitude 0..10", "n": "ops per view 1..3", "mstd": "magnitude noise std >= 0",
+              "p": "per-op probability in [0, 1]"}
+
+
+def parse_randaugment(text: Any) -> RandAugmentSpec | None:
+    """recipe.randaugment -> its spec (None when off). timm's syntax: "rand-m9-mstd0.5-n2-p0.5" ("-m" required)."""
+    allowed = ('"" (off), "trivial", or timm-style "rand-m<0..10>[-n<1..3>][-mstd<float>][-p<0..1>]", '
+               'e.g. "rand-m9-mstd0.5"')
+    if not isinstance(text, str):
+        raise ConfigError(f"recipe.randaugment must be a string: {allowed}; got {text!r}")
+    if text == "":
+        return None
+    if text == "trivial":
+        return RandAugmentSpec(trivial=True, ops=1)
+    parts = text.split("-")
+    if parts[0] != "rand" or len(parts) < 2:
+        raise ConfigError(f"recipe.randaugment must be {allowed}; got {text!r}")
+    values: dict[str, str] = {}
+    for part in parts[1:]:
+        m = re.fullmatch(r"([a-z]+)([0-9].*|inf)", part)
+        if m is None or m.group(1) not in _RAND_KEYS or m.group(1) in values:
+            raise ConfigError(f"recipe.randaugment {text!r}: bad or repeated part {part!r}; known parts: "
+                              f"{', '.join(f'-{k}<{v}>' for k, v in _RAND_KEYS.items())}")
+        values[m.group(1)] = m.group(2)
+    if "m" not in values:
+        raise ConfigError(f"recipe.randaugment {text!r} lacks the magnitude: {allowed}")
+    try:
+        spec = RandAugmentSpec(magnitude=int(values["m"]), ops=int(values.get("n", 2)),
+                               magnitude_std=float(values.get("mstd", 0.0)), prob=float(values.get("p", 0.5)))
+    except ValueError:
+        raise ConfigError(f"recipe.randaugment {text!r}: a value is not a number: {allowed}") from None
+    if not (0 <= spec.magnitude <= 10 and 1 <= spec.ops <= 3 and spec.magnitude_std >= 0 and 0 <= spec.prob <= 1):
+        raise ConfigError(f"recipe.randaugment {text!r}: out of range; {', '.join(f'-{k}: {v}' for k, v in _RAND_KEYS.items())}")
+    return spec
+
+
+def _parse_float_in(name: str, value: Any, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not (lo <= float(value) <= hi):
+        raise ConfigError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
 
 
 def parse_positive_int(name: str, value: Any) -> int:
