@@ -308,23 +308,21 @@ def _apply_op(img: torch.Tensor, name: str, code: int) -> torch.Tensor:
     level = abs(code) / 100  # RandAugment: level / _LEVEL_DENOM, in [0, 1]
     side = img.shape[-1]
     if name.startswith("Wide"):
-        bins = WIDE_BINS - 1
-        frac = abs(code) / bins  # torchvision's linspace(0, max, 31)[bin] = max * bin / 30
-        name = name[4:]
+        name, b = name[4:], abs(code)
         if name == "Identity":
             return img
         if name in ("ShearX", "ShearY"):
-            return _shear(img, name, sign * 0.99 * frac)
+            return _shear(img, name, sign * _wide_bin(0.99, b))
         if name in ("TranslateX", "TranslateY"):
-            return _translate(img, name, int(sign * 32.0 * frac))
+            return _translate(img, name, int(sign * _wide_bin(32.0, b)))
         if name == "Rotate":
-            return F.rotate(img, sign * 135.0 * frac, interpolation=_NEAREST, fill=_FILL)
+            return F.rotate(img, sign * _wide_bin(135.0, b), interpolation=_NEAREST, fill=_FILL)
         if name in ("Brightness", "Color", "Contrast", "Sharpness"):
-            return _enhance(img, name, 1.0 + sign * 0.99 * frac)
-        if name == "Posterize":
-            return _posterize(img, int(8 - round(abs(code) / (bins / 6))))
+            return _enhance(img, name, 1.0 + sign * _wide_bin(0.99, b))
+        if name == "Posterize":  # torchvision: 8 - (arange(31) / (30 / 6)).round()
+            return _posterize(img, int(8 - (torch.arange(WIDE_BINS) / ((WIDE_BINS - 1) / 6)).round().int()[b]))
         if name == "Solarize":
-            return _solarize(img, 255.0 * (1 - frac))
+            return _solarize(img, float(torch.linspace(255.0, 0.0, WIDE_BINS)[b]))
         if name in ("AutoContrast", "Equalize"):
             return _apply_op(img, name, 0)
         raise ValueError(f"unknown op {name!r}")
@@ -352,6 +350,12 @@ def _apply_op(img: torch.Tensor, name: str, code: int) -> torch.Tensor:
     raise ValueError(f"unknown op {name!r}")
 
 
+def _wide_bin(top: float, b: int) -> float:
+    """torchvision's TrivialAugmentWide magnitude of bin b: float(torch.linspace(0, top, 31)[b]), its float32
+    rounding included (int() of a translation depends on it)."""
+    return float(torch.linspace(0.0, top, WIDE_BINS)[b])
+
+
 def _shear(img: torch.Tensor, name: str, factor: float) -> torch.Tensor:
     # about the top-left corner as PIL's transform (and torchvision's _apply_op) do
     angle = math.degrees(math.atan(factor))
@@ -367,9 +371,19 @@ def _translate(img: torch.Tensor, name: str, amount: float) -> torch.Tensor:
 
 
 def _enhance(img: torch.Tensor, name: str, factor: float) -> torch.Tensor:
-    fn = {"Color": F.adjust_saturation, "Contrast": F.adjust_contrast, "Brightness": F.adjust_brightness,
+    fn = {"Color": F.adjust_saturation, "Contrast": _adjust_contrast, "Brightness": F.adjust_brightness,
           "Sharpness": F.adjust_sharpness}[name]
     return fn(img, factor)
+
+
+def _adjust_contrast(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """F.adjust_contrast of a uint8 RGB image, its grey mean summed exactly (int64): torch's float32 sum of a large
+    image depends on the number of threads, and so would the pixels. Identical to F.adjust_contrast whenever its
+    float32 sum is exact (images up to 256 x 256 px)."""
+    r, g, b = img.unbind(-3)
+    grey = r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_()  # torchvision's _rgb_to_grayscale
+    mean = torch.tensor(grey.to(torch.int64).sum().item() / grey.numel(), dtype=torch.float32)
+    return img.mul(float(factor)).add_(mean, alpha=1.0 - float(factor)).clamp_(0, 255).to(torch.uint8)  # _blend
 
 
 def _posterize(img: torch.Tensor, bits: int) -> torch.Tensor:
@@ -401,7 +415,7 @@ def apply_augment(img: torch.Tensor, aug: ViewAugment, recipe: Recipe) -> torch.
             out = _apply_op(out, OPS[op], code)
     if aug.jitter is not None and recipe.color_jitter > 0:
         factors = jitter_factors(aug, recipe)
-        adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+        adjust = (F.adjust_brightness, _adjust_contrast, F.adjust_saturation)
         for k in JITTER_ORDERS[aug.jitter_order]:
             out = adjust[k](out, factors[k])
     if aug.erase is not None:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as F
 
 from dkd_cache import augment as A
 from dkd_cache.errors import CacheError, ConfigError
@@ -129,7 +130,7 @@ def test_cutmix_lam_is_one_minus_the_rendered_box_area():
     seen = 0
     for w in range(40):
         for m in A.draw_mixes(0, 0, "s", w, 8, r):
-            for size in (32, 224, 225):
+            for size in (32, 225) if w < 10 else (33,):
                 y0, x0, y1, x1 = (A.pixels(c, size) for c in m.box)
                 assert m.lam(size) == pytest.approx(1 - (y1 - y0) * (x1 - x0) / size ** 2, abs=1e-12)
                 own, partner = torch.zeros(3, size, size, dtype=torch.uint8), torch.full((3, size, size), 255,
@@ -334,3 +335,43 @@ def test_old_recipe_dicts_read_as_the_default_and_store_as_before():
 def test_recipe_validation_names_the_key(key, value):
     with pytest.raises(ConfigError, match=f"recipe.{key}"):
         Recipe(**{key: value})
+
+
+def test_contrast_is_torchvisions_with_an_exact_mean():
+    for size in (7, 48, 256):
+        img = torch.randint(0, 256, (3, size, size), generator=torch.Generator().manual_seed(size), dtype=torch.uint8)
+        for factor in (0.1, 0.6, 1.0, 1.9):
+            assert torch.equal(A._adjust_contrast(img, factor), F.adjust_contrast(img, factor))
+
+
+def test_wide_ops_are_torchvisions_trivialaugmentwide():
+    from torchvision.transforms import InterpolationMode, autoaugment
+    space = autoaugment.TrivialAugmentWide()._augmentation_space(A.WIDE_BINS)
+    assert tuple(space) == tuple(name[4:] for name in A.WIDE_OPS)
+    img = _image(9)
+    for name, (magnitudes, signed) in space.items():
+        for b in range(0, A.WIDE_BINS, 3) if magnitudes.ndim else (0,):
+            for sign in (1, -1) if signed else (1,):
+                magnitude = sign * float(magnitudes[b]) if magnitudes.ndim else 0.0
+                ref = autoaugment._apply_op(img, name, magnitude, InterpolationMode.NEAREST, [128.0] * 3)
+                out = A.apply_augment(img, A.ViewAugment(ops=((A.OPS.index("Wide" + name), sign * b),)), Recipe())
+                # Color and Sharpness: torchvision's v1 functional rounds its blend differently from v2's (used
+                # here, as everywhere in dkd-cache) by at most one level; every other op is identical
+                tolerance = 1 if name in ("Color", "Sharpness") else 0
+                assert (out.int() - ref.int()).abs().max().item() <= tolerance, (name, b, sign)
+
+
+def test_pixels_do_not_depend_on_the_number_of_threads():
+    img = torch.randint(0, 256, (3, 300, 300), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    augs = [A.ViewAugment(ops=((i, 73 if i < len(A.RAND_OPS) else 17),)) for i in range(len(A.OPS))]
+    augs.append(A.ViewAugment(jitter=(3, 200, 100), jitter_order=3, erase=(100, 2000, 30000, 20000), erase_seed=4))
+    r = Recipe(color_jitter=0.4)
+    threads = torch.get_num_threads()
+    try:
+        outs = {}
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            outs[n] = [A.apply_augment(img, a, r) for a in augs]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[3]))
