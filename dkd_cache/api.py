@@ -148,9 +148,12 @@ class LiveTeacher:
         model, info = load_teacher(arch, weights, device=device)
         return cls(model, num_classes=info.num_classes, temperatures=temperatures, amp=amp)
 
-    def entries(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The teacher's entries for a normalised batch, on its device (see DistillBatch.entries)."""
-        return encode_entries(teacher_forward(self.model, images, self.policy), labels, self.storage)
+    def entries(self, images: torch.Tensor, labels: torch.Tensor, labels_b: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """The teacher's entries for a normalised batch, on its device (see DistillBatch.entries); with labels_b
+        (mixed views' partner labels) also "logits/target_b"."""
+        return encode_entries(teacher_forward(self.model, images, self.policy), labels, self.storage,
+                              labels_b=labels_b)
 
 
 def storage_of(teacher: cache_mod.Cache | LiveTeacher | Storage) -> Storage:
@@ -366,14 +369,15 @@ class DistillLoader:
             x = renderers.to_device(batch.images, batch.entries, recipe, self.device, self.image_size)
             labels = batch.labels.to(self.device)
             entries = {k: v.to(self.device, non_blocking=True) for k, v in batch.entries.items()
-                       if k.startswith("logits/")}
+                       if k.startswith(("logits/", "mix/"))}  # mix/: a mixing recipe's lam and partner label
             if self.normalize:
                 x = normalize_images(x, recipe, self.channels_last)
             elif batch.lent and x.device.type == "cpu":
                 x = x.clone()  # the worker's slot itself: copied out before it goes back
         if self.teacher is not None:  # live: the teacher's signal in exact storage, the same loss as cached
             seen = x if self.normalize else normalize_images(x, recipe, self.channels_last)
-            entries = self.teacher.entries(seen, labels)
+            mix = {k: v for k, v in entries.items() if k.startswith("mix/")}
+            entries = {**self.teacher.entries(seen, labels, labels_b=mix.get("mix/label")), **mix}
         return DistillBatch(x, labels, entries)
 
     def _pass(self) -> _Pass:

@@ -3,11 +3,14 @@
 Stream shapes:
     plan_epoch(...)            -> per rank, per worker: [Task(shard, limit)]   (pure function of seed, epoch, sizes)
     worker: iter_raw_samples   -> raw sample dicts, tar order
-            join_cache         -> (raw, row, cache entry)   key and label checked against the cache row
+            joined_units       -> Unit: Joined samples (raw, shard position, cache label, cache entry per view),
+                                  key and label checked against the cache row; one sample per unit, or (the
+                                  recipe mixes) the usable samples of one mix window, so a pair travels together
             shuffle_buffer     -> same, shuffled by rng(seed, epoch, rank, worker)
-            skip(n)            -> resume: drop the first n without decoding
-            render             -> Item(worker, seq, image uint8 (3,S,S), label, entry)  (gpu renderer: image is
-                                  the sample's Compressed bytes, header read and views drawn, nothing decoded)
+            skip(n)            -> resume: drop the first n items (not units) without decoding
+            render_unit        -> Item(worker, seq, image uint8 (3,S,S), label, entry)  (gpu renderer: image is
+                                  the sample's Compressed bytes, header read and views drawn, nothing decoded;
+                                  a mix window: each view rendered, then mixed with its partner's same view)
             group_items        -> ItemGroup: a worker's Items in one block of `spec.block` seqs (one tensor per
                                   transfer; training's block is the rank's batch)
     main:   canonical_runs     -> groups in round-robin order of (block, worker): independent of scheduling
@@ -29,14 +32,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import augment
 from . import cache as cache_mod
 from . import cache_meta
 from .data import keep_as_is, iter_raw_samples, parse_sample, shard_name
-from .errors import BadSampleError, CacheMismatchError, DKDCacheError, ShardError
+from .errors import BadSampleError, CacheError, CacheMismatchError, ConfigError, DKDCacheError, ShardError
 from . import renderers
 from .renderers import Compressed, Encoded, Packed
 from .transfer import Loan, RingSlot, TransferRing, start_workers
-from .views import Recipe, center_crop, decode, draw_view, image_size_of, pixel_major, render_decoded
+from .views import Recipe, center_crop, decode, draw_view, image_size_of, pixel_major
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,57 +308,160 @@ def _cache_rows(cache: cache_mod.Cache, shard: int, spec: StreamSpec):
     return keys, labels, status, per_view
 
 
-def joined_samples(spec: StreamSpec, task: Task, cache: cache_mod.Cache | None):
-    """raw samples of one task joined to their cache rows: yields (raw, label, [entry per view]); skipped rows
-    dropped. Without a cache the entries are empty dicts."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Joined:
+    """One usable sample of a shard, joined to its cache rows."""
+
+    raw: dict  # iter_raw_samples' member dict
+    pos: int  # its position in the shard (cache row = the shard's row_start + pos; a mix partner's name)
+    label: int | None  # the cache's label (None: no cache)
+    entries: tuple[dict[str, np.ndarray], ...]  # per view of the pass: the cache arrays' values ({} without cache)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Unit:
+    """What the shuffle buffer moves and a worker renders at once: one sample, or, when the recipe mixes, the usable
+    samples of one mix window (a pair is never split across units, so never across workers or ranks)."""
+
+    shard: str  # the shard's name (draw_mixes' stream)
+    window: int  # the mix window: shard positions window * W .. (W = 1 when the recipe does not mix)
+    count: int  # shard positions in the window: W, fewer in the shard's last window
+    samples: tuple[Joined, ...]  # its usable samples, in position order
+    emit: int  # the first `emit` samples are items; the others only partners (a padding task's last window)
+
+
+def mixing(spec: StreamSpec) -> bool:
+    """Whether the stream's units are mix windows (evaluation's centre crops are never augmented)."""
+    return not spec.evaluation and augment.mixes(spec.recipe)
+
+
+def joined_units(spec: StreamSpec, task: Task, cache: cache_mod.Cache | None) -> Iterator[Unit]:
+    """raw samples of one task joined to their cache rows, in units of one mix window of W shard positions (W = 1:
+    one sample a unit, when the recipe does not mix). Skipped rows (the dump's) are left out; a window with no
+    usable sample gives no unit. A padding task (`limit` usable samples) reads on to the end of the window of its
+    last sample: their partners, rendered and not items. Without a cache the entries are empty dicts."""
     url = spec.urls[task.shard]
     name = shard_name(url)
+    width = spec.recipe.mix_window if mixing(spec) else 1
     if cache is not None:
         cshard = cache.meta.manifest.shard_index(name)
         keys, labels, status, per_view = _cache_rows(cache, cshard, spec)
     taken = 0
+    window, count, members, emit = 0, 0, [], 0  # the window being read: positions seen, its usable samples, items
     for pos, raw in enumerate(iter_raw_samples(url)):
-        if task.limit is not None and taken >= task.limit:
-            return
+        if pos // width != window:
+            if members:
+                yield Unit(shard=name, window=window, count=count, samples=tuple(members), emit=emit)
+            window, count, members, emit = pos // width, 0, [], 0
+            if task.limit is not None and taken >= task.limit:
+                return
+        count += 1
         key = raw["__key__"]
         if cache is None:
-            yield raw, None, [{} for _ in range(spec.views_per_decode)]
+            sample = Joined(raw=raw, pos=pos, label=None, entries=tuple({} for _ in range(spec.views_per_decode)))
+        else:
+            if pos >= len(keys) or keys[pos] != key:
+                expected = keys[pos] if pos < len(keys) else "<end of shard>"
+                raise CacheMismatchError(f"{name}: sample {pos} is {key!r} but the cache has {expected!r} there; "
+                                         "the shards changed since the dump or belong to another cache")
+            if status[pos] == cache_meta.STATUS_SKIPPED:
+                continue  # recorded as skipped in the cache at dump time
+            sample = Joined(raw=raw, pos=pos, label=int(labels[pos]),
+                            entries=tuple({n: a[pos] for n, a in arrays.items()} for arrays in per_view))
+        members.append(sample)
+        if task.limit is None or taken < task.limit:
+            emit += 1
             taken += 1
-            continue
-        if pos >= len(keys) or keys[pos] != key:
-            expected = keys[pos] if pos < len(keys) else "<end of shard>"
-            raise CacheMismatchError(f"{name}: sample {pos} is {key!r} but the cache has {expected!r} there; "
-                                     "the shards changed since the dump or belong to another cache")
-        if status[pos] == cache_meta.STATUS_SKIPPED:
-            continue  # recorded as skipped in the cache at dump time
-        yield raw, int(labels[pos]), [{n: a[pos] for n, a in arrays.items()} for arrays in per_view]
-        taken += 1
+    if members:
+        yield Unit(shard=name, window=window, count=count, samples=tuple(members), emit=emit)
 
 
 def worker_items(spec: StreamSpec, tasks: Sequence[Task], worker: int, skip: int) -> Iterator[Item]:
-    """A worker's Items: sample i gives seqs i M .. i M + M - 1 (M = views_per_decode); the first `skip` seqs are
-    dropped, whole samples without decoding."""
+    """A worker's Items: its i-th sample gives seqs i M .. i M + M - 1 (M = views_per_decode), counted over the
+    samples that are items (a unit's `emit`); the first `skip` seqs are dropped, whole units without decoding."""
+    renderers.check_recipe(spec.renderer, spec.recipe)  # the batched renderers render crops and flips alone
     cache = cache_mod.open_cache(spec.cache_path) if spec.cache_path else None
     m = spec.views_per_decode
 
-    def joined() -> Iterator:  # shape: (raw, cache label or None, [entry per view])
+    def joined() -> Iterator[Unit]:  # shape: Unit (a sample, or a mix window's samples)
         for task in tasks:
-            yield from joined_samples(spec, task, cache)
+            yield from joined_units(spec, task, cache)
 
     stream = joined()
-    if not spec.evaluation:
-        stream = shuffle_buffer(stream, spec.shuffle_buffer, seeded_rng("samples", spec.seed, spec.epoch, spec.rank,
-                                                                        worker))
-    for i, (raw, cache_label, entries) in enumerate(stream):
-        if (i + 1) * m <= skip:
-            continue
-        yield from render_items(spec, raw, cache_label, entries, worker, i * m, max(0, skip - i * m))
+    if not spec.evaluation:  # the buffer holds about spec.shuffle_buffer samples, whatever the unit
+        units = -(-spec.shuffle_buffer // (spec.recipe.mix_window if mixing(spec) else 1))
+        stream = shuffle_buffer(stream, units, seeded_rng("samples", spec.seed, spec.epoch, spec.rank, worker))
+    done = 0  # samples (items / M) of the units before this one
+    for unit in stream:
+        if (done + unit.emit) * m > skip:
+            yield from render_unit(spec, unit, worker, done * m, max(0, skip - done * m))
+        done += unit.emit
 
 
-def render_items(spec: StreamSpec, raw: dict, cache_label: int | None, entries: Sequence[dict], worker: int,
-                 seq0: int, first: int = 0) -> list[Item]:
-    """Decode one sample once and render its views first .. M - 1 (cpu renderer), or hand the decoded image with
-    each view's box and flip to the main process (device renderer)."""
+def render_unit(spec: StreamSpec, unit: Unit, worker: int, seq0: int, first: int = 0) -> list[Item]:
+    """A unit's Items from seq0 + first on: a sample's views (render_items), or a mix window's views each mixed
+    with its partner's same view (render_window)."""
+    if mixing(spec):
+        return render_window(spec, unit, worker, seq0, first)
+    return render_items(spec, unit.samples[0], worker, seq0, first)
+
+
+def render_window(spec: StreamSpec, unit: Unit, worker: int, seq0: int, first: int = 0) -> list[Item]:
+    """A mix window's Items: every usable sample's views rendered unmixed (its partners are among them), then each
+    item's view mixed with its partner's same view (augment.apply_mix). Entries gain "mix/lam" (the own label's
+    weight at the rendered size) and "mix/label" (the partner's label; the own one when unmixed)."""
+    m = spec.views_per_decode
+    rendered = [render_items(spec, sample, worker, 0) for sample in unit.samples]  # unmixed, every view
+    at = {sample.pos: k for k, sample in enumerate(unit.samples)}
+    items = []
+    for k in range(unit.emit):
+        sample, mixes = unit.samples[k], view_mixes(spec, unit, unit.samples[k])
+        for j in range(max(0, first - k * m), m):
+            own, mix = rendered[k][j], mixes[j]
+            partner = own
+            if mix.mode != 0:
+                if mix.partner not in at:
+                    raise CacheError(
+                        f"{spec.cache_path or 'the stream'}: {unit.shard}: sample {sample.raw['__key__']!r} "
+                        f"(position {sample.pos}) is mixed with position {mix.partner} in view {j}, which is not "
+                        "a usable sample of its mix window: the cache's records contradict its skipped samples; "
+                        "re-dump the shard")
+                partner = rendered[at[mix.partner]][j]
+            entry = {**own.entry, "mix/lam": np.float32(mix.lam(spec.size)), "mix/label": np.int64(partner.label)}
+            items.append(Item(worker, seq0 + k * m + j, augment.apply_mix(own.image, partner.image, mix),
+                              own.label, entry))
+    return items
+
+
+def view_mixes(spec: StreamSpec, unit: Unit, sample: Joined) -> list[augment.ViewMix]:
+    """A sample's pairing in each view of the pass: the cache's records (views/aug), or drawn as the dump draws
+    them (augment.draw_mixes over the window's positions)."""
+    views = stream_views(spec, None)
+    out = []
+    for j, entry in enumerate(sample.entries):
+        if "views/aug" in entry:
+            out.append(unpack_record(spec, unit.shard, sample, entry)[1])
+        else:
+            drawn = augment.draw_mixes(spec.seed, views[j], unit.shard, unit.window, unit.count, spec.recipe)
+            out.append(drawn[sample.pos - unit.window * spec.recipe.mix_window])
+    return out
+
+
+def unpack_record(spec: StreamSpec, shard: str, sample: Joined, entry: dict
+                  ) -> tuple[augment.ViewAugment, augment.ViewMix | None]:
+    """A cached view's augmentation record, unpacked; an unreadable one names the cache, shard and sample."""
+    try:
+        return augment.unpack(entry["views/aug"], sample.pos, spec.recipe)
+    except CacheError as e:
+        raise CacheError(f"{spec.cache_path}: {shard}: sample {sample.raw['__key__']!r}: {e}; the cache is damaged: "
+                         "re-dump the shard") from None
+
+
+def render_items(spec: StreamSpec, joined: Joined, worker: int, seq0: int, first: int = 0) -> list[Item]:
+    """Decode one sample once and render its views first .. M - 1 (cpu renderer: crop, flip and the recipe's
+    per-sample augmentations, augment.render_view), or hand the decoded image with each view's box and flip to the
+    main process (device renderer)."""
+    raw, cache_label, entries = joined.raw, joined.label, joined.entries
     sample = parse_sample(raw, spec.num_classes)
     if cache_label is not None and sample.label != cache_label:
         raise CacheMismatchError(f"{sample.shard}: sample {sample.key!r} has label {sample.label} in the shard but "
@@ -387,6 +494,7 @@ def render_items(spec: StreamSpec, raw: dict, cache_label: int | None, entries: 
                 "pixels. The shard was re-encoded since the dump: train with the shards the cache was dumped from, "
                 "or re-dump the cache")
     recipe = dataclasses.replace(spec.recipe, image_size=spec.size)
+    augmented = augment.augments(recipe)
     views = stream_views(spec, None)
     if not on_device and len(entries) - first > 1:
         img = pixel_major(img)  # once per decode: each view's resize then reads it without a conversion copy
@@ -400,8 +508,18 @@ def render_items(spec: StreamSpec, raw: dict, cache_label: int | None, entries: 
             box = (top, left, bh, bw)
             if on_device:
                 entry = {**entry, "views/box": np.array(box, np.uint16), "views/flip": np.uint8(flip)}
-        image = img if on_device else render_decoded(img, box, flip, recipe, contiguous=False)  # _group copies it
-        items.append(Item(worker, seq0 + j, image, sample.label, entry))
+        aug = None
+        if augmented:  # the cache's record (read: its partner is for render_window), or drawn as the dump draws it
+            if "views/aug" in entry:
+                aug = unpack_record(spec, sample.shard, joined, entry)[0]
+            elif "views/box" in entry:
+                raise ConfigError("a cached stream of an augmenting recipe reads views/aug with views/box "
+                                  "(StreamSpec.entry_arrays: train_setup's)")
+            else:
+                aug = augment.draw_augment(spec.seed, views[j], sample.key, recipe)
+        entry = {k: v for k, v in entry.items() if k != "views/aug"}  # rendered: the record is spent
+        image = img if on_device else augment.render_view(img, box, flip, aug, recipe, contiguous=False)
+        items.append(Item(worker, seq0 + j, image, sample.label, entry))  # (_group copies the image)
     return items
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from . import augment
 from . import cache as cache_mod
 from . import cache_meta
 from . import dist as dist_mod
@@ -163,9 +164,7 @@ def _cache_data(cache: str | cache_mod.Cache, urls: tuple[str, ...], dinfo: dist
     if recipe is not None and recipe != meta.recipe:
         raise ConfigError("the config's [recipe] contradicts the cache's recipe; the cache's recipe is used "
                           "for training: remove [recipe] or re-dump with it")
-    entry_arrays = ("views/box", "views/flip")
-    if teacher_entries:
-        entry_arrays += ("logits/target", "logits/lse", *(f"logits/{n}" for n in cache.codec_arrays))
+    entry_arrays = entry_arrays_of(cache, teacher_entries)
     by_name = {s.name: s for s in meta.manifest.shards}  # the shards as dumped: check_cache_matches scanned them
     shards = tuple(ShardPrint(name=by_name[n].name, samples=by_name[n].samples, keys_sha256=by_name[n].keys_sha256)
                    for n in map(shard_name, urls))
@@ -173,6 +172,19 @@ def _cache_data(cache: str | cache_mod.Cache, urls: tuple[str, ...], dinfo: dist
                      views=meta.views, entry_arrays=entry_arrays,
                      renderer=renderers.choose_renderer(meta.renderer, renderer, allow_other_renderer),
                      cache=cache)
+
+
+def entry_arrays_of(cache: cache_mod.Cache, teacher_entries: bool) -> tuple[str, ...]:
+    """The cache arrays each sample's entries carry: its views (box, flip and, when the recipe augments or mixes,
+    the packed record views/aug) and, with teacher_entries, the teacher's logits (target, lse, the codec's arrays
+    and, when the recipe mixes, the partner label's exact logit logits/target_b). Old caches: box and flip."""
+    recipe = cache.meta.recipe
+    names = ("views/box", "views/flip", *(("views/aug",) if augment.record_bytes(recipe) else ()))
+    if teacher_entries:
+        mixed = ("target_b",) if augment.mixes(recipe) else ()
+        names += tuple(f"logits/{n}" for n in ("target", "lse", *(n for n in cache.codec_arrays if n not in mixed),
+                                               *mixed))
+    return names
 
 
 def _shard_data(urls: tuple[str, ...], *, num_classes: int | None, recipe: Recipe | None, renderer: str | None

@@ -111,7 +111,8 @@ SURFACE = {
                            "Any]') -> 'torch.Tensor'"},
     'LiveTeacher': {'__init__': "(model: 'torch.nn.Module', *, num_classes: 'int', temperatures: 'Sequence[float]' = "
                                 "(1.0,), amp: 'str | None' = 'none')",
-                    'entries': "(self, images: 'torch.Tensor', labels: 'torch.Tensor') -> 'dict[str, torch.Tensor]'",
+                    'entries': "(self, images: 'torch.Tensor', labels: 'torch.Tensor', labels_b: 'torch.Tensor | None' = "
+                               "None) -> 'dict[str, torch.Tensor]'",
                     'from_file': "classmethod (weights: 'str | Path', *, arch: 'str', device: 'str | torch.device' = "
                                  "'cpu', temperatures: 'Sequence[float]' = (1.0,), amp: 'str | None' = 'none') -> "
                                  '"\'LiveTeacher\'"'},

@@ -277,9 +277,9 @@ def _epoch_keys(monkeypatch, spec: StreamSpec, sizes, keys: list[str], *, world,
     replaced, by the sample's position in `keys` carried as its label."""
     position = {k: i for i, k in enumerate(keys)}
     monkeypatch.setattr(loader_mod, "render_items",
-                        lambda spec, raw, label, entries, worker, seq0, first=0: [
-                            Item(worker, seq0 + j, None, position[raw["__key__"]], {})
-                            for j in range(first, len(entries))])
+                        lambda spec, joined, worker, seq0, first=0: [
+                            Item(worker, seq0 + j, None, position[joined.raw["__key__"]], {})
+                            for j in range(first, len(joined.entries))])
     plan = plan_epoch(sizes, seed=spec.seed, epoch=spec.epoch, world=world, rank=rank, workers=workers)
     skips = skips_for(plan.counts, consumed, spec.block)
     stream = epoch_batches(spec, plan, skips, workers=0, block=spec.block, batch_size=spec.block)
