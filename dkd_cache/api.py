@@ -11,6 +11,8 @@ builds its batches and its loss with these same classes, and verify opens caches
     for batch in loader:                                         # images as the teacher saw them, normalised
         logits = student(batch.images)
         loss = F.cross_entropy(logits, batch.labels) + dkd(logits, batch.labels, batch.entries)
+        # a recipe with mixup/cutmix: dkd_cache.ce_from_entries(logits, batch.labels, batch.entries) for the CE
+        # (lam CE(a) + (1 - lam) CE(b)); dkd mixes both targets the same way by itself
 
 The batch stream, per iteration (one rank, one epoch):
     plan_epoch (pure: seed, epoch, ranks, shard sizes) -> worker streams (tar read, cache join, shuffle, render)
@@ -39,11 +41,12 @@ from .errors import (BadSampleError, CacheError, CacheLockedError, CacheMetadata
                      LoanError, NonFiniteLossError, PeerError, RemoteReadError, ResumeMismatchError, ShardError,
                      ShardNotFoundError, SharedMemoryError)
 from .loader import Batch, RankPlan, StreamSpec, batches, canonical_runs, make_loader, plan_epoch, skips_for
-from .loss import RULES, dkd_loss
+from .loss import RULES, dkd_loss, mixed_cross_entropy
 from .renderers import RendererInfo
 from .run_checkpoint import plan_workers
 from .teacher import TeacherInfo, load_teacher
-from .teacher_signal import ComputePolicy, Storage, dkd_from_entries, encode_entries, resolve_policy, teacher_forward
+from .teacher_signal import (ComputePolicy, Storage, ce_from_entries, dkd_from_entries, encode_entries, resolve_policy,
+                             teacher_forward)
 from .views import Recipe, normalize as normalize_images, parse_positive_int
 
 __all__ = [
@@ -52,7 +55,7 @@ __all__ = [
     # batches
     "DistillLoader", "DistillBatch",
     # the loss
-    "DKDLoss", "LiveTeacher", "Storage", "dkd_from_entries", "dkd_loss",
+    "DKDLoss", "LiveTeacher", "Storage", "dkd_from_entries", "dkd_loss", "ce_from_entries", "mixed_cross_entropy",
     # typed errors (each also subclasses the matching built-in: ValueError, FileNotFoundError, ...)
     "DKDCacheError", "ConfigError", "ShardError", "ShardNotFoundError", "BadSampleError", "RemoteReadError",
     "CacheError", "CacheMetadataError", "CacheMismatchError", "CacheLockedError", "CheckpointError",
@@ -204,7 +207,9 @@ class DKDLoss(torch.nn.Module):
 class DistillBatch:
     """One batch, memory of its own, on the loader's device: images float32 normalised (B, 3, S, S) (uint8 with
     normalize=False), labels int64 (B,), and the teacher's entries {"logits/target": (B,), "logits/lse": (B, T),
-    "logits/<codec array>": (B, ...)} ({} without a teacher: CE only)."""
+    "logits/<codec array>": (B, ...)} ({} without a teacher: CE only). A recipe with mixup or cutmix adds
+    "mix/lam" float32 (B,) (the own sample's share of each mixed image, 1.0 unmixed), "mix/label" int64 (B,) (the
+    partner's label) and, with a teacher, "logits/target_b" (B,) (its exact logit of the partner's label)."""
 
     images: torch.Tensor
     labels: torch.Tensor

@@ -32,6 +32,16 @@ The NCKD gradient on a tail logit s_u is (q^_u - p^_u)/T: under `uniform` the st
 flat level R / (M N); under `bucket` p^_u is replaced by P_U q^_u / Q_U, i.e. the teacher's tail mass is spread in
 the shape of the student's own tail, so only the total tail mass is taught. With k = C (M = 0) both rules equal
 exact DKD.
+
+Mixed views (mixup, cutmix). A view mixed from its own sample (label a) and a partner (label b) with weight lam
+(the own image's share) has one teacher output z, and its loss is defined as the same mixture of the two targets'
+losses:
+
+    DKD(mixed) = lam DKD(z, target a) + (1 - lam) DKD(z, target b)      on the same teacher logits z, one lse
+    CE(mixed)  = lam CE(s, a) + (1 - lam) CE(s, b)                       (= CE against the soft target lam a + ...)
+
+`mix_losses` is that formula on per-row losses; `mixed_cross_entropy` the CE. lam = 1 (an unmixed row, b = a)
+gives the row's plain loss.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .errors import ConfigError
 
@@ -259,6 +270,52 @@ def _reduce(tckd: torch.Tensor, nckd: torch.Tensor, alpha: float, beta: float, t
     if reduction == "none":
         return t2 * (alpha * tckd + beta * nckd)
     return t2 * (alpha * tckd.mean() + beta * nckd.mean())
+
+
+# --------------------------------------------------------------------------------------------- mixed views
+def _check_lam(lam: torch.Tensor, batch: int) -> None:
+    """lam must be a float (B,) tensor with every value in [0, 1] (NaN is refused). One host sync."""
+    _check_vector("lam", lam, batch, integer=False)
+    if not bool(((lam >= 0) & (lam <= 1)).all()):
+        raise ConfigError("lam holds a value outside [0, 1] (or NaN): a mixed view's weight of its own sample is a "
+                          "fraction; check the batch's \"mix/lam\" entry")
+
+
+def mix_losses(loss_a: torch.Tensor, loss_b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Per-row loss of mixed views: lam * loss_a + (1 - lam) * loss_b, float32 (B,).
+
+    loss_a, loss_b (B,): each row's loss against its own target (a) and its partner's (b), on the same teacher
+    output; lam (B,) float in [0, 1], the own sample's share of the mixed image (1.0: not mixed). For DKD this is
+    the definition DKD(mixed view) = lam DKD(target a) + (1 - lam) DKD(target b) on the same teacher logits."""
+    for name, x in (("loss_a", loss_a), ("loss_b", loss_b)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 1 or not x.is_floating_point():
+            raise ConfigError(f"{name} must be a floating-point tensor of per-row losses (batch,), got "
+                              f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if loss_b.shape != loss_a.shape:
+        raise ConfigError(f"loss_a {tuple(loss_a.shape)} and loss_b {tuple(loss_b.shape)} differ in shape")
+    _check_lam(lam, loss_a.shape[0])
+    lam = lam.to(loss_a.device).float()
+    return lam * loss_a.float() + (1.0 - lam) * loss_b.float()
+
+
+def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, labels_b: torch.Tensor, lam: torch.Tensor,
+                        reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of mixed views: lam * CE(logits, labels) + (1 - lam) * CE(logits, labels_b), float32.
+
+    logits (B, C) float; labels, labels_b (B,) integer classes (own and partner's; equal on an unmixed row);
+    lam (B,) float in [0, 1], the own sample's share. reduction "mean": the batch mean; "none": per row (B,).
+    Equals timm's SoftTargetCrossEntropy on the mixed one-hot targets without label smoothing."""
+    _check_reduction(reduction)
+    _check_logits("logits", logits)
+    batch, classes = logits.shape
+    _check_vector("labels", labels, batch, integer=True)
+    _check_vector("labels_b", labels_b, batch, integer=True)
+    labels, labels_b = labels.to(logits.device).long(), labels_b.to(logits.device).long()
+    _check_indices(torch.cat([labels, labels_b]), classes)
+    z = logits.float()
+    per = mix_losses(F.cross_entropy(z, labels, reduction="none"), F.cross_entropy(z, labels_b, reduction="none"),
+                     lam)
+    return per if reduction == "none" else per.mean()
 
 
 def total_loss(ce: torch.Tensor | float, dkd: torch.Tensor | float, epoch: float, warmup_epochs: float,

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import api
 from . import dist as dist_mod
@@ -78,7 +77,7 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
                 labels = batch.labels
                 kd_fn = None if dkd is None else functools.partial(dkd, labels=labels, entries=batch.entries)
                 # DKD's warm-up (official code): the KD term ramps as min(epoch / warmup, 1), epochs counted from 1
-                losses = train_step(run.ddp_model, run.optimizer, batch.images, labels, kd_fn,
+                losses = train_step(run.ddp_model, run.optimizer, batch.images, labels, kd_fn, entries=batch.entries,
                                     kd_factor=kd_factor(cfg, view_epoch),
                                     ce_weight=cfg.ce_weight if cfg.loss == "dkd" else 1.0, amp=cfg.amp, dinfo=dinfo,
                                     where=f"at epoch {view_epoch} step {step + 1}")
@@ -173,16 +172,18 @@ def show(record: dict | None, bar: Progress, clock: EpochClock, cfg: TrainConfig
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor,
                kd_fn: Callable[[torch.Tensor], torch.Tensor] | None, *, kd_factor: float, ce_weight: float,
-               amp: str = "none", dinfo: dist_mod.DistInfo | None = None, where: str = ""
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               amp: str = "none", dinfo: dist_mod.DistInfo | None = None, where: str = "",
+               entries: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One SGD step of ce_weight * CE + kd_factor * kd_fn(student logits) on a normalised batch.
 
+    CE is the batch's (api.ce_from_entries): plain, or for mixed views (entries with "mix/lam", "mix/label")
+    lam * CE(own label) + (1 - lam) * CE(partner's label).
     Returns (loss, ce, kd) as detached tensors. A non-finite loss on any rank stops every rank before
     optimizer.step (the weights stay those of the last good step): NonFiniteLossError."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
         logits = model(x)
     logits = logits.float()
-    ce = F.cross_entropy(logits, labels)
+    ce = api.ce_from_entries(logits, labels, entries or {})  # a batch without "mix/lam": F.cross_entropy as ever
     kd = kd_fn(logits) if kd_fn is not None else torch.zeros((), device=logits.device)
     loss = ce_weight * ce + kd_factor * kd if kd_fn is not None else ce
     # Agreed before backward (so no rank enters DDP's gradient all-reduce alone) and before optimizer.step. The host

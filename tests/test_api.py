@@ -79,8 +79,10 @@ SURFACE = {
     'Recipe': {'__init__': "(*, image_size: 'int' = 224, scale: 'tuple[float, float]' = (0.08, 1.0), ratio: "
                            "'tuple[float, float]' = (0.75, 1.3333333333333333), hflip: 'float' = 0.5, interpolation: "
                            "'str' = 'bilinear', antialias: 'bool' = True, mean: 'tuple[float, float, float]' = "
-                           "(0.485, 0.456, 0.406), std: 'tuple[float, float, float]' = (0.229, 0.224, 0.225)) -> "
-                           'None',
+                           "(0.485, 0.456, 0.406), std: 'tuple[float, float, float]' = (0.229, 0.224, 0.225), randaugment: "
+                           "'str' = '', color_jitter: 'float' = 0.0, random_erasing: 'float' = 0.0, mixup: 'float' = "
+                           "0.0, cutmix: 'float' = 0.0, mix_prob: 'float' = 1.0, mix_switch_prob: 'float' = 0.5, "
+                           "mix_window: 'int' = 8) -> None",
                'from_dict': 'classmethod (d: \'dict[str, Any]\') -> "\'Recipe\'"',
                'to_dict': "(self) -> 'dict[str, Any]'"},
     'DistillLoader': {'__init__': "(shards: 'str | Sequence[str]', cache: 'str | Path | TeacherCache | None' = None, "
@@ -127,6 +129,10 @@ SURFACE = {
     'dkd_loss': ("(student_logits: 'torch.Tensor', teacher_logits: 'torch.Tensor', target: 'torch.Tensor', alpha: "
                  "'float', beta: 'float', temperature: 'float', reduction: 'str' = 'mean', *, target_logit: "
                  "'torch.Tensor | None' = None, teacher_lse: 'torch.Tensor | None' = None) -> 'torch.Tensor'"),
+    'ce_from_entries': ("(logits: 'torch.Tensor', labels: 'torch.Tensor', entries: 'Mapping[str, Any]', reduction: "
+                        "'str' = 'mean') -> 'torch.Tensor'"),
+    'mixed_cross_entropy': ("(logits: 'torch.Tensor', labels: 'torch.Tensor', labels_b: 'torch.Tensor', lam: "
+                            "'torch.Tensor', reduction: 'str' = 'mean') -> 'torch.Tensor'"),
     'DKDCacheError': 'error(Exception)',
     'ConfigError': 'error(DKDCacheError, ValueError)',
     'ShardError': 'error(DKDCacheError, ValueError)',
@@ -331,6 +337,52 @@ def test_the_live_teachers_loss_matches_full_logit_dkd(teacher_ckpt):
         teacher_logits = live.model(x)
     exact = dkd_cache.dkd_loss(student, teacher_logits, labels, 1.0, 8.0, 4.0)
     assert loss.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def test_a_live_teachers_mixed_entries_give_the_mixed_dkd(teacher_ckpt):
+    """LiveTeacher.entries with the partner labels of mixed views: "logits/target_b" is the teacher's exact logit of
+    the partner label, and DKDLoss on the batch's mix entries is lam DKD(a) + (1 - lam) DKD(b) of its logits."""
+    live = dkd_cache.LiveTeacher.from_file(teacher_ckpt, arch="resnet18", temperatures=(4.0,))
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels, labels_b = torch.arange(6) % CLASSES, torch.tensor([0, 1, 5, 7, 9, 3])  # rows 0, 1 unmixed
+    lam = torch.tensor([1.0, 1.0, 0.25, 0.5, 0.9, 0.0])
+    student = torch.randn(6, CLASSES, generator=torch.Generator().manual_seed(2))
+    entries = live.entries(x, labels, labels_b=labels_b)
+    with torch.no_grad():
+        teacher_logits = live.model(x)
+    torch.testing.assert_close(entries["logits/target_b"], teacher_logits.gather(1, labels_b[:, None])[:, 0])
+    assert "logits/target_b" not in live.entries(x, labels)
+    loss = dkd_cache.DKDLoss(live, alpha=1.0, beta=8.0, temperature=4.0)(
+        student, labels, {**entries, "mix/lam": lam, "mix/label": labels_b})
+    per_target = [dkd_cache.dkd_loss(student, teacher_logits, y, 1.0, 8.0, 4.0, reduction="none")
+                  for y in (labels, labels_b)]
+    assert loss.item() == pytest.approx((lam * per_target[0] + (1 - lam) * per_target[1]).mean().item(), rel=1e-5)
+
+
+def test_train_step_takes_the_mixed_ce_of_a_mixed_batch():
+    """train-student's step: CE is dkd_cache.ce_from_entries of the batch, the mixed CE when its entries carry
+    "mix/lam" (lam CE(a) + (1 - lam) CE(b)), plain cross-entropy otherwise."""
+    from dkd_cache.train import train_step
+
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(3))
+    labels, labels_b = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([0, 1, 3, 2, 1, 0, 0, 2])
+    lam = torch.tensor([1.0, 1.0, 0.2, 0.4, 0.6, 0.8, 0.0, 0.5])
+    mixed = {"mix/lam": lam, "mix/label": labels_b}
+    for entries in ({}, mixed, None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 4)
+        with torch.no_grad():
+            want = dkd_cache.ce_from_entries(model(x), labels, entries or {})
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _, ce, _ = train_step(model, opt, x, labels, None, kd_factor=0.0, ce_weight=1.0, entries=entries)
+        assert torch.equal(ce, want)
+    with torch.no_grad():
+        logits = torch.nn.Linear(5, 4).requires_grad_(False)(x)
+    assert torch.equal(dkd_cache.ce_from_entries(logits, labels, {}), torch.nn.functional.cross_entropy(logits, labels))
+    assert torch.equal(dkd_cache.ce_from_entries(logits, labels, mixed),
+                       dkd_cache.mixed_cross_entropy(logits, labels, labels_b, lam))
+    assert not torch.equal(dkd_cache.ce_from_entries(logits, labels, mixed),
+                           dkd_cache.ce_from_entries(logits, labels, {}))
 
 
 def test_loss_errors_are_typed_and_early(cache_path):

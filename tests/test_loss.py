@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dkd_cache.errors import ConfigError
-from dkd_cache.loss import dkd_loss, dkd_loss_topk, total_loss
+from dkd_cache.loss import dkd_loss, dkd_loss_topk, mix_losses, mixed_cross_entropy, total_loss
 
 from .helpers import real_logits
 
@@ -207,6 +208,112 @@ def test_topk_accepts_narrow_dtypes():
     b = dkd_loss_topk(s.bfloat16(), idx.to(torch.int16), val.half(), tl, lse, y.to(torch.int32), 1.0, 8.0, 1.0)
     assert torch.isfinite(b)
     torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+# --------------------------------------------------------------------------------------------- mixed views
+def ref_rows(ref, s, t, y, *args):
+    """A batch-mean float64 reference applied to each row alone: the (B,) per-row references."""
+    return torch.stack([ref(s[i:i + 1], t[i:i + 1], y[i:i + 1], *args) for i in range(s.shape[0])])
+
+
+def ref_mixed(ref, s, t, y, y_b, lam, *args):
+    """The mixed loss written out in float64: the batch mean of lam ref(target a) + (1 - lam) ref(target b)."""
+    lam = lam.double()
+    return (lam * ref_rows(ref, s, t, y, *args) + (1 - lam) * ref_rows(ref, s, t, y_b, *args)).mean()
+
+
+def mixed_batch(seed=80, b=10, c=23):
+    """Student and teacher logits, own labels, partner labels and lam: rows 0-1 unmixed (lam 1, b = a), row 2 lam 0
+    (all partner), row 3 lam 1 with another partner label (all own), the rest mixed with various lam."""
+    s, t, y = batch(seed=seed, b=b, c=c)
+    g = torch.Generator().manual_seed(seed + 1)
+    y_b = (y + 1 + torch.randint(0, c - 1, (b,), generator=g)) % c  # another class than the row's own
+    y_b[:2] = y[:2]
+    lam = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.3, 0.75, 0.5, 0.01, 0.99, 0.618])[:b]
+    return s, t, y, y_b, lam
+
+
+@pytest.mark.parametrize("temp", TEMPS)
+def test_mixed_dkd_is_the_lam_mixture_of_both_targets_on_the_same_logits(temp):
+    s, t, y, y_b, lam = mixed_batch(seed=81 + int(temp))
+    a = dkd_loss(s, t, y, 1.0, 8.0, temp, reduction="none")
+    b = dkd_loss(s, t, y_b, 1.0, 8.0, temp, reduction="none")
+    got = mix_losses(a, b, lam)
+    assert got.dtype == torch.float32 and got.shape == lam.shape
+    torch.testing.assert_close(got.mean().double(), ref_mixed(ref_dkd, s, t, y, y_b, lam, 1.0, 8.0, temp),
+                               rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[[0, 1, 3]], a[[0, 1, 3]])  # lam 1: the row's own loss, whatever its partner
+    assert torch.equal(got[2], b[2])  # lam 0: the partner's
+    # the gradient too: the student is pulled towards both targets in proportion
+    _, g = student_grad(lambda x: mix_losses(dkd_loss(x, t, y, 1.0, 8.0, temp, reduction="none"),
+                                             dkd_loss(x, t, y_b, 1.0, 8.0, temp, reduction="none"), lam).mean(), s)
+    _, g_ref = student_grad(lambda x: ref_mixed(ref_dkd, x, t, y, y_b, lam, 1.0, 8.0, temp), s.double())
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["uniform", "bucket"])
+@pytest.mark.parametrize("k", [1, 5])
+def test_mixed_dkd_in_the_cached_topk_form(rule, k):
+    """Target b's exact logit with labels b and the one lse: the cached rule of each target, mixed by lam."""
+    s, t, y, y_b, lam = mixed_batch(seed=90 + k)
+    order = t.argsort(dim=1, descending=True)
+    y_b[4] = order[4, 0]  # a partner label among the top-k, and one far outside it
+    y_b[5] = order[5, -1]
+    for temp in (1.0, 4.0):
+        idx, val, tl, lse = cached(t, y, k, temp)
+        tl_b = t.gather(1, y_b.view(-1, 1)).squeeze(1)
+        a = dkd_loss_topk(s, idx, val, tl, lse, y, 1.0, 8.0, temp, rule=rule, reduction="none")
+        b = dkd_loss_topk(s, idx, val, tl_b, lse, y_b, 1.0, 8.0, temp, rule=rule, reduction="none")
+        got = mix_losses(a, b, lam).mean()
+        torch.testing.assert_close(got.double(), ref_mixed(ref_dkd_topk, s, t, y, y_b, lam, k, 1.0, 8.0, temp, rule),
+                                   rtol=2e-5, atol=1e-6)
+
+
+def ref_ce_rows(s, y):
+    return -torch.log_softmax(s.double(), dim=1).gather(1, y.view(-1, 1)).squeeze(1)
+
+
+def test_mixed_cross_entropy_matches_float64_reference():
+    s, _, y, y_b, lam = mixed_batch(seed=100)
+    want = lam.double() * ref_ce_rows(s, y) + (1 - lam.double()) * ref_ce_rows(s, y_b)
+    per = mixed_cross_entropy(s, y, y_b, lam, reduction="none")
+    assert per.dtype == torch.float32 and per.shape == y.shape
+    torch.testing.assert_close(per.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mixed_cross_entropy(s, y, y_b, lam).double(), want.mean(), rtol=1e-6, atol=1e-6)
+    # = the cross-entropy against the soft target lam one_hot(a) + (1 - lam) one_hot(b) (timm's mixup targets)
+    soft = lam[:, None] * F.one_hot(y, s.shape[1]) + (1 - lam[:, None]) * F.one_hot(y_b, s.shape[1])
+    torch.testing.assert_close(mixed_cross_entropy(s, y, y_b, lam), F.cross_entropy(s, soft.float()))
+    # lam 1 everywhere, with any partner: plain CE of the own labels
+    ones = torch.ones_like(lam)
+    assert torch.equal(mixed_cross_entropy(s, y, y_b, ones, reduction="none"), F.cross_entropy(s, y, reduction="none"))
+    # the gradient reaches the student's logits, bf16 ones included
+    x = s.bfloat16().requires_grad_(True)
+    mixed_cross_entropy(x, y, y_b, lam).backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all() and x.grad.abs().sum() > 0
+
+
+def test_mixed_losses_refuse_bad_lam_and_labels():
+    s, t, y, y_b, lam = mixed_batch(seed=110)
+    a = dkd_loss(s, t, y, 1.0, 8.0, 1.0, reduction="none")
+    for bad in (lam * 2, lam - 0.5, torch.full_like(lam, float("nan"))):
+        with pytest.raises(ConfigError, match="lam holds a value outside"):
+            mix_losses(a, a, bad)
+        with pytest.raises(ConfigError, match="lam holds a value outside"):
+            mixed_cross_entropy(s, y, y_b, bad)
+    with pytest.raises(ConfigError, match="lam must be a floating-point tensor"):
+        mix_losses(a, a, lam[:3])
+    with pytest.raises(ConfigError, match="lam must be a floating-point tensor"):
+        mix_losses(a, a, (lam > 0.5).long())
+    with pytest.raises(ConfigError, match="differ in shape"):
+        mix_losses(a, a[:3], lam)
+    with pytest.raises(ConfigError, match="loss_a"):
+        mix_losses(a.mean(), a, lam)
+    with pytest.raises(ConfigError, match="labels_b"):
+        mixed_cross_entropy(s, y, y_b.float(), lam)
+    with pytest.raises(ConfigError, match="outside"):
+        mixed_cross_entropy(s, y, y_b + s.shape[1], lam)
+    with pytest.raises(ConfigError, match="reduction"):
+        mixed_cross_entropy(s, y, y_b, lam, reduction="sum")
 
 
 # --------------------------------------------------------------------------------------------- validation
