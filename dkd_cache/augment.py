@@ -19,6 +19,12 @@ Record layout (little-endian; only the sections the recipe enables, in this orde
     mix         int8 partner offset, uint16 lam_code, 4 x uint16 box
 Fractions of the image side are uint16 codes; at size S a code is round(code * S / 65535) pixels, rounding halves
 up (integer arithmetic, `pixels`).
+
+Names and signatures are the design's. Beyond it: OPS = RAND_OPS (timm's RandAugment list) + WIDE_OPS
+(TrivialAugmentWide's, prefixed "Wide": their magnitude code is a signed bin index 0..30, not a level); SKIPPED (255);
+helpers pixels, jitter_factors, erase_fill; views.parse_randaugment parses recipe.randaugment. A cutmix ViewMix's
+lam_code holds the drawn lam (its lam(size) is the box's, as the design says). Recipe.to_dict leaves out the
+augmentation fields that are at their "off" defaults, so old recipes store and fingerprint exactly as before.
 """
 
 from __future__ import annotations
@@ -346,7 +352,7 @@ def _apply_op(img: torch.Tensor, name: str, code: int) -> torch.Tensor:
     if name in ("ShearX", "ShearY"):
         return _shear(img, name, sign * level * 0.3)
     if name in ("TranslateXRel", "TranslateYRel"):
-        return _translate(img, name[:-3], sign * level * 0.45 * side)
+        return _translate(img, name[:-3], -sign * level * 0.45 * side)  # PIL's affine data: a positive one moves left
     raise ValueError(f"unknown op {name!r}")
 
 

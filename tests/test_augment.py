@@ -375,3 +375,46 @@ def test_pixels_do_not_depend_on_the_number_of_threads():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[3]))
+
+
+def test_rand_ops_are_timms_pil_ops():
+    """Each RandAugment op against timm's auto_augment.py op (PIL) with timm's argument for the level."""
+    from PIL import Image, ImageEnhance, ImageOps
+
+    img = _image(10, 64)
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    fill = dict(resample=Image.NEAREST, fillcolor=(128, 128, 128))
+
+    def affine(*data):
+        return pil.transform(pil.size, Image.AFFINE, data, **fill)
+
+    def solarize_add(add):
+        return pil.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
+
+    level = 7.3  # code 73 (negated: -73)
+    timm = {"AutoContrast": lambda s: ImageOps.autocontrast(pil), "Equalize": lambda s: ImageOps.equalize(pil),
+            "Invert": lambda s: ImageOps.invert(pil),
+            "Rotate": lambda s: pil.rotate(s * level / 10 * 30, **fill),
+            "Posterize": lambda s: ImageOps.posterize(pil, int(level / 10 * 4)),
+            "Solarize": lambda s: ImageOps.solarize(pil, int(level / 10 * 256)),
+            "SolarizeAdd": lambda s: solarize_add(int(level / 10 * 110)),
+            "Color": lambda s: ImageEnhance.Color(pil).enhance(level / 10 * 1.8 + 0.1),
+            "Contrast": lambda s: ImageEnhance.Contrast(pil).enhance(level / 10 * 1.8 + 0.1),
+            "Brightness": lambda s: ImageEnhance.Brightness(pil).enhance(level / 10 * 1.8 + 0.1),
+            "Sharpness": lambda s: ImageEnhance.Sharpness(pil).enhance(level / 10 * 1.8 + 0.1),
+            "ShearX": lambda s: affine(1, s * level / 10 * 0.3, 0, 0, 1, 0),
+            "ShearY": lambda s: affine(1, 0, 0, s * level / 10 * 0.3, 1, 0),
+            "TranslateXRel": lambda s: affine(1, 0, s * level / 10 * 0.45 * 64, 0, 1, 0),
+            "TranslateYRel": lambda s: affine(1, 0, 0, 0, 1, s * level / 10 * 0.45 * 64)}
+    assert tuple(timm) == A.RAND_OPS
+    for name, op in timm.items():
+        for sign in (1, -1) if name in A._SIGNED else (1,):
+            ref = torch.from_numpy(np.array(op(sign))).permute(2, 0, 1)
+            out = A.apply_augment(img, A.ViewAugment(ops=((A.OPS.index(name), sign * 73),)), Recipe())
+            differ = out != ref
+            if name in ("Color", "Contrast"):  # PIL's grey (integer weights) and rounding: at most one level off
+                assert (out.int() - ref.int()).abs().max().item() <= 1, name
+            elif name == "Rotate":  # a few pixels on the edge of the rotated square round the other way
+                assert differ.float().mean().item() < 0.005, name
+            else:
+                assert not differ.any(), (name, sign)
