@@ -345,8 +345,8 @@ def _apply_op(img: torch.Tensor, name: str, code: int) -> torch.Tensor:
     if name == "Solarize":
         return _solarize(img, abs(code) * 256 // 100)
     if name == "SolarizeAdd":
-        add = abs(code) * 110 // 100
-        return torch.where(img < 128, (img.to(torch.int16) + add).clamp(max=255).to(torch.uint8), img)
+        add = abs(code) * 110 // 100  # timm adds below 128 and clips at 255: 127 + 110 never reaches it
+        return torch.where(img < 128, img + add, img)
     if name in ("Color", "Contrast", "Brightness", "Sharpness"):
         return _enhance(img, name, level * 1.8 + 0.1)
     if name in ("ShearX", "ShearY"):

@@ -3,13 +3,14 @@
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from dkd_cache import augment as A
+from dkd_cache import augment as A, config, views
 from dkd_cache.errors import CacheError, ConfigError
 from dkd_cache.views import Recipe, draw_view, render_decoded
 
@@ -418,3 +419,26 @@ def test_rand_ops_are_timms_pil_ops():
                 assert differ.float().mean().item() < 0.005, name
             else:
                 assert not differ.any(), (name, sign)
+
+
+def test_render_view_is_the_same_in_either_layout():
+    img = _image(11, 90)
+    for i in range(20):
+        aug = A.draw_augment(1, 0, f"k{i}", STRONG)
+        ref = A.render_view(img, (5, 1, 70, 80), True, aug, STRONG)
+        out = A.render_view(views.pixel_major(img), (5, 1, 70, 80), True, aug, STRONG, contiguous=False)
+        assert torch.equal(out, ref)
+
+
+def test_a_toml_recipe_declares_the_augmentations_flat(tmp_path):
+    p = tmp_path / "strong.toml"
+    p.write_text('[recipe]\nimage_size = 48\nrandaugment = "rand-m9-mstd0.5"\ncolor_jitter = 0.4\n'
+                 'random_erasing = 0.25\nmixup = 0.8\ncutmix = 1\n')
+    assert config.merge(Recipe, config.load_toml(p)["recipe"], {}, where="strong.toml") == STRONG
+    shipped = Path(__file__).parent.parent / "pipelines" / "imagenet-r34-r18-strong.toml"
+    if shipped.exists():  # its comment states 30 bytes per view
+        recipe = config.merge(Recipe, config.load_toml(shipped)["recipe"], {}, where=str(shipped))
+        assert A.record_bytes(recipe) == 30 and A.augments(recipe) and A.mixes(recipe)
+    p.write_text('[recipe]\nrandaugment = "rand-m9-mstd0.5"\ncolour_jitter = 0.4\n')
+    with pytest.raises(ConfigError, match="colour_jitter"):
+        config.merge(Recipe, config.load_toml(p)["recipe"], {}, where="strong.toml")
