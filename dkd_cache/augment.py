@@ -302,6 +302,9 @@ def unpack(record: np.ndarray, pos: int, recipe: Recipe) -> tuple[ViewAugment, V
     if not mixes(recipe):
         return aug, None
     offset = int.from_bytes(raw[i:i + 1], "little", signed=True)
+    if window_of(pos + offset, recipe) != window_of(pos, recipe) or ((flags >> 3) & 3 == 0) != (offset == 0):
+        raise CacheError(f"views/aug row at position {pos}: partner offset {offset} is not in the row's mix window "
+                         f"of {recipe.mix_window} (or does not match its mix mode)")
     lam_code, *box = (int.from_bytes(raw[i + 1 + 2 * k:i + 3 + 2 * k], "little") for k in range(5))
     return aug, ViewMix(partner=pos + offset, mode=(flags >> 3) & 3, lam_code=lam_code, box=tuple(box))
 

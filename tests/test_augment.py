@@ -214,6 +214,12 @@ def test_unpack_refuses_unfilled_and_foreign_rows():
     bad[1] = 200
     with pytest.raises(CacheError, match="op code"):
         A.unpack(bad, 0, STRONG)
+    mixed = A.pack(A.draw_augment(0, 0, "k", STRONG), A.ViewMix(partner=5, mode=1, lam_code=9), 3, STRONG)
+    assert A.unpack(mixed, 3, STRONG)[1].partner == 5
+    with pytest.raises(CacheError, match="partner offset 2"):
+        A.unpack(mixed, 7, STRONG)  # position 9 is in the next window
+    with pytest.raises(CacheError, match="partner offset 0"):
+        A.unpack(A.pack(A.draw_augment(0, 0, "k", STRONG), A.ViewMix(partner=3, mode=2), 3, STRONG), 3, STRONG)
 
 
 def test_pack_refuses_parameters_the_recipe_cannot_hold():
