@@ -13,13 +13,21 @@ of C and are padded to one, so two writers never touch the same chunk or Zarr sh
     samples/height, samples/width  int32 (N,)   original image size (0 until dumped)
     views/box       uint16  (V, N, 4)  RandomResizedCrop box: top, left, height, width in source pixels
     views/flip      uint8   (V, N)     1 = horizontally flipped
+    views/aug       uint8   (V, N, B)  the view's packed augmentation record (RandAugment ops, colour jitter, random
+                                       erasing, mixup / cutmix partner, lam and box; layout: augment.py), B =
+                                       augment.record_bytes(recipe) <= 32; fill 255 (no record's flags byte 0 is
+                                       255). Only when the recipe augments or mixes
     logits/target   float32 (V, N)     exact teacher logit of the labelled class
+    logits/target_b float32 (V, N)     exact teacher logit of the mix partner's class (the mixed view's second
+                                       target; equal to logits/target on an unmixed row). Only when the recipe mixes
     logits/lse      float32 (V, N, T)  exact logsumexp(z / T) for each configured temperature
     logits/<codec>  ...     (V, N, …)  the codec's arrays (see logit_codecs.py)
     codec/<name>    ...                a learned codec's own arrays (lowrank: its basis), written once before the
                                        metadata; their SHA-256 is in the codec's metadata and checked by Cache.codec
     _dkd/done/SSSSSS.json              one record per finished tar shard (skipped samples, counts);
                                        written after the shard's chunks, as one create-only object
+A crop + flip recipe's cache has neither views/aug nor logits/target_b: it is byte for byte what dkd-cache wrote
+before augmentation existed, and such caches open and train unchanged.
 The store is a local folder or an s3:// prefix (store.py); the commit protocol is the same on both: whole
 chunks, then per-shard records, then the completeness marker, each one object.
 Fill values are sentinels real data never holds (NaN, -1, 65535 for boxes, 255 for flips, and for the codecs'
@@ -94,7 +102,7 @@ class Cache:
 
     @property
     def codec_arrays(self) -> list[str]:
-        return sorted(k for k in _group_members(self.group, "logits") if k not in ("target", "lse"))
+        return sorted(k for k in _group_members(self.group, "logits") if k not in ("target", "lse", "target_b"))
 
     # -- completion records
     def done_key(self, shard: int) -> str:
@@ -173,6 +181,8 @@ def unfilled_rows(name: str, values: np.ndarray) -> np.ndarray:
         return (values == 65535).all(axis=-1)
     if name == "views/flip":
         return values == 255
+    if name == "views/aug":  # a record's flags byte is never 255, the array's fill
+        return values.reshape(values.shape[0], -1)[:, 0] == 255
     if values.dtype.kind == "f":
         return ~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
     if values.dtype.kind == "i":

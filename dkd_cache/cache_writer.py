@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from . import host_threads, zarr_chunks
+from . import augment, host_threads, zarr_chunks
 from .cache import Cache, chunk_keys, decode_keys, open_cache
 from .cache_meta import (STATUS_OK, STATUS_SKIPPED, CacheMeta, CacheState, ShardEntry, SkippedSample,
                          build_manifest, parse_skipped)
@@ -57,10 +57,26 @@ def _array_specs(meta: CacheMeta, key_len: int, codec_arrays: dict[str, tuple[tu
         "logits/lse": ((v, n, len(meta.temperatures)), np.float32, (1, c, len(meta.temperatures)),
                        (v, c, len(meta.temperatures)), float("nan")),
     }
+    specs.update({name: ((v, n, *tail), dtype, (1, c, *tail), (v, c, *tail), fill)
+                  for name, (tail, dtype, fill) in augment_arrays(meta).items()})
     for name, (tail, dtype) in codec_arrays.items():
         fill = sentinel(dtype)
         specs[f"logits/{name}"] = ((v, n, *tail), dtype, (1, c, *tail), (v, c, *tail), fill)
     return specs
+
+
+def augment_arrays(meta: CacheMeta) -> dict[str, tuple[tuple[int, ...], Any, float | int]]:
+    """The per-view arrays a recipe beyond crop and flip adds, name -> (tail shape, dtype, fill): views/aug (the
+    packed augmentation record, augment.record_bytes; fill 255, which no record's flags byte holds) when the recipe
+    augments or mixes, logits/target_b (the partner label's exact logit) when it mixes. None for crop + flip: such a
+    cache holds exactly the arrays it held before augmentation existed."""
+    out: dict[str, tuple[tuple[int, ...], Any, float | int]] = {}
+    b = augment.record_bytes(meta.recipe)
+    if b:
+        out["views/aug"] = ((b,), np.uint8, 255)
+    if augment.mixes(meta.recipe):
+        out["logits/target_b"] = ((), np.float32, float("nan"))
+    return out
 
 
 @contextlib.contextmanager
@@ -256,6 +272,8 @@ class SampleRow:
     height: int
     width: int
     skipped: str | None = None  # why the sample was left out (--skip-bad); it then has no logits
+    aug: np.ndarray | None = None  # uint8 (V, B): each view's packed augmentation record (views/aug), B =
+    #                                augment.record_bytes(recipe); None for a crop + flip recipe
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -268,6 +286,7 @@ class LogitRows:
     target: np.ndarray  # float32 (B,)
     lse: np.ndarray  # float32 (B, T)
     encoded: dict[str, np.ndarray]  # codec array name (as under logits/) -> (B, ...)
+    target_b: np.ndarray | None = None  # float32 (B,) the partner label's exact logit (mixing recipes only)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -300,6 +319,8 @@ class _ShardBuffer:
         }
         for name, (tail, dtype) in meta.codec.arrays(meta.num_classes).items():
             self.block[f"logits/{name}"] = np.zeros((v, rows, *tail), dtype)
+        for name, (tail, dtype, _fill) in augment_arrays(meta).items():
+            self.block[name] = np.zeros((v, rows, *tail), dtype)
 
     @property
     def whole(self) -> bool:
@@ -338,6 +359,15 @@ class CacheWriter:
         b["samples/width"][row.pos] = row.width
         b["views/box"][:, row.pos] = row.boxes
         b["views/flip"][:, row.pos] = row.flips
+        if "views/aug" in b:
+            if row.aug is None or row.aug.shape != b["views/aug"].shape[::2]:
+                raise CacheError(f"{self.cache.path}: shard {buf.entry.name} position {row.pos}: the cache's recipe "
+                                 f"stores a (views, {b['views/aug'].shape[2]}) augmentation record per sample, got "
+                                 f"{None if row.aug is None else row.aug.shape}")
+            b["views/aug"][:, row.pos] = row.aug
+        elif row.aug is not None and row.aug.size:
+            raise CacheError(f"{self.cache.path}: shard {buf.entry.name} position {row.pos}: the cache's recipe stores "
+                             "no augmentation record")
         if row.skipped is not None:
             b["samples/status"][row.pos] = STATUS_SKIPPED
             at = buf.entry.row_start + row.pos
@@ -353,6 +383,14 @@ class CacheWriter:
         b = buf.block
         b["logits/target"][rows.view, rows.pos] = rows.target
         b["logits/lse"][rows.view, rows.pos] = rows.lse
+        if "logits/target_b" in b:
+            if rows.target_b is None:
+                raise CacheError(f"{self.cache.path}: shard {buf.entry.name}: the cache's recipe mixes, so its rows "
+                                 "need target_b")
+            b["logits/target_b"][rows.view, rows.pos] = rows.target_b
+        elif rows.target_b is not None:
+            raise CacheError(f"{self.cache.path}: shard {buf.entry.name}: the cache's recipe does not mix, its rows "
+                             "carry no target_b")
         for name, values in rows.encoded.items():
             b[f"logits/{name}"][rows.view, rows.pos] = values
         buf.views_pending -= len(rows.pos)

@@ -3,13 +3,14 @@
 `dump_teacher` resolves the plan (settings -> teacher, codec, shard urls, the cache writer), then runs generator
 stages into the writer. Stream shapes:
     this rank's pending shards (CacheWriter.my_shards)
-      --render (DataLoader workers): iter_raw_samples, parse_sample, draw_view, render -->  RenderedSample
+      --render (DataLoader workers): iter_raw_samples, parse_sample, draw_view and augment.draw_augment,
+        augment.render_view; a mixing recipe a mix window at a time (draw_mixes, apply_mix) ------>  RenderedSample
       --decode_samples (gpu renderer only): a few samples' bytes decoded at once on the device
         (gpu_decode), an undecodable one skipped or raised as the worker would -------->  RenderedSample
-      --sample_views: recorded in the writer (boxes, flips, size, skip reason) ---------->  SampleViews (V views)
+      --sample_views: recorded in the writer (boxes, flips, records, size, skip reason) ->  SampleViews (V views)
       --teacher_batches: one shard's views in (sample, view) order, cut every batch_size ->  TeacherBatch (B views)
       --teacher_logits: pixels to the device, normalise, forward ----------------------->  BatchLogits (B, classes)
-      --encode: target, lse, the codec's arrays ----------------------------------------->  LogitRows (numpy)
+      --encode: target (and a mixing recipe's target_b), lse, the codec's arrays ------->  LogitRows (numpy)
       --CacheWriter.add_logits: shard buffers; a whole shard -> its chunks, then on the commit thread fsync and
         its done record; CacheWriter.close marks the cache complete
 Decoding and cropping run in DataLoader workers, overlapped with teacher compute in the main process.
@@ -37,7 +38,7 @@ from . import FORMAT_VERSION
 from . import calibration
 from . import dist as dist_mod
 from . import host_threads, shard_scan
-from . import gpu_decode, renderers
+from . import augment, gpu_decode, renderers
 from .cache_meta import CacheMeta, build_manifest, library_versions
 from .cache_writer import CacheWriter, LogitRows, SampleRow, WriterSpec, open_writer
 from .data import check_out_path, expand_shards, iter_raw_samples, keep_as_is, match_shards, parse_sample
@@ -47,10 +48,10 @@ from .codec_fidelity import AUTO
 from .logit_codecs import Codec, parse_codec
 from .progress import Progress
 from .teacher import TeacherInfo, load_teacher
-from .teacher_signal import LSE, TARGET, ComputePolicy, Storage, encode_entries, resolve_policy, teacher_forward
+from .teacher_signal import (LSE, TARGET, TARGET_B, ComputePolicy, Storage, encode_entries, resolve_policy,
+                             teacher_forward)
 from .transfer import Loan, RingSlot, TransferRing, start_workers
-from .views import Recipe, decode, draw_view, image_size_of, normalize, parse_positive_int, pixel_major, \
-    render_decoded
+from .views import Recipe, decode, draw_view, image_size_of, normalize, parse_positive_int, pixel_major
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -209,6 +210,10 @@ class RenderedSample:
     width: int
     label: int
     skipped: str | None = None
+    aug: np.ndarray | None = None  # uint8 (V, B): each view's packed augmentation record (augment.pack); None when
+    #                                the recipe has none (crop + flip)
+    labels_b: np.ndarray | None = None  # (V,) each view's mix partner's label (its own when unmixed); None when the
+    #                                     recipe does not mix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,55 +271,180 @@ def render_loader(jobs: Sequence[RenderJob], meta: CacheMeta, s: DumpSettings) -
 
 def render_shard(shard: int, url: str, meta: CacheMeta, skip_bad: bool, ring: TransferRing | None = None,
                  worker: int = 0) -> Iterator[RenderedSample]:
-    """A shard's RenderedSamples; the V views of a sample in a slot of `ring` (DataLoader worker `worker`) when one
-    is free, else in a fresh transfer buffer."""
+    """A shard's RenderedSamples, in position order; the V views of a sample in a slot of `ring` (DataLoader worker
+    `worker`) when one is free, else in a fresh transfer buffer. A mixing recipe's samples are rendered a mix window
+    at a time (a pair's two members lie in the same window), each window's samples yielded in position order.
+    Stream shapes:
+        iter_raw_samples --read_samples: parse, decode (the header only: gpu renderer) --> ReadSample
+          --draw_sample: boxes, flips, augmentation parameters -----------------------> DrawnSample
+          --render_sample, or a whole window: render_window (mix) --------------------> RenderedSample"""
     entry = meta.manifest.shards[shard]
-    recipe, v = meta.recipe, meta.views
+    drawn = (draw_sample(r, meta) for r in read_samples(url, entry.name, entry.samples, meta, skip_bad))
+    if not augment.mixes(meta.recipe):
+        for d in drawn:
+            yield render_sample(shard, d, meta, ring, worker)
+        return
+    window: list[DrawnSample] = []
+    for d in drawn:  # positions 0, 1, ...: a window is W consecutive positions from a multiple of W
+        window.append(d)
+        if len(window) == meta.recipe.mix_window:
+            yield from render_window(shard, entry.name, window, meta, ring, worker)
+            window = []
+    if window:  # the shard's last window (read_samples has checked the shard's sample count by now)
+        yield from render_window(shard, entry.name, window, meta, ring, worker)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReadSample:
+    """One sample of a shard as a worker reads it: its image decoded (pixel-major, for the cpu renderer), or its
+    header read (gpu renderer: decoded in the main process); or why it is skipped (--skip-bad)."""
+
+    pos: int
+    key: str
+    label: int
+    image: torch.Tensor | renderers.Compressed | None  # None when skipped
+    height: int
+    width: int
+    skipped: str | None = None
+
+
+def read_samples(url: str, shard_name: str, samples: int, meta: CacheMeta, skip_bad: bool) -> Iterator[ReadSample]:
+    """The shard's samples in tar order; a bad one raised as a BadSampleError, or with skip_bad yielded as skipped.
+    A shard holding another number of samples than the manifest says is a ShardError (the shard changed)."""
     on_device = meta.renderer.name in renderers.BATCHED
     compressed = meta.renderer.name == "gpu"  # the header read and the views drawn here; decoded in the main process
     pos = 0
     for raw in iter_raw_samples(url):
-        if pos >= entry.samples:
+        if pos >= samples:
             raise ShardError(f"{url}: holds more samples than when the cache was started; the shard changed")
-        empty = RenderedSample(shard=shard, pos=pos, images=None, boxes=np.zeros((v, 4), np.uint16),
-                               flips=np.zeros(v, np.uint8), height=0, width=0, label=-1)
         try:
-            sample = parse_sample(raw, meta.num_classes)
-            try:
-                if compressed:
-                    h, w = image_size_of(sample.image)  # the bomb guard; decode_samples decodes
-                    img = renderers.Compressed(sample.image, h, w, entry.name, sample.key)
-                else:
-                    img = (renderers.decode_for_device if on_device else decode)(sample.image)
-                    h, w = int(img.shape[1]), int(img.shape[2])
-            except Exception as e:
-                raise BadSampleError(entry.name, sample.key, f"image cannot be decoded ({e})") from None
-            if max(h, w) > 65535:
-                raise BadSampleError(entry.name, sample.key, f"image side {max(h, w)} exceeds 65535 pixels")
-            boxes = np.zeros((v, 4), np.uint16)
-            flips = np.zeros(v, np.uint8)
-            lent = None
-            if not on_device:
-                shape = (3, recipe.image_size, recipe.image_size)
-                lent = ring.acquire(worker, v, shape) if ring is not None else None
-                images = ring.buffer(lent) if lent is not None else renderers.transfer_buffer((v, *shape))
-                img = pixel_major(img)  # converted once for its V views
-            for view in range(v):
-                top, left, bh, bw, flip = draw_view(meta.seed, view, sample.key, h, w, recipe)
-                boxes[view] = (top, left, bh, bw)
-                flips[view] = flip
-                if not on_device:  # the device renderer renders whole batches in the main process
-                    images[view] = render_decoded(img, (top, left, bh, bw), flip, recipe, contiguous=False)
-            yield dataclasses.replace(empty, images=img if on_device else lent or images, boxes=boxes, flips=flips,
-                                      height=h, width=w, label=sample.label)
+            read = _read_sample(raw, pos, shard_name, meta, on_device, compressed)
         except BadSampleError as e:
             if not skip_bad:
                 raise
-            yield dataclasses.replace(empty, skipped=e.reason, label=-1)
+            read = ReadSample(pos=pos, key="", label=-1, image=None, height=0, width=0, skipped=e.reason)
+        yield read
         pos += 1
-    if pos != entry.samples:
-        raise ShardError(f"{url}: holds {pos} samples, the cache's manifest says {entry.samples}; the shard changed")
+    if pos != samples:
+        raise ShardError(f"{url}: holds {pos} samples, the cache's manifest says {samples}; the shard changed")
 
+
+def _read_sample(raw: dict, pos: int, shard_name: str, meta: CacheMeta, on_device: bool,
+                 compressed: bool) -> ReadSample:
+    sample = parse_sample(raw, meta.num_classes)
+    try:
+        if compressed:
+            h, w = image_size_of(sample.image)  # the bomb guard; decode_samples decodes
+            img = renderers.Compressed(sample.image, h, w, shard_name, sample.key)
+        else:
+            img = (renderers.decode_for_device if on_device else decode)(sample.image)
+            h, w = int(img.shape[1]), int(img.shape[2])
+    except Exception as e:
+        raise BadSampleError(shard_name, sample.key, f"image cannot be decoded ({e})") from None
+    if max(h, w) > 65535:
+        raise BadSampleError(shard_name, sample.key, f"image side {max(h, w)} exceeds 65535 pixels")
+    if not on_device:
+        img = pixel_major(img)  # converted once for its V views
+    return ReadSample(pos=pos, key=sample.key, label=sample.label, image=img, height=h, width=w)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DrawnSample:
+    """A read sample and its views' parameters, drawn from (seed, view, key) alone."""
+
+    read: ReadSample
+    boxes: np.ndarray  # uint16 (V, 4)
+    flips: np.ndarray  # uint8 (V,)
+    augs: tuple[augment.ViewAugment, ...] | None  # one per view; None: the recipe has no augmentation record
+
+
+def draw_sample(read: ReadSample, meta: CacheMeta) -> DrawnSample:
+    v, recipe = meta.views, meta.recipe
+    boxes, flips = np.zeros((v, 4), np.uint16), np.zeros(v, np.uint8)
+    if read.skipped is not None:
+        return DrawnSample(read=read, boxes=boxes, flips=flips, augs=None)
+    for view in range(v):
+        top, left, bh, bw, flip = draw_view(meta.seed, view, read.key, read.height, read.width, recipe)
+        boxes[view] = (top, left, bh, bw)
+        flips[view] = flip
+    augs = tuple(augment.draw_augment(meta.seed, view, read.key, recipe) for view in range(v)) \
+        if augment.record_bytes(recipe) else None
+    return DrawnSample(read=read, boxes=boxes, flips=flips, augs=augs)
+
+
+def _skipped(shard: int, d: DrawnSample, meta: CacheMeta) -> RenderedSample:
+    b = augment.record_bytes(meta.recipe)
+    return RenderedSample(shard=shard, pos=d.read.pos, images=None, boxes=d.boxes, flips=d.flips, height=0, width=0,
+                          label=-1, skipped=d.read.skipped, aug=np.zeros((meta.views, b), np.uint8) if b else None,
+                          labels_b=np.full(meta.views, -1, np.int64) if augment.mixes(meta.recipe) else None)
+
+
+def _views_buffer(meta: CacheMeta, ring: TransferRing | None, worker: int) -> tuple[torch.Tensor, RingSlot | None]:
+    """Where a sample's V rendered views go: a free slot of the worker's ring, else a fresh transfer buffer."""
+    shape = (3, meta.recipe.image_size, meta.recipe.image_size)
+    lent = ring.acquire(worker, meta.views, shape) if ring is not None else None
+    return (ring.buffer(lent) if lent is not None else renderers.transfer_buffer((meta.views, *shape))), lent
+
+
+def _render_views(d: DrawnSample, meta: CacheMeta, out: torch.Tensor) -> torch.Tensor:
+    """The sample's V views through augment.render_view (the one per-sample rendering of dump, training and
+    verify), written into `out` (V, 3, S, S)."""
+    for view in range(meta.views):
+        out[view] = augment.render_view(d.read.image, tuple(int(x) for x in d.boxes[view]), bool(d.flips[view]),
+                                        None if d.augs is None else d.augs[view], meta.recipe, contiguous=False)
+    return out
+
+
+def render_sample(shard: int, d: DrawnSample, meta: CacheMeta, ring: TransferRing | None,
+                  worker: int) -> RenderedSample:
+    """A sample of a recipe that does not mix: its views rendered (the device and gpu renderers render them on the
+    device, in whole batches in the main process: the decoded or compressed image travels instead)."""
+    if d.read.skipped is not None:
+        return _skipped(shard, d, meta)
+    recipe = meta.recipe
+    if meta.renderer.name in renderers.BATCHED:
+        images = d.read.image
+    else:
+        buf, lent = _views_buffer(meta, ring, worker)
+        _render_views(d, meta, buf)
+        images = lent or buf
+    aug = None if d.augs is None else np.stack([augment.pack(a, None, d.read.pos, recipe) for a in d.augs])
+    return RenderedSample(shard=shard, pos=d.read.pos, images=images, boxes=d.boxes, flips=d.flips,
+                          height=d.read.height, width=d.read.width, label=d.read.label, aug=aug)
+
+
+def render_window(shard: int, shard_name: str, window: Sequence[DrawnSample], meta: CacheMeta,
+                  ring: TransferRing | None, worker: int) -> Iterator[RenderedSample]:
+    """A mix window's samples (consecutive positions from a multiple of recipe.mix_window), in position order:
+    every member's views rendered unmixed (in this worker's own memory), then, view by view, each member mixed with
+    its partner's unmixed view of the same index (augment.draw_mixes pairs the window's positions; a pair whose
+    partner is skipped is stored unmixed: mode 0, partner its own position) into the member's transfer slot. Only
+    one slot is held at a time: the ring is sized as for a recipe that does not mix."""
+    recipe, v, size = meta.recipe, meta.views, meta.recipe.image_size
+    first = window[0].read.pos
+    mixes = [augment.draw_mixes(meta.seed, view, shard_name, augment.window_of(first, recipe), len(window), recipe)
+             for view in range(v)]
+    unmixed = [None if d.read.skipped is not None else _render_views(d, meta, torch.empty((v, 3, size, size),
+                                                                                          dtype=torch.uint8))
+               for d in window]
+    for i, d in enumerate(window):
+        if d.read.skipped is not None:
+            yield _skipped(shard, d, meta)
+            continue
+        buf, lent = _views_buffer(meta, ring, worker)
+        records, labels_b = np.zeros((v, augment.record_bytes(recipe)), np.uint8), np.zeros(v, np.int64)
+        for view in range(v):
+            mix = mixes[view][i]
+            j = mix.partner - first
+            if unmixed[j] is None:  # the partner is a skipped sample: this one stays as it is
+                mix = augment.ViewMix(partner=d.read.pos, mode=0)
+                j = i
+            buf[view] = augment.apply_mix(unmixed[i][view], unmixed[j][view], mix)
+            records[view] = augment.pack(d.augs[view], mix, d.read.pos, recipe)
+            labels_b[view] = window[j].read.label
+        yield RenderedSample(shard=shard, pos=d.read.pos, images=lent or buf, boxes=d.boxes, flips=d.flips,
+                             height=d.read.height, width=d.read.width, label=d.read.label, aug=records,
+                             labels_b=labels_b)
 
 
 # ------------------------------------------------------------------------------------------- main stages
@@ -332,6 +462,7 @@ class SampleViews:
     flips: np.ndarray  # (V,)
     loan: Loan | None  # the worker's ring slot holding `pixels`: released once its last view is in a teacher batch
     layout: str = "chw"  # of a decoded image (device and gpu renderers)
+    labels_b: np.ndarray | None = None  # (V,) mixing recipes: each view's partner label (the teacher's second target)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -362,6 +493,12 @@ class TeacherBatch:
 
     def labels(self) -> np.ndarray:
         return np.concatenate([np.full(sp.stop - sp.first, sp.sample.label) for sp in self.spans])
+
+    def labels_b(self) -> np.ndarray | None:
+        """Each view's mix partner's label (its own label when unmixed); None when the recipe does not mix."""
+        if self.spans[0].sample.labels_b is None:
+            return None
+        return np.concatenate([sp.sample.labels_b[sp.first:sp.stop] for sp in self.spans])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -414,13 +551,14 @@ def sample_views(items: Iterator[RenderedSample | RenderFailed | tuple[RenderedS
         if isinstance(item, RenderFailed):
             raise item.error
         writer.add_sample(SampleRow(shard=item.shard, pos=item.pos, boxes=item.boxes, flips=item.flips,
-                                    height=item.height, width=item.width, skipped=item.skipped))
+                                    height=item.height, width=item.width, skipped=item.skipped, aug=item.aug))
         pixels, loan = item.images, None
         if isinstance(pixels, RingSlot):
             loan = ring.lend(pixels)
             pixels = loan.tensor
         yield SampleViews(shard=item.shard, pos=item.pos, label=item.label, views=0 if pixels is None else v,
-                          pixels=pixels, boxes=item.boxes, flips=item.flips, loan=loan, layout=layout)
+                          pixels=pixels, boxes=item.boxes, flips=item.flips, loan=loan, layout=layout,
+                          labels_b=item.labels_b)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -487,11 +625,15 @@ def teacher_logits(batches: Iterator[TeacherBatch], meta: CacheMeta, model: torc
 
 def encode(logits: Iterator[BatchLogits], storage: Storage) -> Iterator[LogitRows]:
     for b in logits:
+        labels_b = b.batch.labels_b()  # mixing recipes: the mixed view's second target, from the same logits
         with host_threads.one_thread():  # small per-batch work: threads cost more than they give (host_threads)
-            stored = encode_entries(b.logits, torch.from_numpy(b.batch.labels()), storage)
+            stored = encode_entries(b.logits, torch.from_numpy(b.batch.labels()), storage,
+                                    labels_b=None if labels_b is None else torch.from_numpy(labels_b))
+            target_b = stored.pop(TARGET_B, None)
             rows = LogitRows(shard=b.batch.shard, pos=b.batch.pos(), view=b.batch.view(),
                              target=stored.pop(TARGET).cpu().numpy(), lse=stored.pop(LSE).cpu().numpy(),
-                             encoded={name.split("/", 1)[1]: v.cpu().numpy() for name, v in stored.items()})
+                             encoded={name.split("/", 1)[1]: v.cpu().numpy() for name, v in stored.items()},
+                             target_b=None if target_b is None else target_b.cpu().numpy())
         yield rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import augment
 from . import cache as cache_mod
 from .codec_fidelity import BAR_MEDIAN, BAR_P5
 
@@ -28,7 +29,25 @@ def describe(path: str | Path, *, deep: bool = False) -> dict[str, Any]:
         "shard_names": [s.name for s in m.manifest.shards[:3]] + (["..."] if len(m.manifest.shards) > 3 else []),
         "findings": [f.to_dict() for f in cache.check(deep=deep)],
         "fidelity": None if m.fidelity is None else m.fidelity.to_dict(),
+        "augment": {"pipeline": augment_pipeline(m.recipe), "record_bytes": augment.record_bytes(m.recipe),
+                    "bytes_per_view_on_disk": cache_mod.disk_bytes(path, "views/aug") / max(total_views, 1)},
     }
+
+
+def augment_pipeline(recipe) -> str:
+    """The recipe's rendering after crop + flip, in the order it is applied (augment.py)."""
+    steps = []
+    if recipe.randaugment:
+        steps.append(f"randaugment {recipe.randaugment}")
+    if recipe.color_jitter > 0:
+        steps.append(f"colour jitter {recipe.color_jitter:g}")
+    if recipe.random_erasing > 0:
+        steps.append(f"random erasing p {recipe.random_erasing:g}")
+    mix = [f"{name} alpha {a:g}" for name, a in (("mixup", recipe.mixup), ("cutmix", recipe.cutmix)) if a > 0]
+    if mix:
+        steps.append(" or ".join(mix) + (f" (cutmix on {recipe.mix_switch_prob:g} of pairs)" if len(mix) == 2 else "")
+                     + f", pairs mixed with p {recipe.mix_prob:g} in windows of {recipe.mix_window} samples")
+    return "crop + flip" + "".join(f" -> {s}" for s in steps)
 
 
 def render_text(info: dict[str, Any]) -> str:
@@ -42,6 +61,10 @@ def render_text(info: dict[str, Any]) -> str:
         f"recipe        {info['recipe']}",
         f"renderer      {info['renderer']['name']}: {info['renderer']['backend']}",
         f"resize        {info['resize_kernel']}",
+        f"augment       {info['augment']['pipeline']}",
+        f"              views/aug {info['augment']['record_bytes']} bytes per view "
+        f"({info['augment']['bytes_per_view_on_disk']:.1f} on disk)" if info["augment"]["record_bytes"] else
+        "              no views/aug record (crop + flip only)",
         f"views         {info['views']} per sample, seed {info['seed']}",
         f"shards        {info['shards_done']}/{info['shards']} done  ({', '.join(info['shard_names'])})",
         f"samples       {info['samples']}  ({info['skipped']} skipped)",

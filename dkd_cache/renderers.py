@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from . import gpu_decode
+from . import augment, gpu_decode
 from .errors import BadSampleError, CacheMismatchError, ConfigError
 from .transfer import shared_empty
 from .views import Recipe, decode, render_decoded
@@ -161,10 +161,16 @@ def renderer_info(name: str, device: torch.device | str = "cpu") -> RendererInfo
 
 
 def check_recipe(name: str, recipe: Recipe) -> None:
-    """The device and gpu renderers are bilinear only."""
+    """The device and gpu renderers are bilinear only, and render crop + flip only: RandAugment, colour jitter,
+    random erasing, mixup and cutmix are rendered by augment.render_view / apply_mix on the CPU."""
     if name in BATCHED and recipe.interpolation != "bilinear":
         raise ConfigError(f"the {name} renderer resizes bilinearly; the recipe asks for {recipe.interpolation!r}: "
                           "use --renderer cpu")
+    if name in BATCHED and (augment.augments(recipe) or augment.mixes(recipe)):
+        asked = [k for k in ("randaugment", "color_jitter", "random_erasing", "mixup", "cutmix")
+                 if getattr(recipe, k) not in ("", 0.0)]
+        raise ConfigError(f"the {name} renderer renders crop and flip only; the recipe asks for {', '.join(asked)}, "
+                          "which are rendered on the CPU: use --renderer cpu")
 
 
 def choose_renderer(cache_renderer: RendererInfo, requested: str | None, allow_other: bool) -> str:
