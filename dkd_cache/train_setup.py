@@ -181,9 +181,8 @@ def entry_arrays_of(cache: cache_mod.Cache, teacher_entries: bool) -> tuple[str,
     recipe = cache.meta.recipe
     names = ("views/box", "views/flip", *(("views/aug",) if augment.record_bytes(recipe) else ()))
     if teacher_entries:
-        mixed = ("target_b",) if augment.mixes(recipe) else ()
-        names += tuple(f"logits/{n}" for n in ("target", "lse", *(n for n in cache.codec_arrays if n not in mixed),
-                                               *mixed))
+        names += ("logits/target", "logits/lse", *(f"logits/{n}" for n in cache.codec_arrays),
+                  *(("logits/target_b",) if augment.mixes(recipe) else ()))
     return names
 
 

@@ -16,9 +16,10 @@ import dkd_cache
 from dkd_cache import augment
 from dkd_cache.data import expand_shards, iter_raw_samples, parse_sample, shard_name
 from dkd_cache.loader import RankPlan, StreamSpec, Task, worker_items
-from dkd_cache.views import Recipe, center_crop, decode, draw_view
+from dkd_cache.views import Recipe, center_crop, decode, draw_view, normalize
 
 from .conftest import CLASSES
+from .helpers import sample_members, write_tar
 
 STRONG = Recipe(image_size=32, randaugment="rand-m9-mstd0.5", color_jitter=0.4, random_erasing=0.25, mixup=0.8,
                 cutmix=1.0)  # the DeiT-style recipe at the tests' size; windows of 8 (shards of 25: a last one of 1)
@@ -36,7 +37,8 @@ def _loader(shards, recipe=STRONG, **kw) -> dkd_cache.DistillLoader:
 def _rows(batches) -> list[tuple]:
     """Each row of the batches as (pixels, label, entries' values): what a row is, wherever it lands."""
     return [(b.images[i].numpy().tobytes(), int(b.labels[i]),
-             *((k, b.entries[k][i].item()) for k in sorted(b.entries)))
+             *((k, v.item() if v.ndim == 0 else v.numpy().tobytes())
+               for k, v in sorted((k, b.entries[k][i]) for k in b.entries)))
             for b in batches for i in range(len(b))]
 
 
@@ -183,3 +185,120 @@ def test_a_windows_samples_travel_together(shards):
                                     ("mix/label", int(i.entry["mix/label"])), ("mix/lam", float(i.entry["mix/lam"])))
                                    for i in items)
     assert got == want
+
+
+# --------------------------------------------------------------------------------------------- from a cache
+def _dump_recording(shards_dir: str, teacher_ckpt, out: Path, **kw) -> dict[bytes, bytes]:
+    """Dump a strong-recipe cache (fp32 logits) and record what the teacher was fed: {normalised pixels: logits}."""
+    from dkd_cache import dump as dump_mod
+
+    fed: dict[bytes, bytes] = {}
+    real = dump_mod.teacher_forward
+
+    def recording(model, images, policy):
+        logits = real(model, images, policy)
+        for x, z in zip(images, logits):
+            fed[x.contiguous().numpy().tobytes()] = z.numpy().tobytes()
+        return logits
+
+    settings = dict(shards=shards_dir, weights=str(teacher_ckpt), out=str(out), arch="resnet18", views=2,
+                    codec="fp32", temperatures=(1.0,), recipe=STRONG, batch_size=16, workers=0, chunk_rows=8, seed=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dump_mod, "teacher_forward", recording)
+        dump_mod.dump_teacher(dump_mod.DumpSettings(**{**settings, **kw}), progress=False)
+    return fed
+
+
+@pytest.fixture(scope="module")
+def strong_cache(shards, teacher_ckpt, tmp_path_factory) -> tuple[Path, dict[bytes, bytes]]:
+    out = tmp_path_factory.mktemp("strong") / "cache.zarr"
+    return out, _dump_recording(str(Path(shards["train"][0]).parent), teacher_ckpt, out)
+
+
+def _check_rows_are_the_teachers(batches, fed: dict[bytes, bytes], recipe: Recipe) -> int:
+    """Every row's pixels are pixels the dump fed the teacher, and its stored logits are what the teacher gave for
+    exactly those pixels; the row's two targets are those logits at its label and at its partner's."""
+    n = 0
+    for b in batches:
+        x = normalize(b.images, recipe, channels_last=False)
+        full = b.entries["logits/full"]
+        for i in range(len(b)):
+            seen = fed.get(x[i].numpy().tobytes())
+            assert seen is not None, "a row the teacher never saw"
+            assert seen == full[i].numpy().tobytes()
+            assert b.entries["logits/target"][i] == full[i, b.labels[i]]
+            assert b.entries["logits/target_b"][i] == full[i, b.entries["mix/label"][i]]
+            n += 1
+    return n
+
+
+def test_training_renders_the_pixels_the_dump_fed_the_teacher_on_any_workers_and_ranks(shards, strong_cache):
+    path, fed = strong_cache
+    cache = dkd_cache.open_cache(path)
+    assert {"mix/lam", "mix/label", "logits/target_b"} <= set(next(iter(_cached(shards, path))).entries)
+    for epoch in (0, 1):  # stored views 0 and 1
+        runs = {w: list(_cached(shards, path, workers=w, epoch=epoch)) for w in (0, 2)}
+        assert _check_rows_are_the_teachers(runs[0], fed, cache.recipe) == 80
+        assert _check_rows_are_the_teachers(runs[2], fed, cache.recipe) == 80
+        assert collections.Counter(_rows(runs[0])) == collections.Counter(_rows(runs[2]))
+    for rank in range(2):
+        _check_rows_are_the_teachers(_cached(shards, path, rank=rank, world=2, workers=2 * rank, batch_size=8),
+                                     fed, cache.recipe)
+    lam = torch.cat([b.entries["mix/lam"] for b in runs[0]])
+    assert (lam < 1).sum() > 40
+
+
+def test_a_cached_resume_gives_the_rest_of_the_epoch(shards, strong_cache):
+    path, _ = strong_cache
+    for workers in (0, 2):
+        whole = list(_cached(shards, path, workers=workers, batch_size=6, epoch=1))
+        for start in (1, 7):
+            assert _same_batches(list(_cached(shards, path, workers=workers, batch_size=6, epoch=1,
+                                              start_step=start)), whole[start:]), (workers, start)
+
+
+def test_the_cache_and_the_recipe_drawn_anew_give_the_same_rows(shards, strong_cache):
+    """What a CE or live-teacher run draws without the cache is what the dump stored (same seed and view)."""
+    path, _ = strong_cache
+    cached = collections.Counter(tuple(r[:2]) + tuple(x for x in r[2:] if x[0].startswith("mix/"))
+                                 for r in _rows(_cached(shards, path)))
+    assert cached == collections.Counter(_rows(_loader(shards)))
+
+
+def _cached(shards, path, **kw) -> dkd_cache.DistillLoader:
+    kw = {"batch_size": 16, "workers": 0, "normalize": False, **kw}
+    return dkd_cache.DistillLoader(_glob(shards), str(path), **kw)
+
+
+@pytest.mark.filterwarnings("ignore:calibration")
+def test_a_skipped_partner_leaves_its_pair_unmixed(tmp_path, teacher_ckpt):
+    """A sample the dump skipped (--skip-bad) is not in training's stream, and its partner, stored unmixed, is
+    rendered unmixed: its own label twice, lam 1; every row is still the teacher's."""
+    members = []
+    for i in range(12):
+        members += sample_members(f"s{i:02d}", i % CLASSES, seed=i, image=b"not an image" if i in (1, 9) else None)
+    write_tar(tmp_path / "data" / "train-000000.tar", members)
+    path = tmp_path / "cache.zarr"
+    fed = _dump_recording(str(tmp_path / "data"), teacher_ckpt, path, skip_bad=True)
+    loader = dkd_cache.DistillLoader(str(tmp_path / "data"), str(path), batch_size=2, workers=0, normalize=False)
+    batches = list(loader)
+    assert loader.samples == 10 and _check_rows_are_the_teachers(batches, fed, loader.recipe) == 10
+    cache = dkd_cache.open_cache(path)
+    unmixed = collections.Counter()  # per view: rows stored unmixed
+    for view in range(2):
+        for pos in sorted(set(range(12)) - {1, 9}):  # the skipped rows hold no record
+            _, mix = augment.unpack(cache.read_rows("views/aug", pos, pos + 1, view=view)[0], pos, STRONG)
+            assert mix.partner not in (1, 9)
+            unmixed[view] += mix.mode == 0
+    # windows 0..7 and 8..11 (even: every position paired), each with one skipped sample: its partner unmixed
+    assert unmixed == {0: 2, 1: 2}
+    rows = [(label, dict(entries)) for _, label, *entries in _rows(batches)]  # epoch 0: view 0
+    assert sum(e["mix/lam"] == 1.0 and e["mix/label"] == label for label, e in rows) == 2
+    # a record naming a skipped sample as partner contradicts the cache: refused, naming the sample and partner
+    import zarr
+
+    aug, _ = augment.unpack(cache.read_rows("views/aug", 0, 1, view=0)[0], 0, STRONG)
+    record = augment.pack(aug, augment.ViewMix(partner=1, mode=1, lam_code=30000), 0, STRONG)
+    zarr.open_group(str(path), mode="r+")["views/aug"][0, 0] = record
+    with pytest.raises(dkd_cache.CacheError, match=r"'s00' \(position 0\) is mixed with position 1"):
+        list(dkd_cache.DistillLoader(str(tmp_path / "data"), str(path), batch_size=2, workers=0))
