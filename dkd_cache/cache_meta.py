@@ -69,8 +69,8 @@ def build_manifest(indexes: Sequence[ShardIndex], chunk_rows: int) -> Manifest:
         stop = row + -(-n // chunk_rows) * chunk_rows
         shards.append(ShardEntry(name=ix.name, samples=n, row_start=row, row_stop=stop, keys_sha256=ix.keys_sha256))
         row = stop
-    all_keys = [k for ix in indexes for k in ix.keys]
-    return Manifest(shards=tuple(shards), rows=row, samples=len(all_keys), keys_sha256=keys_digest(all_keys))
+    all_keys = np.concatenate([ix.keys for ix in indexes]) if indexes else np.array([], "S1")  # one array, no str each
+    return Manifest(shards=tuple(shards), rows=row, samples=int(all_keys.size), keys_sha256=keys_digest(all_keys))
 
 
 def library_versions() -> dict[str, str]:

@@ -110,8 +110,8 @@ def create_cache(path: str | Path, meta: CacheMeta, indexes: Sequence[ShardIndex
 
 def _create_cache(loc: DiskLocation | ObjectLocation, meta: CacheMeta, indexes: Sequence[ShardIndex],
                   codec_arrays: dict[str, tuple[tuple[int, ...], Any]], codec_state: dict[str, np.ndarray]) -> None:
-    keys = [k for ix in indexes for k in ix.keys]
-    key_len = max(16, -(-max(len(k.encode()) for k in keys) // 8) * 8)
+    # the keys' UTF-8, NUL-padded to a multiple of 8 bytes: each index holds them as one fixed-width bytes array
+    key_len = max(16, -(-max(ix.keys.dtype.itemsize for ix in indexes) // 8) * 8)
     # "a", not "w-": an object-store prefix already holds the lease and the creation marker (no zarr.json yet)
     group = zarr.open_group(loc.zarr_store(), mode="a", zarr_format=3)
     for name, (shape, dtype, chunks, shards, fill) in _array_specs(meta, key_len, codec_arrays).items():
@@ -124,9 +124,8 @@ def _create_cache(loc: DiskLocation | ObjectLocation, meta: CacheMeta, indexes: 
     status = np.zeros(n, np.uint8)
     for i, (entry, ix) in enumerate(zip(meta.manifest.shards, indexes)):
         rows = slice(entry.row_start, entry.row_start + entry.samples)
-        for j, k in enumerate(ix.keys):
-            b = k.encode()
-            key_arr[entry.row_start + j, : len(b)] = np.frombuffer(b, np.uint8)
+        width = ix.keys.dtype.itemsize
+        key_arr[rows, :width] = np.ascontiguousarray(ix.keys).view(np.uint8).reshape(-1, width)
         label[rows] = ix.labels
         shard[rows] = i
         status[rows] = STATUS_OK

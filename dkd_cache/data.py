@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import braceexpand
+import numpy as np
 
 from . import remote_shards
 from .store import is_remote
@@ -31,6 +32,7 @@ KEPT_EXTS = (*IMAGE_EXTS, "cls", "json")
 PICKLE_EXTS = ("pyd", "pth", "pt", "pickle", "pkl", "npy", "npz")
 LIST_SUFFIXES = (".txt", ".lst", ".list")  # a file of shard specs, one a line
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+MAX_LABEL = 2**31 - 1  # labels are held and stored as int32
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
@@ -42,23 +44,68 @@ class Sample:
     shard: str
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class ShardIndex:
-    """What a pass over one shard's headers and labels finds: keys and labels in tar order, and bad samples."""
+    """What a pass over one shard's headers and labels finds: keys and labels in tar order, and bad samples.
+
+    Keys and labels are one numpy array each, not a Python object per sample: at ImageNet's 1.28M samples every
+    rank holds every shard's index during start-up (a str and an int per sample would be ~100 MB of objects).
+    Given as sequences of str and ints, they are stored as arrays (keys_array); ix.key(pos) is one key as str."""
 
     url: str
     name: str
-    keys: tuple[str, ...]
-    labels: tuple[int, ...]
+    keys: np.ndarray  # (n,) fixed-width bytes: the keys' UTF-8, NUL-padded (numpy strips the padding on access)
+    labels: np.ndarray  # (n,) int32, -1 for a bad sample's
     bad: tuple[tuple[int, str], ...] = ()  # (position in keys, reason)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", keys_array(self.keys))
+        object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int32).reshape(-1))
+        if self.labels.shape != self.keys.shape:
+            raise ValueError(f"{self.name}: {self.keys.size} keys but {self.labels.size} labels")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ShardIndex):
+            return NotImplemented
+        return (self.url, self.name, self.bad) == (other.url, other.name, other.bad) \
+            and np.array_equal(self.keys, other.keys) and np.array_equal(self.labels, other.labels)
+
+    __hash__ = None  # type: ignore[assignment]  (holds arrays: not hashable, as the dataclass was not)
+
+    def key(self, pos: int) -> str:
+        return bytes(self.keys[pos]).decode()
 
     @property
     def keys_sha256(self) -> str:
         return keys_digest(self.keys)
 
 
-def keys_digest(keys: Sequence[str]) -> str:
+def keys_array(keys: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Keys (str, or bytes of UTF-8) -> one (n,) fixed-width bytes array, as wide as the longest key's UTF-8; an
+    array of bytes is returned as it is. A key that is neither str nor bytes is a TypeError."""
+    if isinstance(keys, np.ndarray) and keys.dtype.kind == "S":
+        return keys.reshape(-1)
+    encoded = []
+    for k in keys:
+        if isinstance(k, str):
+            encoded.append(k.encode())
+        elif isinstance(k, (bytes, np.bytes_)):
+            encoded.append(bytes(k))
+        else:
+            raise TypeError(f"a key is str, not {type(k).__name__} ({k!r:.40})")
+    return np.array(encoded, dtype=f"S{max((len(b) for b in encoded), default=0) or 1}")
+
+
+def keys_digest(keys: Sequence[str] | np.ndarray) -> str:
+    """SHA-256 of the keys' UTF-8, each followed by a newline (as recorded in a cache's manifest), in blocks: an
+    array of a million keys is never turned into a million Python objects at once."""
     h = hashlib.sha256()
+    if isinstance(keys, np.ndarray):
+        for i in range(0, keys.size, 65536):
+            block = keys[i:i + 65536].tolist()
+            if block:
+                h.update(b"\n".join(block) + b"\n")
+        return h.hexdigest()
     for k in keys:
         h.update(k.encode())
         h.update(b"\n")
@@ -301,6 +348,8 @@ def parse_label(shard: str, key: str, raw: bytes | None, num_classes: int | None
         raise BadSampleError(shard, key, f".cls holds {text[:20]!r}, not an integer class") from None
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise BadSampleError(shard, key, f"label {label} is outside the teacher's classes 0..{(num_classes or 1) - 1}")
+    if label > MAX_LABEL:
+        raise BadSampleError(shard, key, f"label {label} is larger than any class count (labels are int32)")
     return label
 
 
@@ -347,7 +396,8 @@ def scan_shard(url: str, num_classes: int | None = None, skip_bad: bool = False)
         labels.append(label)
     if not keys:
         raise ShardError(f"{url}: shard holds no samples; remove it from the shard list")
-    return ShardIndex(url=url, name=shard_name(url), keys=tuple(keys), labels=tuple(labels), bad=tuple(bad))
+    return ShardIndex(url=url, name=shard_name(url), keys=keys_array(keys), labels=np.array(labels, np.int32),
+                      bad=tuple(bad))
 
 
 def scan_shards(urls: Sequence[str], num_classes: int | None = None, skip_bad: bool = False,

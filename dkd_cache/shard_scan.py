@@ -27,8 +27,10 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from . import dist as dist_mod
-from .data import REMOTE_PREFIXES, ShardIndex, parse_label, scan_shard, shard_name
+from .data import REMOTE_PREFIXES, ShardIndex, keys_array, parse_label, scan_shard, shard_name
 from .errors import BadSampleError, DKDCacheError, ShardError
 from .store import location
 
@@ -63,12 +65,18 @@ def shard_stamp(url: str) -> str | None:
 
 
 def record_of(ix: ShardIndex, stamp: str) -> dict:
-    return {"format": FORMAT, "name": ix.name, "stamp": stamp, "keys": list(ix.keys), "labels": list(ix.labels),
-            "bad": [[p, r] for p, r in ix.bad]}
+    return {"format": FORMAT, "name": ix.name, "stamp": stamp, "keys": [k.decode() for k in ix.keys.tolist()],
+            "labels": ix.labels.tolist(), "bad": [[p, r] for p, r in ix.bad]}
 
 
 def index_of(record: dict, url: str) -> ShardIndex:
-    return ShardIndex(url=url, name=shard_name(url), keys=tuple(record["keys"]), labels=tuple(record["labels"]),
+    """A record's index (keys and labels as arrays, as data.scan_shard gives them); a record whose fields are not
+    what record_of writes is a TypeError or ValueError."""
+    labels = record["labels"]
+    if not isinstance(labels, list) or not all(type(x) is int for x in labels):
+        raise TypeError("a record's labels are a list of int")
+    return ShardIndex(url=url, name=shard_name(url), keys=keys_array(record["keys"]),
+                      labels=np.array(labels, np.int64).astype(np.int32),
                       bad=tuple((int(p), str(r)) for p, r in record["bad"]))
 
 
@@ -148,21 +156,21 @@ def apply_rules(ix: ShardIndex, num_classes: int | None, skip_bad: bool) -> Shar
     """A raw scan under a command's rules, as data.scan_shard(url, num_classes, skip_bad) would give it: labels
     outside num_classes are bad samples; without skip_bad the first bad sample is raised as a BadSampleError."""
     bad = dict(ix.bad)
-    labels = list(ix.labels)
+    labels = ix.labels.copy()
     if num_classes is not None:
-        for pos, label in enumerate(labels):
-            if pos not in bad and label >= num_classes:
+        for pos in np.flatnonzero(labels >= num_classes).tolist():  # a loop over the few outside, not every sample
+            if pos not in bad:
                 try:
-                    parse_label(ix.name, ix.keys[pos], str(label).encode(), num_classes)
+                    parse_label(ix.name, ix.key(pos), str(int(labels[pos])).encode(), num_classes)
                 except BadSampleError as e:
                     bad[pos] = e.reason
                     labels[pos] = -1
     if bad and not skip_bad:
         first = min(bad)
-        raise BadSampleError(ix.name, ix.keys[first], bad[first])
+        raise BadSampleError(ix.name, ix.key(first), bad[first])
     if len(bad) == len(ix.bad):
         return ix
-    return dataclasses.replace(ix, labels=tuple(labels), bad=tuple(sorted(bad.items())))
+    return dataclasses.replace(ix, labels=labels, bad=tuple(sorted(bad.items())))
 
 
 def scan_shards(urls: Sequence[str], num_classes: int | None = None, skip_bad: bool = False, *,

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -194,12 +195,11 @@ def _shard_data(urls: tuple[str, ...], *, num_classes: int | None, recipe: Recip
     n = num_classes
     for ix in indexes:
         for pos, reason in ix.bad:
-            raise BadSampleError(ix.name, ix.keys[pos], reason, advice=NO_SKIP_BAD)
-        for key, label in zip(ix.keys, ix.labels):
-            if label >= n:
-                raise BadSampleError(ix.name, key, f"label {label} is outside the {n} classes of --num-classes "
-                                     f"(0..{n - 1})", advice="Give the --num-classes that covers every label, or "
-                                     "fix or remove the sample. " + NO_SKIP_BAD)
+            raise BadSampleError(ix.name, ix.key(pos), reason, advice=NO_SKIP_BAD)
+        for pos in np.flatnonzero(ix.labels >= n)[:1].tolist():  # the first label outside the classes, if any
+            raise BadSampleError(ix.name, ix.key(pos), f"label {int(ix.labels[pos])} is outside the {n} classes of "
+                                 f"--num-classes (0..{n - 1})", advice="Give the --num-classes that covers every "
+                                 "label, or fix or remove the sample. " + NO_SKIP_BAD)
     return TrainData(urls=urls, sizes=tuple(len(ix.keys) for ix in indexes), shards=of_shards(indexes),
                      recipe=recipe or Recipe.from_dict({}), num_classes=num_classes, views=None,
                      entry_arrays=(), renderer=renderer or "cpu", cache=None)
@@ -232,6 +232,6 @@ def check_cache_matches(cache: cache_mod.Cache, urls: tuple[str, ...], dinfo: di
         for pos, reason in ix.bad:
             if status[entry.row_start + pos] != cache_meta.STATUS_SKIPPED:
                 raise CacheMismatchError(
-                    f"{ix.name}: sample {ix.keys[pos]!r} is unusable ({reason}) but the cache holds it as "
+                    f"{ix.name}: sample {ix.key(pos)!r} is unusable ({reason}) but the cache holds it as "
                     "dumped; the shard changed since the dump: train with the shards the cache was dumped from")
     return [int((status[entry_of[u].row_start:entry_of[u].row_stop] == cache_meta.STATUS_OK).sum()) for u in urls]
