@@ -413,9 +413,10 @@ def render_window(spec: StreamSpec, unit: Unit, worker: int, seq0: int, first: i
     m = spec.views_per_decode
     rendered = [render_items(spec, sample, worker, 0) for sample in unit.samples]  # unmixed, every view
     at = {sample.pos: k for k, sample in enumerate(unit.samples)}
+    mixes_of = window_mixes(spec, unit)
     items = []
     for k in range(unit.emit):
-        sample, mixes = unit.samples[k], view_mixes(spec, unit, unit.samples[k])
+        sample, mixes = unit.samples[k], mixes_of[k]
         for j in range(max(0, first - k * m), m):
             own, mix = rendered[k][j], mixes[j]
             partner = own
@@ -433,18 +434,24 @@ def render_window(spec: StreamSpec, unit: Unit, worker: int, seq0: int, first: i
     return items
 
 
-def view_mixes(spec: StreamSpec, unit: Unit, sample: Joined) -> list[augment.ViewMix]:
-    """A sample's pairing in each view of the pass: the cache's records (views/aug), or drawn as the dump draws
-    them (augment.draw_mixes over the window's positions)."""
-    views = stream_views(spec, None)
-    out = []
-    for j, entry in enumerate(sample.entries):
-        if "views/aug" in entry:
-            out.append(unpack_record(spec, unit.shard, sample, entry)[1])
-        else:
-            drawn = augment.draw_mixes(spec.seed, views[j], unit.shard, unit.window, unit.count, spec.recipe)
-            out.append(drawn[sample.pos - unit.window * spec.recipe.mix_window])
-    return out
+def window_mixes(spec: StreamSpec, unit: Unit) -> list[list[augment.ViewMix]]:
+    """Each of the window's samples' pairing in each view of the pass: the cache's records (views/aug), or drawn
+    as the dump draws them (augment.draw_mixes over the window's positions, once per view)."""
+    first = unit.samples[0].entries[0]
+    if "views/aug" in first:
+        return [[unpack_record(spec, unit.shard, s, entry)[1] for entry in s.entries] for s in unit.samples]
+    if "views/box" in first:
+        raise ConfigError(CACHED_WITHOUT_RECORDS)
+    drawn = [augment.draw_mixes(spec.seed, view, unit.shard, unit.window, unit.count, spec.recipe)
+             for view in stream_views(spec, None)]
+    start = unit.window * spec.recipe.mix_window
+    return [[mixes[s.pos - start] for mixes in drawn] for s in unit.samples]
+
+
+# A cached stream reads each view's box and its augmentation record together; drawing the record anew from the
+# stream's seed would put other augmentations on the cache's boxes.
+CACHED_WITHOUT_RECORDS = ("a cached stream of a recipe that augments or mixes reads views/aug with views/box "
+                          "(StreamSpec.entry_arrays: train_setup.entry_arrays_of)")
 
 
 def unpack_record(spec: StreamSpec, shard: str, sample: Joined, entry: dict
@@ -513,8 +520,7 @@ def render_items(spec: StreamSpec, joined: Joined, worker: int, seq0: int, first
             if "views/aug" in entry:
                 aug = unpack_record(spec, sample.shard, joined, entry)[0]
             elif "views/box" in entry:
-                raise ConfigError("a cached stream of an augmenting recipe reads views/aug with views/box "
-                                  "(StreamSpec.entry_arrays: train_setup's)")
+                raise ConfigError(CACHED_WITHOUT_RECORDS)
             else:
                 aug = augment.draw_augment(spec.seed, views[j], sample.key, recipe)
         entry = {k: v for k, v in entry.items() if k != "views/aug"}  # rendered: the record is spent

@@ -302,3 +302,21 @@ def test_a_skipped_partner_leaves_its_pair_unmixed(tmp_path, teacher_ckpt):
     zarr.open_group(str(path), mode="r+")["views/aug"][0, 0] = record
     with pytest.raises(dkd_cache.CacheError, match=r"'s00' \(position 0\) is mixed with position 1"):
         list(dkd_cache.DistillLoader(str(tmp_path / "data"), str(path), batch_size=2, workers=0))
+
+
+def test_train_student_resumed_mid_epoch_equals_the_uninterrupted_run(shards, strong_cache, tmp_path):
+    """train-student on a strong-recipe cache with DataLoader workers: stopped in epoch 0 and resumed, the student
+    is the uninterrupted one bit for bit (the same mixed batches, the same mixed losses)."""
+    from dkd_cache.checkpoint import read_checkpoint
+    from dkd_cache.train import TrainConfig, train_student
+
+    path, _ = strong_cache
+    base = TrainConfig(shards=str(Path(shards["train"][0]).parent), out=str(tmp_path / "full"), cache=str(path),
+                       arch="resnet18", epochs=2, batch_size=16, lr=0.05, lr_batch=16, workers=2, lr_milestones=(1,),
+                       shuffle_buffer=16, temperature=1.0)
+    train_student(base, progress=False)
+    part = str(tmp_path / "part")
+    train_student(dataclasses.replace(base, out=part, max_steps=3), progress=False)
+    train_student(dataclasses.replace(base, out=part), resume=True, progress=False)
+    a, b = (read_checkpoint(Path(run) / "checkpoint.pt")["model"] for run in (base.out, part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
