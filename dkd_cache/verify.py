@@ -25,6 +25,14 @@ in the report with its figure and tolerance):
    the live one, tie-tolerant: a stored set passes if no class outside it has a live logit more than logit_tol above
    the smallest live logit inside it. The stored box is also re-drawn from (seed, view, key) with the recipe
    (views.draw_view); a different box is a failure under the dump's numpy version, a warning under another one.
+   A recipe beyond crop and flip (RandAugment, colour jitter, random erasing, mixup, cutmix; verify_augment.py):
+   each entry's stored augmentation record (views/aug) must unpack and equal, byte for byte, the one re-drawn from
+   the seed (augment.draw_augment of (seed, view, key); augment.draw_mixes of the row's mix window, a pair whose
+   partner was skipped stored unmixed) under the same numpy-version rule as boxes. The view is re-rendered through
+   augment.render_view from the stored record, and a mixed view is mixed (augment.apply_mix) with its partner's
+   same view, rendered from the partner's bytes (read from its shard) and stored box, flip and record: the live
+   teacher sees the image the dump's teacher saw. The partner label's stored logit (logits/target_b) is compared
+   like the target logit, and the losses below are the mixed ones (lam DKD(a) + (1 - lam) DKD(b), training's).
    A resize kernel on this host other than the one the cache records (renderers.resize_kernels: uint8 or float32
    bilinear) is a warning: what it changes is measured, as logit error.
    Loss fidelity. Student logits for the same inputs (the given student checkpoint, else a ResNet-18 initialised
@@ -89,9 +97,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import augment
 from . import cache as cache_mod
 from . import cache_meta
-from . import renderers, shard_scan
+from . import renderers, shard_scan, verify_augment
 from .api import open_cache
 from .data import (IMAGE_EXTS, expand_shards, index_differs, iter_raw_samples, keys_digest, match_shards,
                    parse_sample)
@@ -188,7 +197,7 @@ def verify(settings: VerifySettings) -> dict[str, Any]:
     if comparable:
         fidelity = fidelity_phase(cache, codec, integrity.teacher, entries.images, entries.labels, entries.stored,
                                   entries.names, functools.partial(render_entries, entries, recipe=cache.meta.recipe),
-                                  s, device)
+                                  s, device, mix=entries.mix)
         phases.append(fidelity.phase)
     # 4. parity: a few training steps from the cache against the reference, from the same student
     if s.train_steps > 0:
@@ -374,12 +383,16 @@ def _check_teacher(cache: cache_mod.Cache, s: VerifySettings, device: torch.devi
 # --------------------------------------------------------------------------------------------- 2. entries
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ViewSource:
-    """What re-rendering one entry's view takes: the image's bytes and the stored box and flip."""
+    """What re-rendering one entry's view takes: the image's bytes and the stored box and flip; for a recipe beyond
+    crop and flip also the stored augmentation and mix, and the mix partner's same view."""
 
     index: int  # the entry's position
     data: bytes
     box: tuple[int, int, int, int]  # top, left, height, width
     flip: bool
+    aug: augment.ViewAugment | None = None
+    mix: augment.ViewMix | None = None
+    partner: verify_augment.ViewParams | None = None  # a mixed view's partner: its bytes, stored box, flip, aug
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -390,18 +403,39 @@ class Entries:
     stored: dict[str, np.ndarray]  # array name -> (n, ...) the entries' stored values
     images: torch.Tensor  # (n, 3, S, S) uint8: the entries' views re-rendered by the cache's renderer
     sources: tuple[ViewSource, ...]  # the renderable entries' inputs (a box outside its image stays black)
+    mix: dict[str, torch.Tensor]  # a mixing recipe's "mix/lam" and "mix/label" (n,) of the entries; else {}
 
 
 def entries_phase(cache: cache_mod.Cache, codec: Codec, integrity: Integrity, s: VerifySettings) -> Entries:
     t0 = time.perf_counter()
     meta, m, per, ck = cache.meta, cache.meta.manifest, integrity.per, Checks()
     rows, views = draw_entries(np.flatnonzero(integrity.drawable), meta.views, s.samples, s.seed)
-    stored, usable = _read_entries(cache, codec, rows, views, ck)
-    keys = cache_mod.decode_keys(per["key"]) if per else []
-    images_bytes = _load_images(cache, integrity.urls, rows[usable], keys, per, ck) if per else {}
-    keep = usable & np.isin(rows, np.fromiter(images_bytes, np.int64, len(images_bytes)))
-    rows, views = rows[keep], views[keep]
+    stored, usable = _read_entries(cache, entry_arrays(cache, codec), rows, views, ck)
+    # a recipe beyond crop and flip: each entry's record unpacked, and its mix partner's same view read (a record
+    # that cannot be unpacked, or names no sample of its shard, leaves its entry out, named as a failed check)
+    records: list[verify_augment.RowRecord | None] = []
+    partners, partner_stored = rows, stored
+    if "views/aug" in stored:
+        records, problems = verify_augment.unpack_records(meta, rows, stored["views/aug"], per.get("status"))
+        ck.check("stored augmentation records unpack (the recipe's sections, a partner in the shard)", not problems,
+                 f"{len(problems)}/{rows.size}", 0, detail="; ".join(problems[:2]))
+        usable &= np.array([r is not None for r in records], bool)
+        partners = np.array([r.partner_row if r is not None else row for r, row in zip(records, rows.tolist())],
+                            np.int64)
+        if augment.mixes(meta.recipe):  # the partners' same views, as stored
+            partner_stored, partner_usable = _read_entries(cache, ["views/box", "views/flip", "views/aug"],
+                                                           partners, views, ck)
+            usable &= partner_usable
+    drawn = np.unique(np.concatenate([rows, partners]))  # only these rows' keys as str, never one per sample
+    keys = dict(zip(drawn.tolist(), cache_mod.decode_keys(per["key"][drawn]))) if per else {}
+    images_bytes = _load_images(cache, integrity.urls, np.concatenate([rows[usable], partners[usable]]), keys, per,
+                                ck) if per else {}
+    loaded = np.fromiter(images_bytes, np.int64, len(images_bytes))
+    keep = usable & np.isin(rows, loaded) & np.isin(partners, loaded)
+    rows, views, partners = rows[keep], views[keep], partners[keep]
     stored = {k: v[keep] for k, v in stored.items()}
+    partner_stored = {k: v[keep] for k, v in partner_stored.items()}
+    records = [r for r, k in zip(records, keep) if k] if records else []
     n = int(rows.size)
     names = [f"{m.shards[per['shard'][r]].name}/{keys[r]} view {v}" for r, v in zip(rows, views)]
     figures = {"entries": {"requested": s.samples, "drawn": int(keep.size), "compared": n,
@@ -419,15 +453,32 @@ def entries_phase(cache: cache_mod.Cache, codec: Codec, integrity: Integrity, s:
         if bh <= 0 or bw <= 0 or top + bh > h or left + bw > w:
             outside.append(f"{keys[r]} view {v}: box {box} outside the {h}x{w} image")
             continue
-        sources.append(ViewSource(index=i, data=images_bytes[int(r)], box=box, flip=flip))
+        source = ViewSource(index=i, data=images_bytes[int(r)], box=box, flip=flip)
+        if records:  # beyond crop and flip: the stored augmentation, and the partner's same view when mixed
+            mix, p = records[i].mix, int(partners[i])
+            partner = None if mix is None or mix.mode == 0 else verify_augment.partner_params(
+                meta, p, images_bytes[p], partner_stored["views/box"][i], partner_stored["views/flip"][i],
+                partner_stored["views/aug"][i])
+            source = dataclasses.replace(source, aug=records[i].aug, mix=mix, partner=partner)
+        sources.append(source)
     ck.check("stored boxes lie inside their images", not outside, len(outside), 0, detail="; ".join(outside[:2]))
-    if box_mismatch and meta.versions.get("numpy") != cache_meta.library_versions().get("numpy"):
+    other_numpy = meta.versions.get("numpy") != cache_meta.library_versions().get("numpy")
+    if box_mismatch and other_numpy:
         ck.warn(f"{box_mismatch} of {n} stored views differ from a re-draw with the recipe under another numpy "
                 "version (training uses the stored boxes)")
     else:
         ck.check("stored views = re-drawn from (seed, view, key) and the recipe", box_mismatch == 0,
                  f"{box_mismatch}/{n}", 0, detail="the recipe metadata does not describe these views"
                  if box_mismatch else "")
+    if "views/aug" in stored and n:  # each record re-drawn from the seed: draw_augment, draw_mixes of its window
+        bad = verify_augment.record_mismatches(meta, per["status"], rows, views, keys, stored["views/aug"])
+        if bad and other_numpy:
+            ck.warn(f"{len(bad)} of {n} stored augmentation records differ from a re-draw with the recipe under "
+                    "another numpy version (training uses the stored records)")
+        else:
+            ck.check("stored augmentations = re-drawn from (seed, view, key) and the recipe", not bad,
+                     f"{len(bad)}/{n}", 0, detail=f"first: {names[bad[0]]}; the views/aug records are not the "
+                     "ones the recipe draws" if bad else "")
     recorded = meta.renderer.resize.get(meta.recipe.interpolation)
     here = renderers.resize_kernels(meta.renderer.name).get(meta.recipe.interpolation)
     if recorded is not None and recorded != here:
@@ -436,8 +487,10 @@ def entries_phase(cache: cache_mod.Cache, codec: Codec, integrity: Integrity, s:
                 "error measured)")
     images = _render(n, sources, meta.renderer.name, meta.recipe)
     labels = torch.as_tensor(per["label"][rows].astype(np.int64)) if per else torch.zeros(0, dtype=torch.int64)
+    mix = verify_augment.mix_entries(records, per["label"], meta.recipe.image_size) \
+        if augment.mixes(meta.recipe) and per else {}
     return Entries(phase=ck.done("entries", figures, {"entries": time.perf_counter() - t0}), names=names,
-                   labels=labels, stored=stored, images=images, sources=tuple(sources))
+                   labels=labels, stored=stored, images=images, sources=tuple(sources), mix=mix)
 
 
 def render_entries(entries: Entries, name: str, *, recipe) -> torch.Tensor:
@@ -447,8 +500,15 @@ def render_entries(entries: Entries, name: str, *, recipe) -> torch.Tensor:
 
 def _render(n: int, sources: Sequence[ViewSource], name: str, recipe) -> torch.Tensor:
     """uint8 (n, 3, S, S): each source rendered at its index by renderers.render_views (all at once), black
-    elsewhere."""
+    elsewhere. A recipe beyond crop and flip renders on the CPU, view by view as the dump does
+    (verify_augment.render_source: augment.render_view, and apply_mix with the partner's view)."""
     out = torch.zeros((n, 3, recipe.image_size, recipe.image_size), dtype=torch.uint8)
+    if augment.record_bytes(recipe):
+        renderers.check_recipe(name, recipe)  # the device and gpu renderers render crop and flip only
+        for x in sources:
+            own = verify_augment.ViewParams(data=x.data, box=x.box, flip=x.flip, aug=x.aug)
+            out[x.index] = verify_augment.render_source(own, x.partner, x.mix, recipe)
+        return out
     if sources:
         done = renderers.render_views(name, [x.data for x in sources], np.array([x.box for x in sources]),
                                       np.array([x.flip for x in sources]), recipe)
@@ -471,14 +531,21 @@ def draw_entries(ok_rows: np.ndarray, views: int, n: int, seed: int) -> tuple[np
     return ok_rows[r].astype(np.int64), ((j + offsets[r]) % views).astype(np.int64)
 
 
-def _read_entries(cache: cache_mod.Cache, codec: Codec, rows: np.ndarray, views: np.ndarray,
+def entry_arrays(cache: cache_mod.Cache, codec: Codec) -> list[str]:
+    """The per-view arrays an entry is compared by: box, flip, target logit, lse, the codec's arrays, and for a
+    recipe beyond crop and flip its augmentation record (views/aug) and partner target logit (logits/target_b)."""
+    recipe = cache.meta.recipe
+    return ["views/box", "views/flip", *(["views/aug"] if augment.record_bytes(recipe) else []),
+            "logits/target", *(["logits/target_b"] if augment.mixes(recipe) else []), "logits/lse",
+            *(f"logits/{a}" for a in codec.arrays(cache.meta.num_classes))]
+
+
+def _read_entries(cache: cache_mod.Cache, names: Sequence[str], rows: np.ndarray, views: np.ndarray,
                   ck: Checks) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The stored values of the entries (row, view): one read per chunk and array, of the views drawn there.
-    Returns ({array name: (n, ...)}, usable (n,)): an entry in a chunk that cannot be read, or holding a fill
-    value, is not usable (the reader's findings name the chunk)."""
+    """The stored values of arrays `names` at the entries (row, view): one read per chunk and array, of the views
+    drawn there. Returns ({array name: (n, ...)}, usable (n,)): an entry in a chunk that cannot be read, or holding
+    a fill value, is not usable (the reader's findings name the chunk)."""
     c, n = cache.meta.chunk_rows, rows.size
-    names = ["views/box", "views/flip", "logits/target", "logits/lse",
-             *(f"logits/{a}" for a in codec.arrays(cache.meta.num_classes))]
     usable, stored = np.ones(n, bool), {}
     chunk = rows - rows % c
     for name in names:
@@ -504,7 +571,7 @@ def _read_entries(cache: cache_mod.Cache, codec: Codec, rows: np.ndarray, views:
     return stored, usable
 
 
-def _load_images(cache: cache_mod.Cache, urls: dict[str, str], rows: np.ndarray, keys: list[str],
+def _load_images(cache: cache_mod.Cache, urls: dict[str, str], rows: np.ndarray, keys: dict[int, str],
                  per: dict[str, np.ndarray], ck: Checks) -> dict[int, bytes]:
     """Image bytes of the drawn rows from their shards, checked against the cache's key, label and size."""
     m = cache.meta.manifest

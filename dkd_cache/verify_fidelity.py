@@ -53,13 +53,18 @@ class Fidelity:
     z: torch.Tensor  # (n, C) float32 live teacher logits of the entries
     student: torch.nn.Module  # the student the loss was measured with (eval mode)
     losses: Losses
+    mix: dict[str, torch.Tensor]  # a mixing recipe's "mix/lam", "mix/label" (n,) of the entries; else {}
 
 
 def fidelity_phase(cache, codec: Codec, teacher: torch.nn.Module, images: torch.Tensor, y: torch.Tensor,
                    stored: dict[str, np.ndarray], names: list[str], render_other: Callable[[str], torch.Tensor],
-                   settings, device: torch.device) -> Fidelity:
+                   settings, device: torch.device, mix: dict[str, torch.Tensor] | None = None) -> Fidelity:
     """Logit fidelity, the optional renderer drift, and loss fidelity of the n entries (images: their renders by
-    the cache's renderer, y: labels, stored: array name -> (n, ...) stored values, names: for the report)."""
+    the cache's renderer, y: labels, stored: array name -> (n, ...) stored values, names: for the report; mix: a
+    mixing recipe's "mix/lam" and "mix/label" of the entries, whose losses are then the mixed ones and whose
+    stored partner target logits are compared too)."""
+    mix = mix or {}
+    y_b = mix.get("mix/label")  # the partner labels (None: the recipe does not mix)
     s, meta, ck, figures, seconds = settings, cache.meta, Checks(), {}, {}
     t0 = time.perf_counter()
     # The live teacher runs as the dump did (the cache's compute policy): under bf16 autocast for a bf16 cache.
@@ -69,7 +74,7 @@ def fidelity_phase(cache, codec: Codec, teacher: torch.nn.Module, images: torch.
     if policy.amp == "bf16":  # bf16 keeps 8 significant bits; rounding differs across devices and kernels
         logit_tol = max(logit_tol, BF16_LOGIT_REL * float(z.abs().max()))
         figures["bf16_logit_tol"] = logit_tol
-    figures["logits"] = logit_fidelity(codec, meta, z, y, stored, logit_tol, ck, names)
+    figures["logits"] = logit_fidelity(codec, meta, z, y, stored, logit_tol, ck, names, y_b=y_b)
     seconds["logits"] = time.perf_counter() - t0
 
     if s.renderer is not None and s.renderer != meta.renderer.name:
@@ -85,14 +90,14 @@ def fidelity_phase(cache, codec: Codec, teacher: torch.nn.Module, images: torch.
     storage = Storage.of_cache(cache)
     exact = Storage.exact(meta.num_classes, meta.temperatures)
     losses = Losses(storage=storage,
-                    stored=loss_of({k: torch.from_numpy(v) for k, v in stored.items() if k.startswith("logits/")},
-                                   storage, y, s),
-                    ideal=loss_of(encode_entries(z, y, storage), storage, y, s),
-                    live=loss_of(encode_entries(z, y, exact), exact, y, s))
+                    stored=loss_of({**{k: torch.from_numpy(v) for k, v in stored.items() if k.startswith("logits/")},
+                                    **mix}, storage, y, s),
+                    ideal=loss_of({**encode_entries(z, y, storage, labels_b=y_b), **mix}, storage, y, s),
+                    live=loss_of({**encode_entries(z, y, exact, labels_b=y_b), **mix}, exact, y, s))
     figures["loss"] = {"student": student_desc, "alpha": s.alpha, "beta": s.beta,
                        **loss_fidelity(codec, meta, s_logits, losses, s, ck)}
     seconds["loss"] = time.perf_counter() - t0
-    return Fidelity(phase=ck.done("fidelity", figures, seconds), z=z, student=student, losses=losses)
+    return Fidelity(phase=ck.done("fidelity", figures, seconds), z=z, student=student, losses=losses, mix=mix)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -121,7 +126,7 @@ def load_student(settings, num_classes: int, device: torch.device) -> tuple[torc
 
 # --------------------------------------------------------------------------------------------- logit fidelity
 def logit_fidelity(codec: Codec, meta, z: torch.Tensor, y: torch.Tensor, stored: dict[str, np.ndarray],
-                   tol: float, ck: Checks, labels_of: list[str]) -> dict[str, Any]:
+                   tol: float, ck: Checks, labels_of: list[str], y_b: torch.Tensor | None = None) -> dict[str, Any]:
     classes, temps = meta.num_classes, meta.temperatures
     z64 = z.double()
     out: dict[str, Any] = {}
@@ -130,6 +135,11 @@ def logit_fidelity(codec: Codec, meta, z: torch.Tensor, y: torch.Tensor, stored:
     err_t = (t_s - t_l).abs().numpy()
     out["target_logit"] = stats(err_t)
     ck.check("logits: target logit |stored - live| max", bool(err_t.max() <= tol), float(err_t.max()), tol)
+    if y_b is not None:  # mixed views: the partner label's exact logit, of the same (mixed) teacher output
+        err_b = (torch.from_numpy(stored["logits/target_b"]).double() - z64.gather(1, y_b[:, None])[:, 0]).abs()
+        out["target_b_logit"] = stats(err_b.numpy())
+        ck.check("logits: partner target logit |stored - live| max", bool(err_b.max() <= tol), float(err_b.max()),
+                 tol)
     lse_s = torch.from_numpy(stored["logits/lse"]).double()
     lse_l = lse_at(z, temps).double()
     for ti, temp in enumerate(temps):
@@ -146,7 +156,7 @@ def logit_fidelity(codec: Codec, meta, z: torch.Tensor, y: torch.Tensor, stored:
                  float(e.max()), 2 * tol * scale)
 
     arrays = {name.split("/", 1)[1]: torch.from_numpy(v) for name, v in stored.items()
-              if name.startswith("logits/") and name not in ("logits/target", "logits/lse")}
+              if name.startswith("logits/") and name not in ("logits/target", "logits/lse", "logits/target_b")}
     dec = codec.decode(arrays, classes)
     bound = codec.error_bound(z)  # (B, C) float64, inf where the codec stores nothing
     fp16 = FloatCodec(dtype="fp16").error_bound(z)

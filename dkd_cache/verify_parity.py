@@ -64,9 +64,9 @@ class _Run:
 
 
 def _train_run(student: torch.nn.Module, images: torch.Tensor, y: torch.Tensor, recipe, kd_fn,
-               settings, device: torch.device) -> _Run:
+               settings, device: torch.device, mix: dict[str, torch.Tensor]) -> _Run:
     """train_steps steps of train.train_step (SGD, momentum 0.9, CE + kd_fn, KD weight 1) on batches of the
-    entries taken in order, cyclically."""
+    entries taken in order, cyclically; mixed views (mix: their "mix/lam", "mix/label") with the mixed CE."""
     model = copy.deepcopy(student).train().requires_grad_(True)
     opt = torch.optim.SGD(model.parameters(), lr=settings.train_lr, momentum=0.9)
     n, b = images.shape[0], min(settings.train_batch, images.shape[0])
@@ -74,7 +74,8 @@ def _train_run(student: torch.nn.Module, images: torch.Tensor, y: torch.Tensor, 
     for step in range(settings.train_steps):
         rows = torch.arange(step * b, step * b + b) % n
         loss, _, _ = train_step(model, opt, normalize(images[rows].to(device), recipe), y[rows].to(device),
-                                functools.partial(kd_fn, rows=rows), kd_factor=1.0, ce_weight=1.0)
+                                functools.partial(kd_fn, rows=rows), kd_factor=1.0, ce_weight=1.0,
+                                entries={k: v[rows].to(device) for k, v in mix.items()})
         losses.append(float(loss))
         if first is None:
             first = _params(model)
@@ -112,9 +113,10 @@ def _train_parity(codec: Codec, meta, fid: Fidelity, student, images, y, setting
     theta0 = _params(student)
     # the reference: live logits in exact storage (train's live mode) for fp32, else through the codec (ideal cache)
     storage = Storage.exact(meta.num_classes, meta.temperatures) if lossless else fid.losses.storage
-    noisy_fn = loss_of(encode_entries(_one_ulp(fid.z, settings.seed), y, storage), storage, y, settings)
+    noisy = encode_entries(_one_ulp(fid.z, settings.seed), y, storage, labels_b=fid.mix.get("mix/label"))
+    noisy_fn = loss_of({**noisy, **fid.mix}, storage, y, settings)
     ref_fn = fid.losses.live if lossless else fid.losses.ideal
-    run = lambda fn: _train_run(student, images, y, meta.recipe, kd(fn), settings, device)  # noqa: E731
+    run = lambda fn: _train_run(student, images, y, meta.recipe, kd(fn), settings, device, fid.mix)  # noqa: E731
     cache_run, ref_run, noisy_run = run(fid.losses.stored), run(ref_fn), run(noisy_fn)
     ref_name = "live" if lossless else "ideal cache"
     vs_ref = _run_diff(cache_run, ref_run, theta0)
