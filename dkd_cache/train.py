@@ -64,6 +64,7 @@ def _train_student(cfg: TrainConfig, *, resume: bool, progress: bool) -> dict[st
                                                      temperature=cfg.temperature, rule=cfg.residual_rule)
     step, t_start = pos.step, time.perf_counter()
     run_checkpoint.restore_rng(ckpt, run.device)  # last before the steps: dropout draws what it drew unresumed
+    del ckpt  # a second copy of the weights and optimizer state: not kept through the run, nor forked into workers
     for epoch in range(pos.epoch, cfg.epochs, m):  # one pass = M epochs of views (views_per_decode)
         consumed = pos.consumed if epoch == pos.epoch else 0  # views of this pass this rank has trained on
         loader = pass_loader(cfg, run, live, epoch, block, start_step=consumed // local_batch)

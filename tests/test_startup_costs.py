@@ -143,3 +143,44 @@ def test_a_label_beyond_int32_is_a_bad_sample(tmp_path):
         data.scan_shard(url)
     ix = data.scan_shard(url, skip_bad=True)
     assert ix.labels.tolist() == [1, -1] and [p for p, _ in ix.bad] == [1]
+
+
+def test_a_resumed_run_does_not_keep_the_loaded_checkpoint(shards, cache_path, tmp_path, monkeypatch):
+    """The checkpoint a resume loads (the weights and optimizer state again) is released before the loader's
+    workers start: not held through the run, nor forked into every worker."""
+    import gc
+    import weakref
+
+    from dkd_cache import run_checkpoint
+    from dkd_cache import train as train_mod
+    from dkd_cache.train import TrainConfig, train_student
+
+    def cfg(**kw) -> TrainConfig:
+        return TrainConfig(shards=str(Path(shards["train"][0]).parent), out=str(tmp_path / "run"),
+                           cache=str(cache_path), arch="resnet18", epochs=1, batch_size=16, lr=0.05, lr_batch=16,
+                           workers=0, shuffle_buffer=16, **kw)
+
+    train_student(cfg(max_steps=2), progress=False)
+
+    class Loaded(dict):  # the loaded checkpoint, as a dict that can be referenced weakly
+        pass
+
+    loaded: list[weakref.ref] = []
+    real_open, real_loader = run_checkpoint.open_run, train_mod.pass_loader
+
+    def open_run(*a, **k):
+        ckpt = Loaded(real_open(*a, **k))
+        loaded.append(weakref.ref(ckpt))
+        return ckpt
+
+    alive_when_loading: list[bool] = []
+
+    def pass_loader(*a, **k):
+        gc.collect()
+        alive_when_loading.append(loaded[0]() is not None)
+        return real_loader(*a, **k)
+
+    monkeypatch.setattr(run_checkpoint, "open_run", open_run)
+    monkeypatch.setattr(train_mod, "pass_loader", pass_loader)
+    train_student(cfg(max_steps=4), resume=True, progress=False)
+    assert loaded and alive_when_loading == [False]
