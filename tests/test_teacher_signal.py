@@ -294,3 +294,41 @@ def test_ce_from_entries_is_plain_ce_or_the_mixed_ce():
     assert float(ce_from_entries(s, y, mixed)) != pytest.approx(float(ce_from_entries(s, y, {})), rel=1e-3)
     with pytest.raises(ConfigError, match="reduction"):
         ce_from_entries(s, y, {}, reduction="sum")
+
+
+def test_live_training_is_cached_training_on_mixed_views(shards, teacher_ckpt, tmp_path, monkeypatch):
+    """A strong recipe (RandAugment, jitter, erasing, mixup / cutmix): an fp32 cache's mixed entries and a live
+    teacher given the partner labels give the same first steps, both with the mixed CE and the mixed DKD."""
+    from dkd_cache import teacher_signal
+    from dkd_cache.views import Recipe
+
+    calls = {"ce": 0, "dkd": 0}
+
+    def counting(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(teacher_signal, "mixed_cross_entropy", counting("ce", teacher_signal.mixed_cross_entropy))
+    monkeypatch.setattr(teacher_signal, "mix_losses", counting("dkd", teacher_signal.mix_losses))
+
+    strong = Recipe(image_size=24, randaugment="rand-m9-mstd0.5", color_jitter=0.4, random_erasing=0.25,
+                    mixup=0.8, cutmix=1.0, mix_window=4)
+    cache = tmp_path / "strong.zarr"
+    dump_teacher(dump_settings(shards, teacher_ckpt, cache, codec="fp32", temperatures=(1.0,), recipe=strong,
+                               views=1), progress=False)
+    base = dict(shards=str(Path(shards["train"][0]).parent), cache=str(cache), arch="resnet18", epochs=1,
+                batch_size=16, lr=0.05, lr_batch=16, workers=0, shuffle_buffer=16, max_steps=2)
+    train_student(TrainConfig(out=str(tmp_path / "cached"), **base), progress=False)
+    train_student(TrainConfig(out=str(tmp_path / "live"), live_teacher=str(teacher_ckpt), teacher_arch="resnet18",
+                              **base), progress=False)
+    steps = {}
+    for mode in ("cached", "live"):
+        lines = (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
+        steps[mode] = [r for r in map(json.loads, lines) if r["event"] == "step"]
+    assert len(steps["cached"]) == len(steps["live"]) == 2
+    for a, b in zip(steps["cached"], steps["live"]):
+        assert a["ce"] == pytest.approx(b["ce"], rel=1e-5)
+        assert a["dkd"] == pytest.approx(b["dkd"], rel=1e-4)
+    assert calls == {"ce": 4, "dkd": 4}  # every step of both runs: the mixed CE and the mixed DKD
