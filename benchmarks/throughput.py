@@ -269,8 +269,10 @@ def train_run(a: argparse.Namespace, shards: str, cache: str, out: Path, mode: s
 
 # ------------------------------------------------------------------------------------------------ cache reads
 def entry_arrays(cache) -> tuple[str, ...]:
-    """What cached DKD training joins per sample (as train.train_student lists them)."""
-    return ("views/box", "views/flip", "logits/target", "logits/lse", *(f"logits/{n}" for n in cache.codec_arrays))
+    """What cached DKD training joins per sample (train_setup's list: views/aug, logits/target_b where present)."""
+    from dkd_cache.train_setup import entry_arrays_of
+
+    return entry_arrays_of(cache, teacher_entries=True)
 
 
 def cache_read_rate(cache_path: str, min_seconds: float = 1.0) -> dict[str, Any]:
