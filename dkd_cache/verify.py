@@ -286,7 +286,8 @@ def _stored_value_checks(cache: cache_mod.Cache, ok: np.ndarray, ck: Checks) -> 
     n, c, v, classes = meta.manifest.rows, meta.chunk_rows, meta.views, meta.num_classes
     temps = np.asarray(meta.temperatures, np.float64)
     has_idx = "topk_idx" in cache.codec_arrays
-    out_of_range = repeated = above_one = 0
+    has_b = augment.mixes(meta.recipe)  # the partner label's logit, against the same lse
+    out_of_range = repeated = above_one = above_one_b = 0
     for start in range(0, n, c):
         stop = min(n, start + c)
         ok_c = ok[start:stop]
@@ -296,11 +297,15 @@ def _stored_value_checks(cache: cache_mod.Cache, ok: np.ndarray, ck: Checks) -> 
             tgt = cache.read_rows("logits/target", start, stop, view=slice(0, v))[:, ok_c].astype(np.float64)
             lse = cache.read_rows("logits/lse", start, stop, view=slice(0, v))[:, ok_c].astype(np.float64)
             idx = cache.read_rows("logits/topk_idx", start, stop, view=slice(0, v))[:, ok_c] if has_idx else None
+            tgt_b = cache.read_rows("logits/target_b", start, stop, view=slice(0, v))[:, ok_c].astype(np.float64) \
+                if has_b else None
         except cache_mod.CacheError:
             continue
         with np.errstate(invalid="ignore"):  # NaN rows are the reader's unfilled finding
             slack = 1e-4 + 1e-6 * np.abs(lse)  # float32 rounding of large logits
             above_one += int((tgt[..., None] / temps - lse > slack).any(axis=-1).sum())
+            if tgt_b is not None:
+                above_one_b += int((tgt_b[..., None] / temps - lse > slack).any(axis=-1).sum())
         if idx is not None:
             x = idx.astype(np.int64)
             out_of_range += int(((x < 0) | (x >= classes)).any(axis=-1).sum())
@@ -310,6 +315,8 @@ def _stored_value_checks(cache: cache_mod.Cache, ok: np.ndarray, ck: Checks) -> 
         ck.check("top-k classes in range and distinct", not (out_of_range or repeated), out_of_range + repeated, 0,
                  detail=f"{out_of_range} out of range, {repeated} repeated")
     ck.check("stored p_t <= 1 (target logit vs lse)", above_one == 0, above_one, 0)
+    if has_b:
+        ck.check("stored partner p_t <= 1 (logits/target_b vs lse)", above_one_b == 0, above_one_b, 0)
 
 
 def _check_shards(cache: cache_mod.Cache, s: VerifySettings, labels: np.ndarray | None, ck: Checks) -> dict[str, str]:

@@ -41,8 +41,8 @@ def strong_cache(shards, teacher_ckpt, tmp_path_factory) -> Path:
 
 
 def _settings(cache: Path, shards: dict, teacher: Path, **kw) -> VerifySettings:
-    return VerifySettings(cache=str(cache), shards=shards["train"][0], weights=str(teacher), samples=ENTRIES,
-                          **{**LOOSE_SETTINGS, **kw})
+    return VerifySettings(cache=str(cache), shards=shards["train"][0], weights=str(teacher),
+                          **{"samples": ENTRIES, **LOOSE_SETTINGS, **kw})
 
 
 def _failed(report: dict) -> set[str]:
@@ -179,3 +179,14 @@ def test_verify_of_a_recipe_that_augments_without_mixing(shards, teacher_ckpt, t
     arr[view, row] = moved
     failed = _failed(verify(settings))
     assert RE_DRAWN in failed and TARGET in failed
+
+
+def test_verify_checks_every_rows_partner_logit_against_its_lse(strong_cache, shards, teacher_ckpt, tmp_path):
+    """A partner logit above the row's lse (p > 1) is named on every row, drawn or not."""
+    bad = tmp_path / "target_b.zarr"
+    shutil.copytree(strong_cache, bad)
+    arr = zarr.open_group(str(bad), mode="r+")["logits/target_b"]
+    arr[0, 3] = np.float32(1e4)
+    report = verify(_settings(bad, shards, teacher_ckpt, samples=2))
+    assert "stored partner p_t <= 1 (logits/target_b vs lse)" in _failed(report)
+    assert {c["name"]: c for c in report["checks"]}["stored partner p_t <= 1 (logits/target_b vs lse)"]["figure"] == 1
