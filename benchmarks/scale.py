@@ -196,9 +196,14 @@ def step_profile(metrics: Path, series: list[tuple[float, int, int, int]], start
               for q in (0, 10, 25, 50, 75, 100)}
     half = slice(n // 2, n)
 
-    def slope(col: int) -> float | None:  # MiB per 1,000 steps, least squares over the second half
+    def slope(col: int) -> list[float] | None:
+        """[MiB per 1,000 steps, its standard error]: least squares over the second half. The RSS moves by tens
+        of MiB from step to step (the allocator takes and returns memory), so over few steps the error is wide."""
         x, y = step_no[half], per_step[half, col]
-        return None if x.size < 3 or np.ptp(x) == 0 else round(float(np.polyfit(x, y, 1)[0] * 1000), 2)
+        if x.size < 4 or np.ptp(x) == 0:
+            return None
+        fit, cov = np.polyfit(x, y, 1, cov=True)
+        return [round(float(fit[0] * 1000), 1), round(float(np.sqrt(cov[0, 0]) * 1000), 1)]
 
     return {"first_step_s": round(steps[0]["time"] - start_wall, 2), "steps_run": n,
             "first_step": int(step_no[0]), "last_step": int(step_no[-1]),
@@ -271,14 +276,19 @@ def table(rows: list[dict], notes: list[str] = ()) -> str:
     by = {(r["samples"], r["stage"]): r for r in rows}
 
     def grid(cols: list[tuple[str, str]], which: list[str]) -> list[str]:
-        head = "| stage | " + " | ".join(f"{label} at {n:,}" for _, label in cols for n in sizes) + " |"
-        lines = [head, "|" + "---|" * (1 + len(cols) * len(sizes))]
+        labels = [label if k.startswith("x:") else f"{label} at {n:,}" for k, label in cols
+                  for n in (sizes[:1] if k.startswith("x:") else sizes)]
+        lines = ["| stage | " + " | ".join(labels) + " |", "|" + "---|" * (1 + len(labels))]
         for st in which:
-            cells = [cell(by.get((n, st)), k) for k, _ in cols for n in sizes]
+            cells = [cell(st, k) if k.startswith("x:") else cell(by.get((n, st)), k) for k, _ in cols
+                     for n in (sizes[:1] if k.startswith("x:") else sizes)]
             lines.append(f"| {st} | " + " | ".join(cells) + " |")
         return lines
 
     def cell(row: dict | None, key: str) -> str:
+        if key.startswith("x:"):  # the largest size's value over the smallest's
+            lo, hi = (cell(by.get((n, row)), key[2:]) for n in (sizes[0], sizes[-1]))
+            return f"{float(hi) / float(lo):.2f}x" if lo not in ("", "0.0") and hi != "" else ""
         if row is None:
             return ""
         if key == "steps":
@@ -286,14 +296,19 @@ def table(rows: list[dict], notes: list[str] = ()) -> str:
         if key.startswith("rss@"):
             return str(row.get("rss_over_steps_mib", {}).get(key[4:], ""))
         value = row.get(key)
+        if isinstance(value, list):  # a slope and its standard error
+            return f"{value[0]} ± {value[1]}"
         return "" if value is None else str(value)
 
+    grows = len(sizes) > 1
     cols = [("wall_s", "wall s"), ("main_peak_rss_mib", "main peak RSS MiB"),
-            ("worker_peak_rss_mib", "worker peak RSS MiB"), ("dev_shm_peak_mib", "/dev/shm peak MiB"),
-            ("bytes_read_mib", "read MiB")]
+            *([("x:main_peak_rss_mib", "main peak growth")] if grows else []),
+            ("worker_peak_rss_mib", "worker peak RSS MiB"),
+            *([("x:worker_peak_rss_mib", "worker peak growth")] if grows else []),
+            ("dev_shm_peak_mib", "/dev/shm peak MiB"), ("bytes_read_mib", "read MiB")]
     training = [st for st in stages if any("first_step_s" in r for r in rows if r["stage"] == st)]
     train_cols = [("steps", "steps"), ("first_step_s", "start-up to step 1 s"),
-                  *((f"rss@{q}", f"main RSS MiB at {q}") for q in ("0%", "25%", "50%", "75%", "100%")),
+                  *((f"rss@{q}", f"main RSS MiB at {q}") for q in ("0%", "50%", "100%")),
                   ("rss_warmup_mib", "warm-up MiB (0 to 50 %)"),
                   ("rss_slope_mib_per_1k_steps", "RSS slope MiB/1k steps (2nd half)"),
                   ("anon_slope_mib_per_1k_steps", "private (RssAnon) slope MiB/1k steps")]
@@ -318,20 +333,21 @@ def main() -> None:
     ap.add_argument("--table", type=Path)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    rows = [r for n in a.samples for r in one_size(n, a.work, a)]
-    result = {"machine": {"cpus": os.cpu_count(), "torch_threads": a.threads, "workers": a.workers},
-              "shard_size": SHARD_SIZE, "classes": CLASSES, "batch": BATCH, "notes": a.note, "rows": rows}
-    if a.json and a.json.exists():  # the rows of sizes not run now are kept (sizes may be run one at a time)
-        old = json.loads(a.json.read_text())
-        kept = [r for r in old.get("rows", []) if r["samples"] not in a.samples]
-        result["rows"] = sorted(kept + rows, key=lambda r: r["samples"])
-        result["notes"] = list(dict.fromkeys([*old.get("notes", []), *a.note]))
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1) + "\n")
-    text = table(result["rows"], result["notes"])
-    if a.table:
-        a.table.write_text(text + "\n")
-    print(text)
+    for n in a.samples:  # the results are written after each size: a long run stopped keeps what it measured
+        rows = one_size(n, a.work, a)
+        result = {"machine": {"cpus": os.cpu_count(), "torch_threads": a.threads, "workers": a.workers},
+                  "shard_size": SHARD_SIZE, "classes": CLASSES, "batch": BATCH, "notes": a.note, "rows": rows}
+        if a.json and a.json.exists():  # the rows of the other sizes are kept (sizes may be run one at a time)
+            old = json.loads(a.json.read_text())
+            kept = [r for r in old.get("rows", []) if r["samples"] != n]
+            result["rows"] = sorted(kept + rows, key=lambda r: r["samples"])
+            result["notes"] = list(dict.fromkeys([*old.get("notes", []), *a.note]))
+        if a.json:
+            a.json.write_text(json.dumps(result, indent=1) + "\n")
+        text = table(result["rows"], result["notes"])
+        if a.table:
+            a.table.write_text(text + "\n")
+        print(text, flush=True)
 
 
 if __name__ == "__main__":
